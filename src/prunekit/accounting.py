@@ -1,0 +1,82 @@
+"""FLOPs and size accounting (spec kprune_kwon.md §2), the same for every method and for pruned
+and unpruned models.
+
+Costs are per sequence of length s. Per attention head (d hidden, d_h head size)::
+
+    MACs = 3·s·d·d_h   (Q, K, V)  +  2·s²·d_h   (QKᵀ and attention × V)  +  s·d_h·d   (output)
+
+and per FFN neuron ``2·s·d`` MACs (FFN-in row and FFN-out column; 3·s·d with a gate). FLOPs are
+2 × MACs, as Kprune counts them. Embeddings, pooler, task head, LayerNorm, softmax, activations,
+bias and residual adds are left out, so "FLOPs kept" is relative to the prunable encoder compute,
+as in both papers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """FLOPs of one head and one neuron of a layer at sequence length ``seq_len``."""
+
+    head: float
+    neuron: float
+
+
+def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float) -> UnitCosts:
+    """Per-head and per-neuron FLOPs of ``layer`` (the same for every unit of a type)."""
+    s, d, d_h = float(seq_len), adapter.hidden_size, adapter.head_dim
+    head_macs = 3 * s * d * d_h + 2 * s * s * d_h + s * d_h * d
+    ffn = adapter.ffn(layer)
+    gated = ffn is not None and ffn.gate is not None
+    neuron_macs = (3 if gated else 2) * s * d
+    return UnitCosts(head=2 * head_macs, neuron=2 * neuron_macs)
+
+
+def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
+    """Per layer: kept heads and neurons and their FLOPs at ``seq_len``."""
+    adapter = get_adapter(model)
+    rows = []
+    for layer, shape in enumerate(adapter.layer_shapes()):
+        cost = unit_costs(adapter, layer, seq_len)
+        rows.append(
+            {
+                "heads": shape.num_heads,
+                "neurons": shape.intermediate_size,
+                "attn_flops": shape.num_heads * cost.head,
+                "ffn_flops": shape.intermediate_size * cost.neuron,
+            }
+        )
+    return rows
+
+
+def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+    """Encoder FLOPs (heads + FFN neurons) of one sequence of length ``seq_len``.
+
+    Works for any supported model, pruned or not. ``seq_len`` may be fractional (a mean length).
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    return float(sum(row["attn_flops"] + row["ffn_flops"] for row in layer_flops(model, seq_len)))
+
+
+def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+    """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config)."""
+    adapter = get_adapter(model)
+    total = 0.0
+    for layer in range(adapter.num_layers):
+        cost = unit_costs(adapter, layer, seq_len)
+        total += adapter.full_num_heads * cost.head + adapter.full_intermediate_size * cost.neuron
+    return total
+
+
+def count_params(model: nn.Module, encoder_only: bool = False) -> int:
+    """Number of parameters; with ``encoder_only`` only those of the transformer layers."""
+    if encoder_only:
+        model = get_adapter(model).layers()
+    return sum(p.numel() for p in model.parameters())

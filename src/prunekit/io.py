@@ -1,0 +1,259 @@
+"""Save and load pruned models as standard Hugging Face folders (no pickles).
+
+A pruned model is saved with ``save_pretrained`` (config.json + model.safetensors) under a
+prunekit config class whose ``model_type`` is ``prunekit_<family>`` and whose ``prunekit_layers``
+lists every layer's kept head count and FFN width. The matching model classes are thin subclasses
+of the Hugging Face ones that build those per-layer widths before the weights are loaded; they are
+registered with the Auto classes here, once, so after ``import prunekit``::
+
+    AutoModelForSequenceClassification.from_pretrained(folder)
+
+returns the pruned model. Output folders are written atomically: everything goes into a hidden
+temporary folder beside the target, which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
+from .errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+AUTO_CLASSES = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "question_answering": AutoModelForQuestionAnswering,
+    "base": AutoModel,
+}
+
+REPORT_FILE = "prune_report.json"
+
+
+def _pruned_config_class(base_config: type, family: str) -> type:
+    # Class-body annotations become fields of transformers' (dataclass-based) configs.
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"{base_config.__name__} plus prunekit's per-layer widths.",
+        "__annotations__": {"prunekit_layers": list | None, "prunekit_base_model_type": str},
+        "model_type": f"prunekit_{family}",
+        "prunekit_layers": None,
+        "prunekit_base_model_type": family,
+    }
+    return type(f"Pruned{base_config.__name__}", (base_config,), namespace)
+
+
+def _pruned_model_class(base_model: type, config_class: type) -> type:
+    def __init__(self, config, *args, **kwargs):
+        base_model.__init__(self, config, *args, **kwargs)
+        if config.prunekit_layers:
+            get_adapter(self).resize([LayerShape(**shape) for shape in config.prunekit_layers])
+
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"{base_model.__name__} with per-layer head counts and FFN widths (prunekit).",
+        "__init__": __init__,
+        "config_class": config_class,
+    }
+    return type(f"Pruned{base_model.__name__}", (base_model,), namespace)
+
+
+def _register() -> dict[type, type]:
+    """Create and register the pruned classes of every adapter; returns {HF class: pruned class}."""
+    pruned: dict[type, type] = {}
+    for family, adapter in ADAPTERS.items():
+        config_class = None
+        for head, model_class in adapter.model_classes.items():
+            if config_class is None:
+                config_class = _pruned_config_class(model_class.config_class, family)
+                AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            pruned_class = _pruned_model_class(model_class, config_class)
+            AUTO_CLASSES[head].register(config_class, pruned_class, exist_ok=True)
+            pruned[model_class] = pruned_class
+    return pruned
+
+
+PRUNED_CLASSES: dict[type, type] = _register()
+
+
+def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a (physically pruned) model prunekit's config and class, in place, so that
+    ``save_pretrained`` writes a folder the Auto classes can rebuild. Returns the model."""
+    adapter = get_adapter(model)
+    base_class = next((c for c in PRUNED_CLASSES if type(model) is c or type(model) is PRUNED_CLASSES[c]), None)
+    if base_class is None:
+        raise ModelError(f"no pruned class for {type(model).__name__}")
+    pruned_class = PRUNED_CLASSES[base_class]
+    old = model.config
+    fields = old.to_dict()
+    for key in ("model_type", "prunekit_layers", "prunekit_base_model_type", "transformers_version"):
+        fields.pop(key, None)
+    fields["architectures"] = [pruned_class.__name__]
+    new = pruned_class.config_class(
+        **fields,
+        prunekit_layers=[shape.to_dict() for shape in adapter.layer_shapes()],
+        prunekit_base_model_type=base_model_type(old),
+    )
+    new._attn_implementation = old._attn_implementation
+    for module in model.modules():  # submodules hold the config too (attention reads its backend)
+        if getattr(module, "config", None) is old:
+            module.config = new
+    model.__class__ = pruned_class
+    return model
+
+
+# ---- output folders ------------------------------------------------------------------------------
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if ``out_dir`` may not be written."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out_dir``, on failure it is deleted."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned(
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically."""
+    if not isinstance(type(model), type) or type(model) not in PRUNED_CLASSES.values():
+        as_pruned_model(model)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    logger.info("saved pruned model to %s", out_dir)
+    return Path(out_dir)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def check_model_dir(path: str | Path) -> Path:
+    """Raise a clear ModelError unless ``path`` is a local model folder (or leave hub names alone)."""
+    folder = Path(path)
+    if not folder.exists():
+        if _looks_like_hub_id(str(path)):
+            return folder
+        raise ModelError(f"model folder {folder} does not exist; pass a folder made by save_pretrained or a hub id")
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is a file, not a model folder; pass the folder that holds config.json")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} is not a model folder: it has no config.json (save models with save_pretrained)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"{folder} has a config.json but no weights (model.safetensors); it is not a complete model")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({err}); the folder is not a model") from err
+    return folder
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep not in name.replace("/", "")
+
+
+def load_model(
+    path: str | Path,
+    head: str = "sequence_classification",
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load a model (pruned by prunekit or stock) with the given task head, in float32, eval mode."""
+    if head not in AUTO_CLASSES:
+        raise ConfigError(f"unknown model head {head!r}; choose one of {sorted(AUTO_CLASSES)}")
+    folder = check_model_dir(path)
+    kwargs.setdefault("dtype", torch.float32)
+    try:
+        model = AUTO_CLASSES[head].from_pretrained(str(folder), **kwargs)
+    except ValueError as err:
+        raise ModelError(f"could not load {folder} as a {head.replace('_', ' ')} model: {err}") from err
+    except OSError as err:
+        raise ModelError(f"could not load {folder}: {err}") from err
+    get_adapter(model)  # unsupported architectures fail here, with the list of supported ones
+    return model.to(device or "cpu").eval()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load a tokenizer from {path}: {err}") from err
+
+
+def load_pruned(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
+    """Load a folder written by prunekit (or any supported model), choosing the head it was saved with."""
+    folder = check_model_dir(path)
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    head = "base"
+    for name in architectures:
+        if "QuestionAnswering" in name:
+            head = "question_answering"
+        elif "SequenceClassification" in name:
+            head = "sequence_classification"
+    return load_model(folder, head=head, device=device)
+
+
+def read_report(path: str | Path) -> dict:
+    """The prune_report.json of a saved pruned model."""
+    return json.loads((Path(path) / REPORT_FILE).read_text())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

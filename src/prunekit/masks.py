@@ -1,0 +1,97 @@
+"""Per-head and per-neuron masks, applied by forward pre-hooks on the output projections.
+
+A mask scales the input Z of a sublayer's output projection column by column (style.md §9), so
+it works the same under eager, SDPA or flash attention, needs none of the ``head_mask`` plumbing
+transformers v5 removed, and is differentiable: methods take gradients with respect to it.
+
+Shapes:
+- attention mask of layer l: (H,) per head, or (H * d_h,) per head dimension (Kprune, spec §1.4);
+- FFN mask of layer l: (d_ff,).
+Values are real numbers, so tuned scales (Kwon et al.) are masks too; surgery folds them into the
+weights (spec P15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import ModelAdapter
+
+
+def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """A per-head (H,) or per-dimension (H * d_h,) mask as a per-column (H * d_h,) vector."""
+    if mask.dim() != 1:
+        raise ValueError(f"a head mask must be 1-D, got shape {tuple(mask.shape)}")
+    if mask.numel() == num_heads:
+        return mask.repeat_interleave(head_dim)  # (H,) -> (H * d_h,)
+    if mask.numel() == num_heads * head_dim:
+        return mask
+    raise ValueError(
+        f"a head mask must have {num_heads} entries (one per head) or {num_heads * head_dim} "
+        f"(one per head dimension), got {mask.numel()}"
+    )
+
+
+def _scale_input(column_mask: torch.Tensor):
+    def hook(module, args):
+        z = args[0]  # (B, T, width)
+        return (z * column_mask.to(dtype=z.dtype),) + tuple(args[1:])
+
+    return hook
+
+
+@contextmanager
+def apply_masks(
+    adapter: ModelAdapter,
+    head_masks: Mapping[int, torch.Tensor] | None = None,
+    neuron_masks: Mapping[int, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Apply masks to the adapter's model inside the ``with`` block; always removed on exit.
+
+    ``head_masks[l]`` and ``neuron_masks[l]`` are for layer l; layers not given are left alone.
+    A layer whose sublayer has already been emptied accepts only an empty mask.
+    """
+    handles = []
+    try:
+        for layer, mask in (head_masks or {}).items():
+            parts = adapter.attention(layer)
+            if parts is None:
+                if mask.numel():
+                    raise ValueError(f"layer {layer} has no attention heads to mask")
+                continue
+            column_mask = expand_head_mask(mask, parts.num_heads, parts.head_dim)
+            handles.append(parts.out.register_forward_pre_hook(_scale_input(column_mask)))
+        for layer, mask in (neuron_masks or {}).items():
+            parts = adapter.ffn(layer)
+            if parts is None:
+                if mask.numel():
+                    raise ValueError(f"layer {layer} has no FFN neurons to mask")
+                continue
+            if mask.shape != (parts.width,):
+                raise ValueError(f"layer {layer}: neuron mask must have shape ({parts.width},), got {tuple(mask.shape)}")
+            handles.append(parts.down.register_forward_pre_hook(_scale_input(mask)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def full_masks(
+    adapter: ModelAdapter,
+    per_dim: bool = False,
+    requires_grad: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """All-ones masks for every layer: ({l: (H,) or (H*d_h,)}, {l: (d_ff,)})."""
+    heads, neurons = {}, {}
+    for layer in range(adapter.num_layers):
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        if attn is not None:
+            n = attn.width if per_dim else attn.num_heads
+            heads[layer] = torch.ones(n, device=device or attn.out.weight.device, requires_grad=requires_grad)
+        if ffn is not None:
+            neurons[layer] = torch.ones(ffn.width, device=device or ffn.down.weight.device, requires_grad=requires_grad)
+    return heads, neurons

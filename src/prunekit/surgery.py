@@ -1,0 +1,203 @@
+"""Surgery: turn kept-unit decisions into a physically smaller model.
+
+Invariant (tested): the physically pruned model computes what the masked model computes. Real-valued
+mask scales are folded into the output projection's columns before slicing (spec P15); a sublayer
+pruned to zero units takes the adapter's explicit LN(X + b_out) path (spec P4), never an empty matmul.
+
+Only primitives live here (slice a Linear's rows or columns); the adapter says which Linears belong
+to a head or a neuron and puts the narrower ones back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import AttentionParts, FfnParts, ModelAdapter, get_adapter
+from .masks import expand_head_mask
+
+
+def _check_index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
+    index = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep, dtype=torch.long)
+    if index.dim() != 1:
+        raise ValueError(f"{what}: kept indices must be 1-D")
+    if index.numel():
+        if int(index.min()) < 0 or int(index.max()) >= size:
+            raise ValueError(f"{what}: kept indices must lie in [0, {size}), got {index.tolist()}")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError(f"{what}: kept indices repeat: {index.tolist()}")
+    return torch.sort(index).values
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear with only the output rows (``dim=0``) or input columns (``dim=1``) in ``index``."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"slice_linear expects nn.Linear, got {type(linear).__name__}")
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(dim, index)
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            # Removing input columns leaves the bias whole; removing rows removes their bias entries.
+            new.bias.copy_(linear.bias.detach().index_select(0, index) if dim == 0 else linear.bias.detach())
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    if linear.bias is not None:
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new
+
+
+def _replacement(weight: torch.Tensor | None, like: nn.Linear, shape: tuple[int, int], what: str) -> None:
+    if weight is None:
+        return
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"{what}: replacement output weight must have shape {shape}, got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{what}: replacement output weight has NaN or inf entries")
+    with torch.no_grad():
+        like.weight.copy_(weight.to(dtype=like.weight.dtype, device=like.weight.device))
+
+
+def prune_heads(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only heads ``keep`` of ``layer``'s attention.
+
+    Args:
+        scales: optional real mask values, (H,) per head or (H*d_h,) per dimension, over the
+            layer's current heads; folded into the output projection before slicing.
+        out_weight: optional new output-projection weight (d, len(keep) * d_h) for the kept heads,
+            e.g. re-fitted by least squares; replaces the sliced (and scaled) weight.
+    """
+    parts = adapter.attention(layer)
+    if parts is None:
+        if len(keep):
+            raise ValueError(f"layer {layer}: no attention heads left to keep")
+        return
+    what = f"layer {layer} attention"
+    heads = _check_index(keep, parts.num_heads, what)
+    out = parts.out
+    if scales is not None:
+        column_scale = expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim)
+        out = slice_linear(out, torch.arange(parts.width), dim=1)  # a copy, so the caller's model view stays intact
+        with torch.no_grad():
+            out.weight.mul_(column_scale.to(out.weight))  # (d, H*d_h) * (H*d_h,)
+    if heads.numel() == 0:
+        adapter.set_empty_attention(layer, out.bias.detach().clone())
+        return
+    columns = (heads[:, None] * parts.head_dim + torch.arange(parts.head_dim)).reshape(-1)  # (h_kept * d_h,)
+    new = AttentionParts(
+        query=slice_linear(parts.query, columns, dim=0),
+        key=slice_linear(parts.key, columns, dim=0),
+        value=slice_linear(parts.value, columns, dim=0),
+        out=slice_linear(out, columns, dim=1),
+        num_heads=heads.numel(),
+        head_dim=parts.head_dim,
+    )
+    _replacement(out_weight, new.out, (new.out.out_features, columns.numel()), what)
+    adapter.set_attention(layer, new)
+
+
+def prune_neurons(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only FFN neurons ``keep`` of ``layer``; ``scales`` (d_ff,) and ``out_weight``
+    (d, len(keep)) as in :func:`prune_heads`."""
+    parts = adapter.ffn(layer)
+    if parts is None:
+        if len(keep):
+            raise ValueError(f"layer {layer}: no FFN neurons left to keep")
+        return
+    what = f"layer {layer} FFN"
+    neurons = _check_index(keep, parts.width, what)
+    down = parts.down
+    if scales is not None:
+        if scales.shape != (parts.width,):
+            raise ValueError(f"{what}: scales must have shape ({parts.width},), got {tuple(scales.shape)}")
+        down = slice_linear(down, torch.arange(parts.width), dim=1)
+        with torch.no_grad():
+            down.weight.mul_(scales.detach().to(down.weight))  # (d, d_ff) * (d_ff,)
+    if neurons.numel() == 0:
+        adapter.set_empty_ffn(layer, down.bias.detach().clone())
+        return
+    new = FfnParts(
+        up=slice_linear(parts.up, neurons, dim=0),
+        down=slice_linear(down, neurons, dim=1),
+        gate=slice_linear(parts.gate, neurons, dim=0) if parts.gate is not None else None,
+    )
+    _replacement(out_weight, new.down, (new.down.out_features, neurons.numel()), what)
+    adapter.set_ffn(layer, new)
+
+
+@dataclass
+class LayerPlan:
+    """What to keep in one layer. ``None`` leaves that sublayer untouched."""
+
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+    head_scales: list[float] | None = None
+    neuron_scales: list[float] | None = None
+
+
+@dataclass
+class PruningPlan:
+    """The record of a pruning: kept unit indices (and optional scales) per layer.
+
+    Indices refer to the units of the model the plan is applied to. JSON-serialisable.
+    """
+
+    layers: list[LayerPlan] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layers": [vars(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
+        return cls(layers=[LayerPlan(**layer) for layer in data["layers"]])
+
+    def masks(self, model: nn.Module) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The masked-model form of this plan: per-layer head and neuron mask vectors."""
+        adapter = get_adapter(model)
+        head_masks, neuron_masks = {}, {}
+        for layer, step in enumerate(self.layers):
+            attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+            if step.heads is not None and attn is not None:
+                head_masks[layer] = _mask_vector(attn.num_heads, step.heads, step.head_scales, attn.out.weight)
+            if step.neurons is not None and ffn is not None:
+                neuron_masks[layer] = _mask_vector(ffn.width, step.neurons, step.neuron_scales, ffn.down.weight)
+        return head_masks, neuron_masks
+
+
+def _mask_vector(size: int, keep: list[int], scales: list[float] | None, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=like.dtype, device=like.device)
+    mask[list(keep)] = 1.0
+    if scales is not None:
+        mask = mask * torch.as_tensor(scales, dtype=like.dtype, device=like.device)
+    return mask
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Physically prune ``model`` in place as ``plan`` says; returns the model."""
+    adapter = get_adapter(model)
+    if len(plan.layers) > adapter.num_layers:
+        raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
+    for layer, step in enumerate(plan.layers):
+        if step.heads is not None:
+            scales = torch.as_tensor(step.head_scales) if step.head_scales is not None else None
+            prune_heads(adapter, layer, step.heads, scales=scales)
+        if step.neurons is not None:
+            scales = torch.as_tensor(step.neuron_scales) if step.neuron_scales is not None else None
+            prune_neurons(adapter, layer, step.neurons, scales=scales)
+    return model
