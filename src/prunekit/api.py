@@ -1,0 +1,172 @@
+"""The Python API a user calls; the CLI calls exactly these functions.
+
+``prune`` takes a fine-tuned model, draws the calibration sample, runs a method from
+``prunekit.methods`` and hands back a physically pruned model with its report.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accounting import count_flops, count_params, full_flops
+from .adapters import get_adapter
+from .data import CalibrationSample, build_calibration_sample
+from .errors import ConfigError
+from .io import as_pruned_model, load_model, load_tokenizer, save_pruned
+from .methods import get_method
+from .surgery import PruningPlan
+from .tasks import TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model with its tokenizer, plan and report; ``save(dir)`` writes the HF folder."""
+
+    model: nn.Module
+    tokenizer: Any
+    plan: PruningPlan
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        report = dict(self.report)
+        report["plan"] = self.plan.to_dict()
+        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None picks CUDA when present, else CPU; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def loss_kind(task: TaskSpec) -> str:
+    """Which distillation loss a task's head takes (prunekit.losses)."""
+    if task.head == "question_answering":
+        return "qa"
+    return "regression" if task.is_regression else "classification"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("prunekit", "transformers", "safetensors", "datasets", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def prune(
+    model: nn.Module | str | Path,
+    tokenizer: Any = None,
+    data: str | Path | CalibrationSample | None = None,
+    task: str | TaskSpec = "sst2",
+    method: str = "kprune",
+    keep_flops: float = 0.5,
+    num_tokens: int = 100_000,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    sort_by_length: bool = True,
+    **method_options: Any,
+) -> PruneResult:
+    """Prune a fine-tuned model to keep ``keep_flops`` of its encoder FLOPs.
+
+    Args:
+        model: a model or a model folder (loaded with the task's head). A given model is copied,
+            never changed.
+        tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
+        data: the task's data source (GLUE folder, CSV/JSONL, hub name) or a ready
+            ``CalibrationSample``.
+        keep_flops: fraction of the encoder FLOPs kept, in (0, 1).
+        num_tokens: calibration sample size in tokens (spec §1.2).
+        method_options: the method's hyperparameters (e.g. ``temperature``, ``lam_rep``, ``seq_len``).
+    Returns:
+        A ``PruneResult`` with ``.model``, ``.report`` and ``.save(dir)``.
+    """
+    spec = get_method(method)
+    task = get_task(task)
+    if not 0.0 < keep_flops < 1.0:
+        raise ConfigError(f"keep_flops must be in (0, 1), the fraction of FLOPs kept; got {keep_flops}")
+    config = spec.make_config(keep_flops=keep_flops, **method_options)
+    device = resolve_device(device)
+    if isinstance(model, str | Path):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model, head=task.head)
+    else:
+        model = copy.deepcopy(model)
+    get_adapter(model)
+    if data is None:
+        raise ConfigError("no data given: pass the task's data folder, file or hub name")
+    if isinstance(data, CalibrationSample):
+        sample = data
+    else:
+        if tokenizer is None:
+            raise ConfigError("a tokenizer is needed to build the calibration sample from data")
+        sample = build_calibration_sample(
+            task, tokenizer, data, num_tokens=num_tokens, seed=seed,
+            batch_size=batch_size or task.batch_size, sort_by_length=sort_by_length,
+        )
+    sample = sample.to(device)
+    model.to(device).eval()
+    torch.manual_seed(seed)
+
+    seq_len = getattr(config, "seq_len", None) or sample.mean_length
+    before = {"flops": full_flops(model, seq_len), "params": count_params(model),
+              "encoder_params": count_params(model, encoder_only=True)}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    logger.info("pruning with %s to keep %.3f of FLOPs on %s", method, keep_flops, device)
+    start = time.perf_counter()
+    plan, log = spec.run(model, sample, loss_kind(task), config)
+    seconds = time.perf_counter() - start
+    as_pruned_model(model)
+    after = {"flops": count_flops(model, seq_len), "params": count_params(model),
+             "encoder_params": count_params(model, encoder_only=True)}
+    adapter = get_adapter(model)
+    report = {
+        "method": method,
+        "task": task.name,
+        "keep_flops": keep_flops,
+        "seed": seed,
+        "hyperparameters": asdict(config),
+        "flops_seq_len": seq_len,
+        "sample": sample.summary(),
+        "before": before,
+        "after": after,
+        "flops_kept": after["flops"] / before["flops"],
+        "params_kept": after["params"] / before["params"],
+        "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
+        "prune_seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "device": str(device),
+        "versions": library_versions(),
+        "method_log": log,
+    }
+    logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", seconds, report["flops_kept"], report["params_kept"])
+    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report)

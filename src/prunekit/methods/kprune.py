@@ -1,0 +1,365 @@
+"""Kprune: knowledge-preserving pruning without retraining (ICLR 2024), spec kprune_kwon.md §1, §7.
+
+For each sublayer j = MHA_0, FFN_0, MHA_1, ..., FFN_{L-1}, bottom up:
+
+1. Knowledge measurement: one forward and backward pass over the sample, from the layer of j up,
+   with all-ones masks on sublayer j and every sublayer above it. Predictive knowledge is the
+   per-batch squared mask gradient of the distillation loss; representational knowledge is each
+   unit's squared contribution to the output (§1.4). Scores combine them per FLOP (§1.5).
+2. Mask search (KPMS): rank the candidates of j and all upper sublayers by score, keep the best
+   prefix whose FLOPs fit the budget left, and apply only j's decisions (§1.6).
+3. Weight tuning (KPWT): re-fit j's output projection by least squares so the student's residual
+   sum matches the teacher's, then remove j's pruned units physically (§1.7, §1.8).
+
+Differences from the reference code, all from spec §7:
+- P2 memory: no 2L-sublayer teacher cache. The teacher runs layer by layer beside the student, so
+  only the current layer's teacher targets are held; the normal equations FᵀF and FᵀY are
+  accumulated batch by batch in the same pass that measures knowledge, never F itself.
+- Cost: each pass starts at the target's layer from cached hidden states, so the whole run costs
+  about (L + 1) passes of the model instead of 2L.
+- P3: the regression loss compares matching shapes. P4: an emptied sublayer keeps its bias.
+- P5: normal equations in float64 with a ridge of ``ridge · tr(G) / n``; the solution is kept only
+  if finite and no worse than the plain sliced weights on the sample. Unpruned FFNs are re-fitted
+  like MHAs.
+- P7: prefix sums; pruning nothing is allowed; ties break by a fixed unit order; the final counted
+  FLOPs never exceed the budget.
+- P9: iteration 0 has no predictive signal (the student is the teacher); logged, kept as reference.
+- P12: teacher targets are stored per batch beside that batch's attention mask, so they are
+  aligned by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..accounting import full_flops, unit_costs
+from ..adapters import ModelAdapter, SublayerKind, get_adapter
+from ..errors import ConfigError
+from ..layerwise import LayerRunner, capture_residual, model_inputs
+from ..losses import TASK_KINDS, distill_loss, teacher_targets
+from ..masks import apply_masks
+from ..surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KpruneConfig:
+    """Kprune's hyperparameters; defaults are the reference README's (spec §1.9)."""
+
+    keep_flops: float = 0.5  # fraction of the original encoder FLOPs kept, in (0, 1]
+    temperature: float = 2.0  # T of the distillation softmax
+    lam_pred: float = 1.0  # weight of predictive knowledge
+    lam_rep: float = 2.5e-4  # weight of representational knowledge
+    mu: float = 64.0  # head-score multiplier (head scores are per-dimension means)
+    sublayer_tuning: bool = True  # KPWT least-squares re-fit of each pruned output projection
+    ridge: float = 1e-6  # relative ridge of the least-squares solve, times tr(G)/n
+    seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
+    mask_padding: bool = False  # QA: mask padding before the softmax (spec P13)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_flops <= 1.0:
+            raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {self.keep_flops}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.lam_pred < 0 or self.lam_rep < 0 or self.mu <= 0:
+            raise ConfigError("lam_pred and lam_rep must be >= 0 and mu > 0")
+        if self.ridge < 0:
+            raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+
+
+@dataclass
+class _Candidates:
+    """Masked units of the target and upper sublayers: per-unit score and FLOPs."""
+
+    scores: list[torch.Tensor] = field(default_factory=list)
+    flops: list[torch.Tensor] = field(default_factory=list)
+    owners: list[tuple[int, SublayerKind]] = field(default_factory=list)
+
+
+def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tuple[PruningPlan, dict]:
+    """Prune ``model`` in place with Kprune; returns the plan (kept units per layer) and a log.
+
+    Args:
+        model: a fine-tuned model with a supported adapter; it is the teacher and becomes the student.
+        sample: a calibration sample with ``batches`` (dicts of tensors on the model's device),
+            ``num_sequences``, ``num_tokens`` and ``mean_length``.
+        kind: "classification", "regression" or "qa" (which distillation loss, spec §1.4).
+    """
+    if kind not in TASK_KINDS:
+        raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
+    adapter = get_adapter(model)
+    teacher = copy.deepcopy(model).eval()
+    t_adapter = get_adapter(teacher)
+    seq_len = config.seq_len or sample.mean_length
+    budget = config.keep_flops * full_flops(model, seq_len)
+    batches = sample.batches
+    masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
+    student, t_runner = LayerRunner(model, adapter), LayerRunner(teacher, t_adapter)
+
+    was_training = model.training
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    steps: list[dict] = []
+    try:
+        with torch.no_grad():
+            targets = [
+                teacher_targets(kind, teacher(**model_inputs(b)), config.temperature, b["attention_mask"], config.mask_padding)
+                for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
+            ]
+            t_hidden = [t_runner.layer_input(0, b) for b in batches]
+        s_hidden = list(t_hidden)
+        logger.info(
+            "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g FLOPs (keep %.3f)",
+            sample.num_sequences, sample.num_tokens, seq_len, budget, config.keep_flops,
+        )
+        logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
+                    "knowledge is zero there and representational knowledge decides (spec P9)")
+        for layer in range(adapter.num_layers):
+            teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
+            for sub in ("attn", "ffn"):
+                start = time.perf_counter()
+                step = _prune_sublayer(
+                    adapter, student, layer, sub, s_hidden, batches, masks, targets,
+                    teacher_residuals[sub], kind, config, sample, seq_len, budget,
+                )
+                budget -= step["kept_flops"]
+                step["seconds"] = round(time.perf_counter() - start, 3)
+                steps.append(step)
+                logger.info(
+                    "kprune: layer %d %s kept %d/%d %s in %.1f s%s", layer, sub, step["kept"], step["total"],
+                    "heads" if sub == "attn" else "neurons", step["seconds"],
+                    "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
+                )
+            with torch.no_grad():
+                s_hidden = [student.run_layer(layer, h, b) for h, b in zip(s_hidden, batches, strict=True)]
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad, strict=False):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
+    for step in steps:
+        if step["sublayer"] == "attn":
+            plan.layers[step["layer"]].heads = step["kept_units"]
+        else:
+            plan.layers[step["layer"]].neurons = step["kept_units"]
+    return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
+
+
+def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks):
+    """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs."""
+    residuals: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
+    outputs = []
+    with torch.no_grad(), capture_residual(t_adapter, layer, "attn") as attn, \
+            capture_residual(t_adapter, layer, "ffn") as ffn:
+        for h, b, m in zip(hidden, batches, masks, strict=True):
+            outputs.append(runner.run_layer(layer, h, b))
+            residuals["attn"].append((attn["input"] + attn["output"])[m])  # (N_b, d)
+            residuals["ffn"].append((ffn["input"] + ffn["output"])[m])
+    return residuals, outputs
+
+
+def _prune_sublayer(
+    adapter: ModelAdapter,
+    runner: LayerRunner,
+    layer: int,
+    sub: SublayerKind,
+    hidden: list[torch.Tensor],
+    batches: list[dict],
+    masks: list[torch.Tensor],
+    targets: list[dict],
+    teacher_residual: list[torch.Tensor],
+    kind: str,
+    config: KpruneConfig,
+    sample: Any,
+    seq_len: float,
+    budget: float,
+) -> dict:
+    parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
+    step: dict[str, Any] = {"layer": layer, "sublayer": sub}
+    if parts is None:  # already empty (the model came in pruned)
+        return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "tuning": None}
+    stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config)
+    candidates = _score(adapter, layer, sub, stats, config, sample, seq_len)
+    keep = _search(candidates, budget, (layer, sub))
+    cost = unit_costs(adapter, layer, seq_len)
+    unit_cost = cost.head if sub == "attn" else cost.neuron
+    total = parts.num_heads if sub == "attn" else parts.width
+    out_weight, tuning = None, None
+    if config.sublayer_tuning and keep.numel():
+        out_weight, tuning = _tune(adapter, layer, sub, keep, stats, config.ridge)
+    if sub == "attn":
+        prune_heads(adapter, layer, keep, out_weight=out_weight)
+    else:
+        prune_neurons(adapter, layer, keep, out_weight=out_weight)
+    return step | {
+        "kept": int(keep.numel()),
+        "total": int(total),
+        "kept_units": keep.tolist(),
+        "kept_flops": float(keep.numel() * unit_cost),
+        "tuning": tuning,
+    }
+
+
+def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config):
+    """One forward+backward pass from ``layer`` up (§1.4), accumulating for every masked sublayer
+    the summed ½ g² of its mask and Σ_t Z², and for the target the normal equations of KPWT."""
+    first_attn = layer if sub == "attn" else layer + 1
+    head_masks, neuron_masks = {}, {}
+    for m in range(layer, adapter.num_layers):
+        attn, ffn = adapter.attention(m), adapter.ffn(m)
+        if attn is not None and m >= first_attn:
+            head_masks[m] = torch.ones(attn.width, device=attn.out.weight.device, requires_grad=True)
+        if ffn is not None:
+            neuron_masks[m] = torch.ones(ffn.width, device=ffn.down.weight.device, requires_grad=True)
+    grad_sq = {("attn", m): torch.zeros(v.numel(), dtype=torch.float64, device=v.device) for m, v in head_masks.items()}
+    grad_sq |= {("ffn", m): torch.zeros(v.numel(), dtype=torch.float64, device=v.device) for m, v in neuron_masks.items()}
+    z_sq = {key: torch.zeros_like(value) for key, value in grad_sq.items()}
+
+    target_parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
+    target_out = target_parts.out if sub == "attn" else target_parts.down
+    width, d = target_out.in_features, target_out.out_features
+    device = target_out.weight.device
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # FᵀF
+    cross = torch.zeros(width, d, dtype=torch.float64, device=device)  # FᵀY
+    y_sq = torch.zeros((), dtype=torch.float64, device=device)  # ‖Y‖²
+    bias = target_out.bias.detach().double() if target_out.bias is not None else torch.zeros(d, dtype=torch.float64, device=device)
+    current: dict[str, Any] = {}
+
+    def observe(key):
+        def hook(module, args):
+            z = args[0].detach()[current["mask"]].double()  # (N_b, width), padding rows dropped
+            z_sq[key] += (z * z).sum(0)
+            if key == (sub, layer):
+                current["z"] = z
+        return hook
+
+    def take_input(module, args):
+        current["x"] = args[0].detach()[current["mask"]].double()  # (N_b, d)
+
+    # Observers first: pre-hooks run in registration order, so they see Z before the mask scales it.
+    handles = [adapter.sublayer_module(layer, sub).register_forward_pre_hook(take_input)]
+    for m in head_masks:
+        handles.append(adapter.attention(m).out.register_forward_pre_hook(observe(("attn", m))))
+    for m in neuron_masks:
+        handles.append(adapter.ffn(m).down.register_forward_pre_hook(observe(("ffn", m))))
+    try:
+        with apply_masks(adapter, head_masks, neuron_masks):
+            desc = f"kprune: layer {layer} {sub}"
+            for h, batch, mask, target, r_t in tqdm(
+                list(zip(hidden, batches, masks, targets, teacher_residual, strict=True)), desc=desc, leave=False
+            ):
+                current["mask"] = mask
+                outputs = runner.forward_from(layer, h, batch)
+                loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"], config.mask_padding)
+                loss.backward()
+                for m, v in head_masks.items():
+                    grad_sq[("attn", m)] += 0.5 * v.grad.double() ** 2
+                    v.grad = None
+                for m, v in neuron_masks.items():
+                    grad_sq[("ffn", m)] += 0.5 * v.grad.double() ** 2
+                    v.grad = None
+                z = current.pop("z")
+                y = r_t.double() - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
+                gram += z.T @ z
+                cross += z.T @ y
+                y_sq += (y * y).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"grad_sq": grad_sq, "z_sq": z_sq, "gram": gram, "cross": cross, "y_sq": y_sq}
+
+
+def _score(adapter, layer, sub, stats, config, sample, seq_len) -> _Candidates:
+    """Per-unit scores S = (λ_pred K_pred + λ_rep K_rep) / F, heads times μ (§1.5), in a fixed
+    order: sublayers bottom up, units by index."""
+    candidates = _Candidates()
+    n_seq, n_tok = sample.num_sequences, sample.num_tokens
+    for (kind, m) in sorted(stats["grad_sq"], key=lambda key: (key[1], key[0] == "ffn")):
+        grad_sq, z_sq = stats["grad_sq"][(kind, m)], stats["z_sq"][(kind, m)]
+        parts = adapter.attention(m) if kind == "attn" else adapter.ffn(m)
+        out = parts.out if kind == "attn" else parts.down
+        w_sq = out.weight.detach().double().pow(2).mean(0)  # (width,): (1/d) Σ_r W[r,k]²
+        k_pred = grad_sq / n_seq
+        k_rep = z_sq * w_sq / n_tok
+        cost = unit_costs(adapter, m, seq_len)
+        if kind == "attn":
+            # Per-dimension values averaged over each head's d_h dimensions (§1.4).
+            k_pred = k_pred.view(parts.num_heads, parts.head_dim).mean(1)
+            k_rep = k_rep.view(parts.num_heads, parts.head_dim).mean(1)
+            score = config.mu * (config.lam_pred * k_pred + config.lam_rep * k_rep) / (cost.head / 1e9)
+            unit = cost.head
+        else:
+            score = (config.lam_pred * k_pred + config.lam_rep * k_rep) / (cost.neuron / 1e9)
+            unit = cost.neuron
+        candidates.scores.append(score.cpu())
+        candidates.flops.append(torch.full_like(score.cpu(), unit))
+        candidates.owners.append((m, kind))
+    return candidates
+
+
+def _search(candidates: _Candidates, budget: float, target: tuple[int, SublayerKind]) -> torch.Tensor:
+    """KPMS with prefix sums (§1.6, P7): the units of the best-scoring prefix whose FLOPs fit
+    ``budget`` survive; returns the kept unit indices of the target sublayer (sorted)."""
+    scores = torch.cat(candidates.scores)
+    flops = torch.cat(candidates.flops)
+    # Descending score; a stable sort keeps the fixed unit order among ties (determinism).
+    order = torch.sort(-scores, stable=True).indices
+    fits = torch.cumsum(flops[order], 0) <= budget * (1 + 1e-12)
+    n_keep = int(fits.sum()) if bool(fits.all()) else int(torch.nonzero(~fits)[0])
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[order[:n_keep]] = True
+    offset = 0
+    for (m, kind), score in zip(candidates.owners, candidates.scores, strict=True):
+        if (m, kind) == target:
+            return torch.nonzero(kept[offset : offset + score.numel()]).flatten()
+        offset += score.numel()
+    raise ValueError(f"target sublayer {target} is not among the candidates")
+
+
+def _tune(adapter, layer, sub, keep, stats, ridge: float) -> tuple[torch.Tensor | None, str]:
+    """KPWT (§1.7) with the fixes of P5: solve (G + ridge) Wᵀ = C in float64 over the kept
+    columns; keep the solution only if finite and no worse than the sliced weights."""
+    parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
+    out = parts.out if sub == "attn" else parts.down
+    if sub == "attn":
+        columns = (keep[:, None] * parts.head_dim + torch.arange(parts.head_dim)).reshape(-1)  # (h * d_h,)
+    else:
+        columns = keep
+    columns = columns.to(stats["gram"].device)
+    gram = stats["gram"][columns][:, columns]  # (n, n)
+    cross = stats["cross"][columns]  # (n, d)
+    n = columns.numel()
+    old = out.weight.detach().double()[:, columns].T  # (n, d)
+
+    def residual(w: torch.Tensor) -> float:
+        return float(stats["y_sq"] - 2 * (w * cross).sum() + (w * (gram @ w)).sum())
+
+    trace = float(torch.trace(gram))
+    if not math.isfinite(trace) or trace <= 0:
+        return None, "skipped: no signal in the sample"
+    system = gram + torch.eye(n, dtype=gram.dtype, device=gram.device) * (ridge * trace / n)
+    try:
+        factor = torch.linalg.cholesky(system)
+        solution = torch.cholesky_solve(cross, factor)
+    except RuntimeError:
+        solution = torch.linalg.lstsq(system.cpu(), cross.cpu(), driver="gelsd").solution.to(gram.device)
+    if not torch.isfinite(solution).all():
+        return None, "kept sliced weights: solution not finite"
+    before, after = residual(old), residual(solution)
+    if after > before:
+        return None, f"kept sliced weights: residual {after:.4g} > {before:.4g}"
+    return solution.T.to(out.weight.dtype), "solved"
