@@ -22,10 +22,12 @@ from torch import nn
 
 from .accounting import count_flops, count_params, full_flops
 from .adapters import get_adapter
+from .bench import measure_latency
 from .data import CalibrationSample, build_calibration_sample
 from .errors import ConfigError
-from .io import as_pruned_model, load_model, load_tokenizer, save_pruned
+from .io import as_pruned_model, check_output_dir, load_model, load_tokenizer, save_pruned
 from .methods import get_method
+from .reports import plot_structure
 from .surgery import PruningPlan
 from .tasks import TaskSpec, get_task
 
@@ -42,9 +44,20 @@ class PruneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the model folder: config.json, model.safetensors, tokenizer files,
+        prune_report.json (with the plan) and structure.png, atomically."""
         report = dict(self.report)
         report["plan"] = self.plan.to_dict()
-        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite)
+        adapter = get_adapter(self.model)
+
+        def plot(folder: Path) -> None:
+            plot_structure(
+                report["layers"], adapter.full_num_heads, adapter.full_intermediate_size,
+                folder / "structure.png",
+                title=f"{report['method']} on {report['task']}: {report['flops_kept']:.1%} of FLOPs kept",
+            )
+
+        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite, extra=plot)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -170,3 +183,46 @@ def prune(
     }
     logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", seconds, report["flops_kept"], report["params_kept"])
     return PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report)
+
+
+def prune_and_save(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    data: str | Path,
+    task: str | TaskSpec = "sst2",
+    method: str = "kprune",
+    keep_flops: float = 0.5,
+    num_tokens: int = 100_000,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    run_eval: bool = True,
+    run_bench: bool = True,
+    bench_batch_size: int = 32,
+    bench_seq_len: int = 128,
+    **method_options: Any,
+) -> dict[str, Any]:
+    """The whole job: load the teacher, prune, evaluate both on the dev split, measure latency
+    of both, and write the pruned folder with its report. Returns the report.
+
+    The output folder is checked before any work and written atomically at the end.
+    """
+    check_output_dir(out_dir, overwrite)
+    task = get_task(task)
+    tokenizer = load_tokenizer(model_dir)
+    teacher = load_model(model_dir, head=task.head)
+    result = prune(teacher, tokenizer, data, task=task, method=method, keep_flops=keep_flops,
+                   num_tokens=num_tokens, seed=seed, device=device, **method_options)
+    if run_eval:
+        from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+
+        result.report["eval"] = {
+            "teacher": evaluate(teacher, tokenizer, task, data, device=device),
+            "pruned": evaluate(result.model, tokenizer, task, data, device=device),
+        }
+    if run_bench:
+        latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
+                                  seq_lens=[bench_seq_len], device=device)
+        result.report["latency"] = latency
+    result.save(out_dir, overwrite=overwrite)
+    return result.report

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,8 +158,10 @@ def save_pruned(
     tokenizer: Any = None,
     report: dict | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically."""
+    """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically;
+    ``extra(folder)`` may add files (plots) before the folder is moved into place."""
     if not isinstance(type(model), type) or type(model) not in PRUNED_CLASSES.values():
         as_pruned_model(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -168,6 +170,8 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        if extra is not None:
+            extra(tmp)
     logger.info("saved pruned model to %s", out_dir)
     return Path(out_dir)
 

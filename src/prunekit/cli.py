@@ -1,0 +1,231 @@
+"""The ``prunekit`` command line. Thin: each subcommand parses its flags, calls one public
+function that a Python user would call, and formats the result. prunekit's own errors print as
+one line with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import PrunekitError
+
+logger = logging.getLogger("prunekit")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: give a fraction in (0, 1), e.g. 0.5")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.replace("-", "_"), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Structured pruning of Hugging Face Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a fine-tuned model to a FLOPs budget and save it")
+    p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id)")
+    p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte or cola")
+    p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, or hub name")
+    p.add_argument("--method", default="kprune")
+    p.add_argument("--keep-flops", type=_fraction, required=True, help="fraction of encoder FLOPs kept, in (0, 1)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--num-tokens", type=int, default=100_000, help="calibration sample size in tokens")
+    p.add_argument("--seq-len", type=float, default=None, help="FLOPs sequence length (default: sample mean)")
+    p.add_argument("--temperature", type=float, default=None, help="Kprune: softmax temperature T (2)")
+    p.add_argument("--lam-pred", type=float, default=None, help="Kprune: predictive-knowledge weight (1)")
+    p.add_argument("--lam-rep", type=float, default=None, help="Kprune: representational weight (2.5e-4)")
+    p.add_argument("--mu", type=float, default=None, help="Kprune: head-score multiplier (64)")
+    p.add_argument("--no-sublayer-tuning", action="store_true", help="Kprune: skip the least-squares re-fit")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method option, e.g. --set ridge=1e-5")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluating teacher and pruned model on dev")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    _add_common(p)
+
+    e = sub.add_parser("eval", help="evaluate a model on a task's dev split")
+    e.add_argument("--model", required=True)
+    e.add_argument("--task", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="dev")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-examples", type=int, default=None)
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    _add_common(e)
+
+    f = sub.add_parser("finetune", help="fine-tune a pretrained encoder into a task teacher")
+    f.add_argument("--model", required=True, help="pretrained model folder (or hub id)")
+    f.add_argument("--task", required=True)
+    f.add_argument("--data", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--max-length", type=int, default=None)
+    f.add_argument("--max-train-samples", type=int, default=None)
+    _add_common(f)
+
+    b = sub.add_parser("bench", help="measure latency (and the speedup against a baseline)")
+    b.add_argument("--model", required=True)
+    b.add_argument("--baseline", default=None)
+    b.add_argument("--batch-sizes", default="32", help="comma-separated, e.g. 1,8,32")
+    b.add_argument("--seq-lens", default="128", help="comma-separated, e.g. 64,128")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    b.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
+    b.add_argument("--json", default=None)
+    _add_common(b)
+
+    d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on SST-2, prune it with Kprune, compare")
+    d.add_argument("--data", default=None, help="SST-2 folder (default ../shared/data/sst2 if present, else the hub)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--keep-flops", type=_fraction, default=0.5)
+    d.add_argument("--num-tokens", type=int, default=100_000)
+    d.add_argument("--train-samples", type=int, default=8000, help="SST-2 training examples for the teacher (0: all)")
+    d.add_argument("--epochs", type=int, default=1)
+    d.add_argument("--cache-dir", default=None, help="teacher cache (default ~/.cache/prunekit/teachers)")
+    _add_common(d)
+    return parser
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    return None if args.device == "auto" else args.device
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from .reports import markdown_table
+
+    columns = [(key, key) for key in rows[0]]
+    print(markdown_table(rows, columns))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .api import prune_and_save
+    from .demo import summary_rows
+
+    options = dict(args.set)
+    for flag, key in (("temperature", "temperature"), ("lam_pred", "lam_pred"), ("lam_rep", "lam_rep"),
+                      ("mu", "mu"), ("seq_len", "seq_len")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    if args.no_sublayer_tuning:
+        options["sublayer_tuning"] = False
+    report = prune_and_save(
+        args.model, args.out, args.data, task=args.task, method=args.method, keep_flops=args.keep_flops,
+        num_tokens=args.num_tokens, seed=args.seed, device=_device(args), overwrite=args.overwrite,
+        run_eval=not args.no_eval, run_bench=not args.no_bench, **options,
+    )
+    _print_table(summary_rows(report))
+    print(f"pruned model written to {args.out} (FLOPs kept {report['flops_kept']:.4f}, "
+          f"pruning took {report['prune_seconds']:.1f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .io import load_model, load_tokenizer
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    model = load_model(args.model, head=task.head, device=_device(args))
+    tokenizer = load_tokenizer(args.model)
+    metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
+                       device=_device(args), max_examples=args.max_examples)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "task": task.name, "split": args.split,
+                                               "metrics": metrics}, indent=2) + "\n")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                            seed=args.seed, max_train_samples=args.max_train_samples, device=_device(args))
+    out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite)
+    print(f"fine-tuned model written to {out}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError as err:
+        raise PrunekitError(f"{text!r} is not a comma-separated list of integers") from err
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import measure_latency
+    from .io import load_pruned
+
+    model = load_pruned(args.model)
+    baseline = load_pruned(args.baseline) if args.baseline else None
+    result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
+                             seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,
+                             rounds=args.rounds)
+    rows = [{k: v for k, v in row.items() if not k.endswith("_rounds")} for row in result["results"]]
+    _print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo, summary_rows
+
+    report = demo(data=args.data, out_dir=args.out, keep_flops=args.keep_flops, num_tokens=args.num_tokens,
+                  train_samples=args.train_samples or None, epochs=args.epochs, seed=args.seed,
+                  cache_dir=args.cache_dir, device=_device(args))
+    print()
+    _print_table(summary_rows(report))
+    print(f"\npruned model, prune_report.json and structure.png in {args.out}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[args.command](args)
+    except PrunekitError as err:
+        print(f"prunekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted; no output folder was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
