@@ -1,0 +1,322 @@
+"""Fine-tuning a pre-trained encoder on a GLUE task, to make the teacher that pruning starts from.
+
+This module owns `FinetuneConfig` and `finetune`: a plain PyTorch loop (no Trainer) with AdamW,
+linear warm-up then linear decay to zero, gradient clipping, seeded shuffling through a
+`torch.Generator` and dynamic padding. It is the recipe of the reference teachers in
+`shared/models/*/README.md`. At the end it scores the dev split and writes a standard Hugging
+Face folder (safetensors weights, config with id2label, tokenizer) plus `finetune_report.json`,
+atomically: everything goes into a temporary folder next to `out_dir`, which is then renamed.
+
+Global RNG state is not touched: the run seeds inside `torch.random.fork_rng`, which restores the
+caller's generators afterwards (style.md §10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prunekit.data.glue import collate, load_examples, tokenize_examples
+from prunekit.errors import ConfigError
+from prunekit.evaluate import predict
+from prunekit.metrics.glue import compute_metrics
+from prunekit.tasks import TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FinetuneConfig", "finetune"]
+
+REPORT_NAME = "finetune_report.json"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyperparameters of `finetune`; defaults are the reference teachers' recipe."""
+
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32  # sequences per optimiser step
+    max_length: int | None = None  # tokens; None -> the task's max_length
+    warmup_ratio: float = 0.06  # fraction of all steps with linearly rising lr
+    weight_decay: float = 0.0  # AdamW decoupled decay; biases and LayerNorm weights never decay
+    seed: int = 0
+    max_grad_norm: float = 1.0  # gradient clipping norm; 0 turns clipping off
+    max_train_samples: int | None = None  # use only the first N training examples
+    device: str | None = None  # None -> "cuda" when available, else "cpu"
+
+    def __post_init__(self) -> None:
+        def bad(message: str) -> ConfigError:
+            return ConfigError(f"FinetuneConfig: {message}")
+
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise bad(f"epochs must be a whole number >= 1, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad(f"lr must be a positive learning rate such as 5e-5, got {self.lr!r}")
+        if self.batch_size < 1:
+            raise bad(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise bad(f"max_length must be a positive number of tokens, or None for the task's, got {self.max_length!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise bad(f"warmup_ratio is a fraction of the steps in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm < 0:
+            raise bad(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise bad(f"max_train_samples must be >= 1, or None for the whole split, got {self.max_train_samples!r}")
+        if isinstance(self.device, torch.device):
+            # Stored as text so the config stays JSON-serializable in the report.
+            object.__setattr__(self, "device", str(self.device))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise bad(f"device {self.device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from err
+
+    def resolved_device(self) -> torch.device:
+        """The device to train on."""
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def finetune(
+    model_name_or_path: str | os.PathLike[str],
+    task: TaskSpec | str,
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: FinetuneConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Fine-tune a pre-trained model on a GLUE task and save it.
+
+    Args:
+        model_name_or_path: a model folder or hub id for `AutoModelForSequenceClassification`; the
+            tokenizer is loaded from the same place.
+        task: TaskSpec or task name.
+        source: data source, as for `prunekit.data.load_examples` (train and dev are read).
+        out_dir: output folder; created, or replaced when `overwrite=True`.
+        config: hyperparameters; default `FinetuneConfig()`.
+        overwrite: allow replacing an existing non-empty `out_dir`.
+
+    Returns:
+        The output folder, holding the model, its tokenizer and `finetune_report.json`.
+    """
+    # Imported here so that importing prunekit stays light; only fine-tuning needs the Auto classes.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    wall_start = time.perf_counter()
+    spec = get_task(task)
+    cfg = config if config is not None else FinetuneConfig()
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out, overwrite)
+    device = cfg.resolved_device()
+    max_length = cfg.max_length or spec.max_length
+
+    # Read both splits before any training, so a missing dev file fails in seconds, not hours.
+    train_examples = load_examples(spec, source, "train")
+    if cfg.max_train_samples is not None:
+        train_examples = train_examples[: cfg.max_train_samples]
+    dev_examples = load_examples(spec, source, "dev")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    train_features = tokenize_examples(spec, tokenizer, train_examples, max_length=max_length)
+    dev_features = tokenize_examples(spec, tokenizer, dev_examples, max_length=max_length)
+
+    started = time.perf_counter()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)  # the new head's initialisation and dropout depend on it
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path,
+            num_labels=spec.num_labels,
+            problem_type=spec.problem_type,
+            id2label=spec.id2label,
+            label2id=spec.label2id,
+            dtype=torch.float32,
+            # A checkpoint fine-tuned on another task (e.g. MNLI -> RTE, 3 -> 2 labels) gets a fresh
+            # head instead of a size-mismatch error; transformers logs which tensors were re-initialised.
+            ignore_mismatched_sizes=True,
+        )
+        model.to(device)
+        train_stats = _train(model, spec, train_features, tokenizer.pad_token_id, cfg, device)
+    train_time = time.perf_counter() - started
+
+    predictions = predict(model, spec, dev_features, tokenizer.pad_token_id, device=device)
+    dev_metrics = compute_metrics(spec, predictions, [f["label"] for f in dev_features])
+    logger.info("%s dev after fine-tuning: %s", spec.name, ", ".join(f"{k} {v:.2f}" for k, v in dev_metrics.items()))
+
+    report = {
+        "task": spec.name,
+        "model_name_or_path": str(model_name_or_path),
+        "source": str(source),
+        "config": dataclasses.asdict(cfg),
+        "resolved": {"max_length": max_length, "device": str(device)},
+        "num_train_examples": len(train_features),
+        "num_dev_examples": len(dev_features),
+        **train_stats,
+        "metrics": dev_metrics,  # dev split, 0-100 scale
+        "train_time_s": round(train_time, 3),
+        "wall_time_s": round(time.perf_counter() - wall_start, 3),  # loading, training and evaluation
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    _save_atomically(out, model, tokenizer, report, overwrite)
+    logger.info("saved the fine-tuned %s model to %s", spec.name, out)
+    return out
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} exists and is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"out_dir {out} already exists and is not empty; choose another folder or pass overwrite=True"
+        )
+
+
+def _train(
+    model: torch.nn.Module,
+    spec: TaskSpec,
+    features: list[dict[str, Any]],
+    pad_token_id: int | None,
+    cfg: FinetuneConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The training loop; returns step count and losses for the report."""
+    n = len(features)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_schedule(step, warmup_steps, total_steps))
+    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling, independent of dropout's RNG
+    logger.info(
+        "fine-tuning %s on %d examples: %d epoch(s), %d steps (%d warm-up), batch %d, lr %g, device %s",
+        spec.name, n, cfg.epochs, total_steps, warmup_steps, cfg.batch_size, cfg.lr, device,
+    )
+
+    model.train()
+    step = 0
+    epoch_losses: list[float] = []
+    with tqdm(total=total_steps, desc=f"finetune {spec.name}", unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            loss_sum = 0.0
+            for start in range(0, n, cfg.batch_size):
+                batch = collate(
+                    [features[i] for i in order[start : start + cfg.batch_size]],
+                    pad_token_id,
+                    regression=spec.is_regression,
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")  # (B,)
+                logits = model(**batch).logits  # (B, C) or (B, 1)
+                loss = _task_loss(spec, logits, labels)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum += loss.item()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            epoch_losses.append(loss_sum / steps_per_epoch)
+            logger.info("epoch %d/%d: mean training loss %.4f", epoch + 1, cfg.epochs, epoch_losses[-1])
+    model.eval()
+    return {"train_steps": step, "warmup_steps": warmup_steps, "epoch_mean_losses": epoch_losses}
+
+
+def _task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, or MSE on the squeezed single logit with matching (B,) shapes.
+
+    Computed here rather than by the model so the shapes are explicit (the (B, 1) vs (B,)
+    broadcast of kprune_kwon.md P3 cannot happen).
+    """
+    if spec.is_regression:
+        return F.mse_loss(logits.reshape(-1).float(), labels.float())  # (B,) vs (B,)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _linear_schedule(step: int, warmup_steps: int, total_steps: int) -> float:
+    """lr multiplier: linear from 0 to 1 over the warm-up, then linear down to 0 at the end.
+
+    Same shape as transformers' `get_linear_schedule_with_warmup`, so the first step runs at lr 0
+    when there is a warm-up.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: decaying biases and LayerNorm scales is the common BERT mistake."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    try:
+        prunekit_version = metadata.version("prunekit")
+    except metadata.PackageNotFoundError:
+        prunekit_version = "unknown"
+    return {
+        "prunekit": prunekit_version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _save_atomically(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], overwrite: bool) -> None:
+    """Write into a temporary sibling folder, then rename it to `out`.
+
+    A crash while saving leaves `out` as it was; readers never see a half-written model.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)  # safetensors is the default format
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        _check_out_dir(out, overwrite)  # re-check: another process may have written meanwhile
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,31 @@
+"""Metrics of prunekit's tasks, on the 0-100 scale that reports use.
+
+GLUE metrics and the `METRICS` registry live in `prunekit.metrics.glue`; SQuAD's exact match
+and F1 live in `prunekit.metrics.squad`. Both are re-exported here.
+"""
+
+from prunekit.metrics.glue import (
+    METRICS,
+    MetricSpec,
+    accuracy,
+    average_ranks,
+    binary_f1,
+    compute_metrics,
+    matthews_corrcoef,
+    pearson,
+    spearman,
+)
+
+# SQuAD metrics: `from prunekit.metrics.squad import squad_scores` goes here (owned by the SQuAD module).
+
+__all__ = [
+    "METRICS",
+    "MetricSpec",
+    "accuracy",
+    "average_ranks",
+    "binary_f1",
+    "compute_metrics",
+    "matthews_corrcoef",
+    "pearson",
+    "spearman",
+]

@@ -1,0 +1,305 @@
+"""Task registry: what prunekit needs to know about a dataset, declared as data.
+
+This module owns `TaskSpec` and the `TASKS` registry (architecture.md, flow step 1; style.md
+"For prunekit" §3 and §13). A task says where its data lives (the datasets hub, or the GLUE TSV
+layout on disk), which columns hold the text and the label, how many labels the head has, the
+loss a retraining-free method uses for predictive knowledge, the metrics, the tokenizer's maximum
+length, and the average dev-set length that the calibration sample and the FLOPs accounting use
+(kprune_kwon.md §1.2 and §2).
+
+Nothing here reads files or imports models; `prunekit.data` and `prunekit.metrics` read these
+specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from prunekit.errors import ConfigError
+
+__all__ = ["GlueTsvLayout", "TaskSpec", "TASKS", "get_task"]
+
+# Predictive-knowledge losses a task can name (architecture.md, flow step 1): KL with temperature
+# (classification), MSE (regression), start/end KL (extractive QA), next-token KL (decoders).
+_DISTILL_LOSSES = ("kl", "mse", "start_end_kl", "next_token_kl")
+
+
+@dataclass(frozen=True)
+class GlueTsvLayout:
+    """How one GLUE task is laid out in the original GLUE TSV download.
+
+    Column names are the ones in the TSV header; `columns` names the columns of a file without a
+    header (CoLA) by position. Files are read with tabs and no quoting (csv.QUOTE_NONE), because
+    the sentences contain unbalanced quote characters.
+    """
+
+    text_columns: tuple[str, ...]
+    label_column: str
+    train_file: str = "train.tsv"
+    dev_file: str = "dev.tsv"
+    header: bool = True
+    columns: tuple[str, ...] | None = None  # positional names, only for header-less files
+    folder_names: tuple[str, ...] = ()  # sub-folder names of a GLUE download root, e.g. "SST-2"
+
+    def __post_init__(self) -> None:
+        if not self.header:
+            if not self.columns:
+                raise ConfigError("a GLUE TSV layout without a header must name its columns (columns=...)")
+            missing = [c for c in (*self.text_columns, self.label_column) if c not in self.columns]
+            if missing:
+                raise ConfigError(f"GLUE TSV layout names columns {missing} that are not in {self.columns}")
+
+    def file_for(self, split: str) -> str:
+        """The TSV file name of `split` ("train" or "dev")."""
+        return self.train_file if split == "train" else self.dev_file
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: data location and layout, head, loss, metrics and lengths.
+
+    `text_columns` and `label_column` are the canonical column names: the ones the datasets hub
+    uses, and the keys of the example dicts that `prunekit.data.load_examples` returns. Local
+    CSV/JSON-lines files may use these names or the GLUE TSV names in `tsv`.
+    """
+
+    name: str
+    kind: str  # "glue"; "squad" tasks are declared by the SQuAD module with extra fields
+    text_columns: tuple[str, ...]
+    num_labels: int  # 1 for regression (STS-B)
+    metrics: tuple[str, ...]  # names in prunekit.metrics.METRICS
+    main_metric: str
+    max_length: int  # tokens, truncation length for training, calibration and evaluation
+    avg_seq_len: float  # tokens, average dev-set length of the reference (kprune_kwon.md §2)
+    label_column: str = "label"
+    is_regression: bool = False
+    label_values: tuple[str, ...] = ()  # class labels as written in the TSV files; index = class id
+    label_names: tuple[str, ...] = ()  # human-readable names, index = class id (config.id2label)
+    head: str = "sequence_classification"
+    distill_loss: str = "kl"  # predictive-knowledge loss, one of _DISTILL_LOSSES
+    batch_size: int = 32  # calibration batch size of the reference (kprune_kwon.md §1.2)
+    hub_path: str = "glue"
+    hub_config: str | None = None
+    hub_train_split: str = "train"
+    hub_dev_split: str = "validation"
+    tsv: GlueTsvLayout | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        # A malformed task must fail when the registry is built, never later (style.md §13).
+        where = f"task {self.name!r}"
+        if len(self.text_columns) not in (1, 2):
+            raise ConfigError(f"{where}: text_columns must name 1 or 2 columns, got {self.text_columns}")
+        if self.num_labels < 1:
+            raise ConfigError(f"{where}: num_labels must be >= 1, got {self.num_labels}")
+        if self.head == "sequence_classification":
+            if self.is_regression != (self.num_labels == 1):
+                raise ConfigError(f"{where}: a regression task has num_labels=1 and a classification task >= 2")
+            if not self.is_regression and len(self.label_values) != self.num_labels:
+                raise ConfigError(
+                    f"{where}: label_values {self.label_values} must list one value per class ({self.num_labels})"
+                )
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ConfigError(f"{where}: label_names {self.label_names} must list {self.num_labels} names")
+        if self.main_metric not in self.metrics:
+            raise ConfigError(f"{where}: main_metric {self.main_metric!r} is not one of metrics {self.metrics}")
+        if self.max_length < 1 or self.avg_seq_len <= 0:
+            raise ConfigError(f"{where}: max_length and avg_seq_len must be positive")
+        if self.distill_loss not in _DISTILL_LOSSES:
+            raise ConfigError(f"{where}: distill_loss must be one of {_DISTILL_LOSSES}, got {self.distill_loss!r}")
+        if self.tsv is not None and len(self.tsv.text_columns) != len(self.text_columns):
+            raise ConfigError(f"{where}: the TSV layout must name as many text columns as text_columns")
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id to name, for `config.id2label` ("score" for a regression head)."""
+        if self.is_regression:
+            return {0: "score"}
+        names = self.label_names or self.label_values
+        return dict(enumerate(names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Name to class id, the inverse of `id2label`."""
+        return {name: i for i, name in self.id2label.items()}
+
+    @property
+    def problem_type(self) -> str:
+        """The Hugging Face `config.problem_type` of this task's head."""
+        return "regression" if self.is_regression else "single_label_classification"
+
+
+def _glue(name: str, **fields: Any) -> TaskSpec:
+    """A GLUE task: hub config equal to the name, everything else given."""
+    return TaskSpec(name=name, kind="glue", hub_path="glue", hub_config=name, **fields)
+
+
+_BINARY = ("0", "1")
+_NLI2 = ("entailment", "not_entailment")
+
+# avg_seq_len: average tokenized dev-set length used by both reference repositories
+# (kprune_kwon.md §1.2 and §2). RTE 64.59 and CoLA 11.67 are the same table's values for the two
+# tasks the spec does not list (WoosukKwon/retraining-free-pruning:dataset/glue.py).
+# max_length: 128, except 64 for SST-2 and CoLA, again as in the reference table: their sentences
+# are short, so 64 truncates (almost) nothing and halves the padding cost.
+# MNLI's TSV label is the last column, gold_label; train has 12 columns and dev 16 (label1..label5).
+_MNLI_TSV = GlueTsvLayout(
+    text_columns=("sentence1", "sentence2"),
+    label_column="gold_label",
+    dev_file="dev_matched.tsv",
+    folder_names=("mnli", "MNLI"),
+)
+_MNLI = _glue(
+    "mnli",
+    text_columns=("premise", "hypothesis"),
+    num_labels=3,
+    label_values=("entailment", "neutral", "contradiction"),
+    label_names=("entailment", "neutral", "contradiction"),
+    metrics=("accuracy",),
+    main_metric="accuracy",
+    max_length=128,
+    avg_seq_len=39.05,
+    hub_dev_split="validation_matched",
+    tsv=_MNLI_TSV,
+    description="MultiNLI, matched dev set: entailment / neutral / contradiction",
+)
+
+# The registry: one entry per task, filled here and nowhere else (style.md §3). SQuAD tasks
+# ("squad", "squad_v2") are added to this dict literal by the SQuAD task module's owner.
+TASKS: dict[str, TaskSpec] = {
+    "sst2": _glue(
+        "sst2",
+        text_columns=("sentence",),
+        num_labels=2,
+        label_values=_BINARY,
+        label_names=("negative", "positive"),
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        max_length=64,
+        avg_seq_len=25.16,
+        tsv=GlueTsvLayout(text_columns=("sentence",), label_column="label", folder_names=("sst2", "SST-2")),
+        description="Stanford Sentiment Treebank, binary sentiment",
+    ),
+    "mrpc": _glue(
+        "mrpc",
+        text_columns=("sentence1", "sentence2"),
+        num_labels=2,
+        label_values=_BINARY,
+        label_names=("not_equivalent", "equivalent"),
+        metrics=("accuracy", "f1"),
+        main_metric="accuracy",
+        max_length=128,
+        avg_seq_len=53.24,
+        tsv=GlueTsvLayout(
+            text_columns=("#1 String", "#2 String"), label_column="Quality", folder_names=("mrpc", "MRPC")
+        ),
+        description="Microsoft Research Paraphrase Corpus",
+    ),
+    "stsb": _glue(
+        "stsb",
+        text_columns=("sentence1", "sentence2"),
+        num_labels=1,
+        is_regression=True,
+        distill_loss="mse",
+        metrics=("pearson", "spearman"),
+        main_metric="spearman",
+        max_length=128,
+        avg_seq_len=31.47,
+        tsv=GlueTsvLayout(
+            text_columns=("sentence1", "sentence2"), label_column="score", folder_names=("stsb", "STS-B")
+        ),
+        description="Semantic Textual Similarity Benchmark, similarity score in [0, 5]",
+    ),
+    "qnli": _glue(
+        "qnli",
+        text_columns=("question", "sentence"),
+        num_labels=2,
+        label_values=_NLI2,
+        label_names=_NLI2,
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        max_length=128,
+        avg_seq_len=50.97,
+        tsv=GlueTsvLayout(
+            text_columns=("question", "sentence"), label_column="label", folder_names=("qnli", "QNLI")
+        ),
+        description="Question NLI (from SQuAD): does the sentence answer the question",
+    ),
+    "qqp": _glue(
+        "qqp",
+        text_columns=("question1", "question2"),
+        num_labels=2,
+        label_values=_BINARY,
+        label_names=("not_duplicate", "duplicate"),
+        metrics=("accuracy", "f1"),
+        main_metric="accuracy",
+        max_length=128,
+        avg_seq_len=30.55,
+        tsv=GlueTsvLayout(
+            text_columns=("question1", "question2"), label_column="is_duplicate", folder_names=("qqp", "QQP")
+        ),
+        description="Quora Question Pairs",
+    ),
+    "mnli": _MNLI,
+    # A variant overrides fields of its base entry instead of repeating it (style.md §13).
+    "mnli-mm": dataclasses.replace(
+        _MNLI,
+        name="mnli-mm",
+        hub_dev_split="validation_mismatched",
+        tsv=dataclasses.replace(_MNLI_TSV, dev_file="dev_mismatched.tsv"),
+        description="MultiNLI, mismatched dev set",
+    ),
+    "rte": _glue(
+        "rte",
+        text_columns=("sentence1", "sentence2"),
+        num_labels=2,
+        label_values=_NLI2,
+        label_names=_NLI2,
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        max_length=128,
+        avg_seq_len=64.59,
+        tsv=GlueTsvLayout(
+            text_columns=("sentence1", "sentence2"), label_column="label", folder_names=("rte", "RTE")
+        ),
+        description="Recognizing Textual Entailment",
+    ),
+    "cola": _glue(
+        "cola",
+        text_columns=("sentence",),
+        num_labels=2,
+        label_values=_BINARY,
+        label_names=("unacceptable", "acceptable"),
+        metrics=("matthews_correlation", "accuracy"),
+        main_metric="matthews_correlation",
+        max_length=64,
+        avg_seq_len=11.67,
+        tsv=GlueTsvLayout(
+            text_columns=("sentence",),
+            label_column="label",
+            header=False,
+            columns=("source", "label", "original_mark", "sentence"),
+            folder_names=("cola", "CoLA"),
+        ),
+        description="Corpus of Linguistic Acceptability",
+    ),
+}
+
+
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """Look a task up by name (a TaskSpec is returned as is).
+
+    Raises:
+        ConfigError: (a ValueError) naming the unknown key, the available keys and the closest match.
+    """
+    if isinstance(name, TaskSpec):
+        return name
+    key = str(name).strip().lower()
+    if key in TASKS:
+        return TASKS[key]
+    close = difflib.get_close_matches(key, list(TASKS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}.{hint}")
