@@ -14,7 +14,8 @@ For each sublayer j = MHA_0, FFN_0, MHA_1, ..., FFN_{L-1}, bottom up:
 Differences from the reference code, all from spec §7:
 - P2 memory: no 2L-sublayer teacher cache. The teacher runs layer by layer beside the student, so
   only the current layer's teacher targets are held; the normal equations FᵀF and FᵀY are
-  accumulated batch by batch in the same pass that measures knowledge, never F itself.
+  accumulated batch by batch (float64 accumulators) in the same pass that measures knowledge,
+  never F itself.
 - Cost: each pass starts at the target's layer from cached hidden states, so the whole run costs
   about (L + 1) passes of the model instead of 2L.
 - P3: the regression loss compares matching shapes. P4: an emptied sublayer keeps its bias.
@@ -236,19 +237,20 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # FᵀF
     cross = torch.zeros(width, d, dtype=torch.float64, device=device)  # FᵀY
     y_sq = torch.zeros((), dtype=torch.float64, device=device)  # ‖Y‖²
-    bias = target_out.bias.detach().double() if target_out.bias is not None else torch.zeros(d, dtype=torch.float64, device=device)
+    bias = target_out.bias.detach() if target_out.bias is not None else torch.zeros(d, device=device)
     current: dict[str, Any] = {}
 
     def observe(key):
         def hook(module, args):
-            z = args[0].detach()[current["mask"]].double()  # (N_b, width), padding rows dropped
-            z_sq[key] += (z * z).sum(0)
+            z = args[0].detach()[current["mask"]]  # (N_b, width), padding rows dropped
+            # Per-batch sums in the model's precision, accumulated across batches in float64.
+            z_sq[key] += (z * z).sum(0).double()
             if key == (sub, layer):
                 current["z"] = z
         return hook
 
     def take_input(module, args):
-        current["x"] = args[0].detach()[current["mask"]].double()  # (N_b, d)
+        current["x"] = args[0].detach()[current["mask"]]  # (N_b, d)
 
     # Observers first: pre-hooks run in registration order, so they see Z before the mask scales it.
     handles = [adapter.sublayer_module(layer, sub).register_forward_pre_hook(take_input)]
@@ -273,10 +275,10 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                     grad_sq[("ffn", m)] += 0.5 * v.grad.double() ** 2
                     v.grad = None
                 z = current.pop("z")
-                y = r_t.double() - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
-                gram += z.T @ z
-                cross += z.T @ y
-                y_sq += (y * y).sum()
+                y = r_t - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
+                gram += (z.T @ z).double()
+                cross += (z.T @ y).double()
+                y_sq += (y * y).sum().double()
     finally:
         for handle in handles:
             handle.remove()
