@@ -7,11 +7,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import logging
-import platform
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +24,7 @@ from .errors import ConfigError
 from .io import as_pruned_model, check_output_dir, load_model, load_tokenizer, save_pruned
 from .methods import get_method
 from .reports import plot_structure
+from .runtime import library_versions, peak_rss_bytes, resolve_device
 from .surgery import PruningPlan
 from .tasks import TaskSpec, get_task
 
@@ -60,37 +57,11 @@ class PruneResult:
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite, extra=plot)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None picks CUDA when present, else CPU; anything else is taken as given."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
 def loss_kind(task: TaskSpec) -> str:
     """Which distillation loss a task's head takes (prunekit.losses)."""
     if task.head == "question_answering":
         return "qa"
     return "regression" if task.is_regression else "classification"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("prunekit", "transformers", "safetensors", "datasets", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def prune(

@@ -18,17 +18,12 @@ import json
 import logging
 import math
 import os
-import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -36,7 +31,9 @@ from tqdm.auto import tqdm
 from prunekit.data.glue import collate, load_examples, tokenize_examples
 from prunekit.errors import ConfigError
 from prunekit.evaluate import predict
+from prunekit.io import atomic_output_dir, check_output_dir
 from prunekit.metrics.glue import compute_metrics
+from prunekit.runtime import library_versions, resolve_device
 from prunekit.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -92,9 +89,7 @@ class FinetuneConfig:
 
     def resolved_device(self) -> torch.device:
         """The device to train on."""
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(self.device)
 
 
 def finetune(
@@ -127,7 +122,7 @@ def finetune(
     spec = get_task(task)
     cfg = config if config is not None else FinetuneConfig()
     out = Path(out_dir).expanduser()
-    _check_out_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     device = cfg.resolved_device()
     max_length = cfg.max_length or spec.max_length
 
@@ -177,20 +172,14 @@ def finetune(
         "train_time_s": round(train_time, 3),
         "wall_time_s": round(time.perf_counter() - wall_start, 3),  # loading, training and evaluation
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-    _save_atomically(out, model, tokenizer, report, overwrite)
+    with atomic_output_dir(out, overwrite) as staging:
+        model.save_pretrained(staging)  # safetensors is the default format
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     logger.info("saved the fine-tuned %s model to %s", spec.name, out)
     return out
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir {out} exists and is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"out_dir {out} already exists and is not empty; choose another folder or pass overwrite=True"
-        )
 
 
 def _train(
@@ -279,44 +268,3 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    try:
-        prunekit_version = metadata.version("prunekit")
-    except metadata.PackageNotFoundError:
-        prunekit_version = "unknown"
-    return {
-        "prunekit": prunekit_version,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def _save_atomically(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], overwrite: bool) -> None:
-    """Write into a temporary sibling folder, then rename it to `out`.
-
-    A crash while saving leaves `out` as it was; readers never see a half-written model.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(staging)  # safetensors is the default format
-        tokenizer.save_pretrained(staging)
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-        _check_out_dir(out, overwrite)  # re-check: another process may have written meanwhile
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

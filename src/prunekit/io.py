@@ -126,9 +126,12 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Fail early, before any work, if ``out_dir`` may not be written."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder; choose another --out")
+        raise ConfigError(f"output path {out} exists and is a file, not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
+        raise ConfigError(
+            f"output folder {out} already exists and is not empty; choose another output folder "
+            "or pass --overwrite (overwrite=True in Python)"
+        )
     return out
 
 
