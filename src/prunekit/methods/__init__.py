@@ -2,17 +2,23 @@
 
 Every method has the signature ``method(model, sample, kind, config) -> (PruningPlan, log)``: it
 prunes ``model`` in place (physically) and returns the record of what it kept.
+
+A method may also have a ``prepare(model, sample, kind, config)`` step whose result does not
+depend on the budget (Kwon et al.'s Fisher gradients); it is computed once on the unpruned model
+and passed to every budget's run as ``run(..., prepared=state)`` (one calibration, many budgets).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
+from .baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
 from .kprune import KpruneConfig, kprune
+from .kwon import KwonConfig, kwon, kwon_fisher
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,9 @@ class MethodSpec:
     run: Callable[..., Any]
     needs_labels: bool = False
     description: str = ""
+    prepare: Callable[..., Any] | None = None  # budget-independent first step, reused across budgets
+    # Default calibration sample size: {"num_tokens": N} or {"num_sequences": N} (spec §1.2, §3.1).
+    sample_size: dict[str, int] = field(default_factory=lambda: {"num_tokens": 100_000})
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; unknown names get a clear error."""
@@ -36,6 +45,18 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "kprune": MethodSpec("kprune", KpruneConfig, kprune, description="Kprune (ICLR 2024), retraining-free"),
+    "kwon": MethodSpec(
+        "kwon", KwonConfig, kwon, needs_labels=True, prepare=kwon_fisher, sample_size={"num_sequences": 2048},
+        description="Kwon et al. (NeurIPS 2022): Fisher mask search, rearrangement, mask tuning",
+    ),
+    "magnitude": MethodSpec(
+        "magnitude", MagnitudeConfig, magnitude, sample_size={"num_sequences": 2048},
+        description="baseline: weight-norm importance, global knapsack search, no tuning",
+    ),
+    "random": MethodSpec(
+        "random", RandomConfig, random_prune, sample_size={"num_sequences": 2048},
+        description="baseline: units kept in a seeded random order",
+    ),
 }
 
 

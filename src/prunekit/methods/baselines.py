@@ -1,0 +1,144 @@
+"""Baselines that every comparison needs as a floor: magnitude and random pruning.
+
+Neither looks at data or tunes anything; the calibration sample only sets the FLOPs sequence
+length (its mean length, unless ``seq_len`` is given).
+
+- ``magnitude``: a unit's importance is the squared L2 norm of its weights (``power`` 2): for a
+  head the rows of Q, K and V and the columns of the output projection it owns, for a neuron its
+  FFN-in row (and gate row) and FFN-out column. Kept units come from the same global search as
+  Kwon et al.'s (``prunekit.search.knapsack_search``). With power 2 a unit's score grows with its
+  parameter count, as its FLOPs do, so heads and neurons compete on even terms.
+- ``random``: seeded random priorities; units are kept in that order while the budget allows
+  (``prunekit.search.prefix_search``), so heads and neurons are kept in about the same proportion.
+  (Random scores in a knapsack would instead keep the cheapest type first.)
+
+Both take a FLOPs budget, or a latency budget with a latency table (``prunekit lut``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, get_adapter
+from ..errors import ConfigError
+from ..lut import sublayer_costs
+from ..search import SearchResult, SublayerId, full_widths, knapsack_search, prefix_search, total_cost
+from ..surgery import LayerPlan, PruningPlan, apply_plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _BudgetConfig:
+    keep_flops: float = 0.5  # fraction of the encoder FLOPs kept, in (0, 1]; unused with keep_latency
+    keep_latency: float | None = None  # fraction of the latency kept (needs ``lut``); replaces keep_flops
+    lut: str | None = None  # latency table JSON from `prunekit lut`, for keep_latency
+    seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_flops <= 1.0:
+            raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {self.keep_flops}")
+        if self.keep_latency is not None:
+            if not 0.0 < self.keep_latency <= 1.0:
+                raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {self.keep_latency}")
+            if self.lut is None:
+                raise ConfigError("a latency budget needs a latency table: measure one with "
+                                  "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+
+    @property
+    def keep(self) -> float:
+        return self.keep_latency if self.keep_latency is not None else self.keep_flops
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(_BudgetConfig):
+    """Magnitude pruning: weight-norm importance, Kwon et al.'s global search, no tuning."""
+
+    power: float = 2.0  # importance = ‖unit weights‖₂ ** power
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.power <= 0:
+            raise ConfigError(f"power must be positive, got {self.power}")
+
+
+@dataclass(frozen=True)
+class RandomConfig(_BudgetConfig):
+    """Random pruning: units kept in a seeded random order while the budget allows."""
+
+    seed: int = 0  # seed of the torch.Generator that draws the order
+
+
+def magnitude_scores(adapter: ModelAdapter, power: float = 2.0) -> dict[SublayerId, torch.Tensor]:
+    """‖weights of each head and neuron‖₂ ** power, per sublayer: (H,) or (d_ff,)."""
+    scores = {}
+    for layer in range(adapter.num_layers):
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        if attn is not None:
+            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in (attn.query, attn.key, attn.value))  # (H·d_h,)
+            sq = sq + attn.out.weight.detach().double().pow(2).sum(0)
+            scores[("attn", layer)] = sq.view(attn.num_heads, attn.head_dim).sum(1).pow(power / 2).cpu()  # (H,)
+        if ffn is not None:
+            ins = [ffn.up] + ([ffn.gate] if ffn.gate is not None else [])
+            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in ins) + ffn.down.weight.detach().double().pow(2).sum(0)
+            scores[("ffn", layer)] = sq.pow(power / 2).cpu()  # (d_ff,)
+    return scores
+
+
+def random_scores(adapter: ModelAdapter, seed: int) -> dict[SublayerId, torch.Tensor]:
+    """Uniform random priorities from a torch.Generator seeded with ``seed``, per sublayer."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for layer, shape in enumerate(adapter.layer_shapes()):
+        if shape.num_heads:
+            scores[("attn", layer)] = torch.rand(shape.num_heads, generator=generator, dtype=torch.float64)
+        if shape.intermediate_size:
+            scores[("ffn", layer)] = torch.rand(shape.intermediate_size, generator=generator, dtype=torch.float64)
+    return scores
+
+
+def magnitude(model: nn.Module, sample: Any, kind: str, config: MagnitudeConfig) -> tuple[PruningPlan, dict]:
+    """Prune ``model`` in place by weight magnitude; returns the plan and a log."""
+    adapter = get_adapter(model)
+    costs, budget, seq_len = _budget(adapter, sample, config)
+    result = knapsack_search(magnitude_scores(adapter, config.power), costs, budget)
+    return _apply(model, adapter, result, config, seq_len, "magnitude")
+
+
+def random_prune(model: nn.Module, sample: Any, kind: str, config: RandomConfig) -> tuple[PruningPlan, dict]:
+    """Prune ``model`` in place, keeping units in a seeded random order; returns the plan and a log."""
+    adapter = get_adapter(model)
+    costs, budget, seq_len = _budget(adapter, sample, config)
+    result = prefix_search(random_scores(adapter, config.seed), costs, budget)
+    return _apply(model, adapter, result, config, seq_len, "random")
+
+
+def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
+    seq_len = config.seq_len or sample.mean_length
+    costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
+    return costs, config.keep * total_cost(costs, full_widths(adapter)), seq_len
+
+
+def _apply(model, adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:
+    plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
+    for (kind, layer), units in result.keep.items():
+        if kind == "attn":
+            plan.layers[layer].heads = units.tolist()
+        else:
+            plan.layers[layer].neurons = units.tolist()
+    apply_plan(model, plan)
+    logger.info("%s: kept cost %.4g of budget %.4g", name, result.cost, result.budget)
+    return plan, {
+        "config": asdict(config),
+        "seq_len": seq_len,
+        "budget_kind": "latency" if config.keep_latency is not None else "flops",
+        "budget": result.budget,
+        "search": {"value": result.value, "cost": result.cost, **result.details},
+    }
