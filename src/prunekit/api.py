@@ -1,7 +1,10 @@
 """The Python API a user calls; the CLI calls exactly these functions.
 
 ``prune`` takes a fine-tuned model, draws the calibration sample, runs a method from
-``prunekit.methods`` and hands back a physically pruned model with its report.
+``prunekit.methods`` and hands back a physically pruned model with its report. ``prune_many``
+does the same for several budgets from one calibration; ``prune_and_save`` and
+``prune_and_save_many`` are the CLI's ``prunekit prune`` workflow (prune, evaluate, benchmark,
+save).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,11 @@ from .bench import measure_latency
 from .data import CalibrationSample, build_calibration_sample
 from .errors import ConfigError
 from .io import as_pruned_model, check_output_dir, load_model, load_tokenizer, save_pruned
+from .lut import sublayer_costs
 from .methods import get_method
 from .reports import plot_structure
 from .runtime import library_versions, peak_rss_bytes, resolve_device
+from .search import current_widths, full_widths, total_cost
 from .surgery import PruningPlan
 from .tasks import TaskSpec, get_task
 
@@ -64,21 +70,68 @@ def loss_kind(task: TaskSpec) -> str:
     return "regression" if task.is_regression else "classification"
 
 
+Budget = tuple[str, float]  # ("flops" | "latency", fraction kept)
+
+
+def budgets_from(keep_flops: float | Sequence[float] | None = None,
+                 keep_latency: float | Sequence[float] | None = None) -> list[Budget]:
+    """The budgets asked for, as ("flops" | "latency", fraction) pairs; keep 0.5 of the FLOPs when
+    neither is given. Each fraction must lie in (0, 1)."""
+    if keep_flops is not None and keep_latency is not None:
+        raise ConfigError("give either keep_flops or keep_latency, not both: a pruning has one budget")
+    kind, values = ("latency", keep_latency) if keep_latency is not None else ("flops", keep_flops)
+    if values is None:
+        values = 0.5
+    values = [values] if isinstance(values, int | float) else list(values)
+    if not values:
+        raise ConfigError(f"no keep_{kind} budget given; pass at least one fraction, e.g. 0.5")
+    for value in values:
+        if not 0.0 < value < 1.0:
+            what = "FLOPs" if kind == "flops" else "latency"
+            raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
+    return [(kind, float(value)) for value in values]
+
+
+def budget_name(budget: Budget) -> str:
+    """A folder name for one budget, e.g. ``keep-flops-0.7``."""
+    return f"keep-{budget[0]}-{budget[1]:g}"
+
+
+def _configs(spec: Any, budgets: list[Budget], seed: int, options: dict[str, Any]) -> list[Any]:
+    """One method config per budget (all built before any work, so bad options fail early)."""
+    known = {f.name for f in fields(spec.config_class)}
+    options = dict(options)
+    if "seed" in known:
+        options.setdefault("seed", seed)  # e.g. the random baseline draws from the run's seed
+    configs = []
+    for kind, value in budgets:
+        if kind == "latency":
+            if "keep_latency" not in known:
+                raise ConfigError(f"method {spec.name!r} does not take a latency budget; use keep_flops")
+            configs.append(spec.make_config(keep_flops=1.0, keep_latency=value, **options))
+        else:
+            configs.append(spec.make_config(keep_flops=value, **options))
+    return configs
+
+
 def prune(
     model: nn.Module | str | Path,
     tokenizer: Any = None,
     data: str | Path | CalibrationSample | None = None,
     task: str | TaskSpec = "sst2",
     method: str = "kprune",
-    keep_flops: float = 0.5,
-    num_tokens: int = 100_000,
+    keep_flops: float | None = None,
+    keep_latency: float | None = None,
+    num_tokens: int | None = None,
+    num_sequences: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     sort_by_length: bool = True,
     **method_options: Any,
 ) -> PruneResult:
-    """Prune a fine-tuned model to keep ``keep_flops`` of its encoder FLOPs.
+    """Prune a fine-tuned model to keep ``keep_flops`` of its encoder FLOPs (or ``keep_latency``
+    of its latency, with a latency table passed as ``lut=``).
 
     Args:
         model: a model or a model folder (loaded with the task's head). A given model is copied,
@@ -86,24 +139,58 @@ def prune(
         tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
         data: the task's data source (GLUE folder, CSV/JSONL, hub name) or a ready
             ``CalibrationSample``.
-        keep_flops: fraction of the encoder FLOPs kept, in (0, 1).
-        num_tokens: calibration sample size in tokens (spec §1.2).
+        keep_flops: fraction of the encoder FLOPs kept, in (0, 1); 0.5 when no budget is given.
+        keep_latency: fraction of the latency kept, in (0, 1), instead of keep_flops; needs
+            ``lut=`` (a table from ``prunekit lut``).
+        num_tokens, num_sequences: calibration sample size in tokens (spec §1.2) or sequences;
+            default the method's own (Kprune 100,000 tokens, Kwon et al. 2,048 sequences).
         method_options: the method's hyperparameters (e.g. ``temperature``, ``lam_rep``, ``seq_len``).
     Returns:
         A ``PruneResult`` with ``.model``, ``.report`` and ``.save(dir)``.
     """
+    budgets = budgets_from(keep_flops, keep_latency)
+    if len(budgets) != 1:
+        raise ConfigError("prune takes one budget; use prune_many for several")
+    return prune_many(model, tokenizer, data, task=task, method=method, keep_flops=keep_flops,
+                      keep_latency=keep_latency, num_tokens=num_tokens, num_sequences=num_sequences, seed=seed,
+                      device=device, batch_size=batch_size, sort_by_length=sort_by_length, **method_options)[0]
+
+
+def prune_many(
+    model: nn.Module | str | Path,
+    tokenizer: Any = None,
+    data: str | Path | CalibrationSample | None = None,
+    task: str | TaskSpec = "sst2",
+    method: str = "kprune",
+    keep_flops: float | Sequence[float] | None = None,
+    keep_latency: float | Sequence[float] | None = None,
+    num_tokens: int | None = None,
+    num_sequences: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    sort_by_length: bool = True,
+    **method_options: Any,
+) -> list[PruneResult]:
+    """One calibration, many budgets: like :func:`prune` for each budget in ``keep_flops`` (or
+    ``keep_latency``), in order, reusing what does not depend on the budget. The sample is drawn
+    once, the method's ``prepare`` step (Kwon et al.'s Fisher gradients) runs once on the teacher,
+    and each budget prunes a fresh copy of the teacher.
+
+    Each report's ``prune_seconds`` is what that budget alone costs (the shared step included);
+    ``prepare_seconds`` and ``run_seconds`` split it.
+    """
     spec = get_method(method)
     task = get_task(task)
-    if not 0.0 < keep_flops < 1.0:
-        raise ConfigError(f"keep_flops must be in (0, 1), the fraction of FLOPs kept; got {keep_flops}")
-    config = spec.make_config(keep_flops=keep_flops, **method_options)
+    budgets = budgets_from(keep_flops, keep_latency)
+    configs = _configs(spec, budgets, seed, method_options)
     device = resolve_device(device)
     if isinstance(model, str | Path):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, head=task.head)
+        teacher = load_model(model, head=task.head)
     else:
-        model = copy.deepcopy(model)
-    get_adapter(model)
+        teacher = copy.deepcopy(model)
+    get_adapter(teacher)
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
     if isinstance(data, CalibrationSample):
@@ -111,49 +198,75 @@ def prune(
     else:
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build the calibration sample from data")
+        size = {"num_tokens": num_tokens, "num_sequences": num_sequences}
+        if num_tokens is None and num_sequences is None:
+            size |= spec.sample_size
         sample = build_calibration_sample(
-            task, tokenizer, data, num_tokens=num_tokens, seed=seed,
-            batch_size=batch_size or task.batch_size, sort_by_length=sort_by_length,
+            task, tokenizer, data, num_tokens=size["num_tokens"] or 100_000, num_sequences=size["num_sequences"],
+            seed=seed, batch_size=batch_size or task.batch_size, sort_by_length=sort_by_length,
         )
     sample = sample.to(device)
-    model.to(device).eval()
-    torch.manual_seed(seed)
+    teacher.to(device).eval()
+    kind = loss_kind(task)
 
-    seq_len = getattr(config, "seq_len", None) or sample.mean_length
-    before = {"flops": full_flops(model, seq_len), "params": count_params(model),
-              "encoder_params": count_params(model, encoder_only=True)}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    logger.info("pruning with %s to keep %.3f of FLOPs on %s", method, keep_flops, device)
-    start = time.perf_counter()
-    plan, log = spec.run(model, sample, loss_kind(task), config)
-    seconds = time.perf_counter() - start
-    as_pruned_model(model)
-    after = {"flops": count_flops(model, seq_len), "params": count_params(model),
-             "encoder_params": count_params(model, encoder_only=True)}
-    adapter = get_adapter(model)
-    report = {
-        "method": method,
-        "task": task.name,
-        "keep_flops": keep_flops,
-        "seed": seed,
-        "hyperparameters": asdict(config),
-        "flops_seq_len": seq_len,
-        "sample": sample.summary(),
-        "before": before,
-        "after": after,
-        "flops_kept": after["flops"] / before["flops"],
-        "params_kept": after["params"] / before["params"],
-        "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
-        "prune_seconds": seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "device": str(device),
-        "versions": library_versions(),
-        "method_log": log,
-    }
-    logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", seconds, report["flops_kept"], report["params_kept"])
-    return PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report)
+    prepared, prepare_seconds = None, 0.0
+    if spec.prepare is not None:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        prepared = spec.prepare(teacher, sample, kind, configs[0])
+        prepare_seconds = time.perf_counter() - start
+    results = []
+    for (budget_kind, keep), config in zip(budgets, configs, strict=True):
+        model = copy.deepcopy(teacher)
+        torch.manual_seed(seed)
+        seq_len = getattr(config, "seq_len", None) or sample.mean_length
+        before = {"flops": full_flops(model, seq_len), "params": count_params(model),
+                  "encoder_params": count_params(model, encoder_only=True)}
+        logger.info("pruning with %s to keep %.3f of %s on %s", method, keep, budget_kind, device)
+        start = time.perf_counter()
+        if prepared is None:
+            plan, log = spec.run(model, sample, kind, config)
+        else:
+            plan, log = spec.run(model, sample, kind, config, prepared=prepared)
+        run_seconds = time.perf_counter() - start
+        as_pruned_model(model)
+        after = {"flops": count_flops(model, seq_len), "params": count_params(model),
+                 "encoder_params": count_params(model, encoder_only=True)}
+        adapter = get_adapter(model)
+        report = {
+            "method": method,
+            "task": task.name,
+            "budget": {"kind": budget_kind, "keep": keep},
+            "keep_flops": keep if budget_kind == "flops" else None,
+            "keep_latency": keep if budget_kind == "latency" else None,
+            "seed": seed,
+            "hyperparameters": asdict(config),
+            "flops_seq_len": seq_len,
+            "sample": sample.summary(),
+            "before": before,
+            "after": after,
+            "flops_kept": after["flops"] / before["flops"],
+            "params_kept": after["params"] / before["params"],
+            "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
+            "prune_seconds": prepare_seconds + run_seconds,
+            "prepare_seconds": prepare_seconds,
+            "run_seconds": run_seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "device": str(device),
+            "versions": library_versions(),
+            "method_log": log,
+        }
+        if budget_kind == "latency":
+            costs = sublayer_costs(adapter, seq_len, config.lut)
+            report["latency_kept_estimated"] = total_cost(costs, current_widths(adapter)) / total_cost(
+                costs, full_widths(adapter))
+        logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
+                    report["flops_kept"], report["params_kept"])
+        results.append(PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report))
+    return results
 
 
 def prune_and_save(
@@ -162,8 +275,10 @@ def prune_and_save(
     data: str | Path,
     task: str | TaskSpec = "sst2",
     method: str = "kprune",
-    keep_flops: float = 0.5,
-    num_tokens: int = 100_000,
+    keep_flops: float | None = None,
+    keep_latency: float | None = None,
+    num_tokens: int | None = None,
+    num_sequences: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     overwrite: bool = False,
@@ -178,22 +293,67 @@ def prune_and_save(
 
     The output folder is checked before any work and written atomically at the end.
     """
-    check_output_dir(out_dir, overwrite)
+    budgets = budgets_from(keep_flops, keep_latency)
+    if len(budgets) != 1:
+        raise ConfigError("prune_and_save takes one budget; use prune_and_save_many for several")
+    return _prune_and_save(model_dir, [out_dir], data, budgets, task, method, num_tokens, num_sequences, seed,
+                           device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)[0]
+
+
+def prune_and_save_many(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    data: str | Path,
+    task: str | TaskSpec = "sst2",
+    method: str = "kprune",
+    keep_flops: Sequence[float] | None = None,
+    keep_latency: Sequence[float] | None = None,
+    num_tokens: int | None = None,
+    num_sequences: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    run_eval: bool = True,
+    run_bench: bool = True,
+    bench_batch_size: int = 32,
+    bench_seq_len: int = 128,
+    **method_options: Any,
+) -> list[dict[str, Any]]:
+    """:func:`prune_and_save` for several budgets from one calibration (:func:`prune_many`): one
+    folder per budget inside ``out_dir``, named like ``keep-flops-0.7``. Returns the reports."""
+    budgets = budgets_from(keep_flops, keep_latency)
+    out_dirs = [Path(out_dir) / budget_name(budget) for budget in budgets]
+    return _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed,
+                           device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)
+
+
+def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed, device,
+                    overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options):
+    for out in out_dirs:
+        check_output_dir(out, overwrite)
     task = get_task(task)
     tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task.head)
-    result = prune(teacher, tokenizer, data, task=task, method=method, keep_flops=keep_flops,
-                   num_tokens=num_tokens, seed=seed, device=device, **method_options)
-    if run_eval:
-        from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+    budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops or keep_latency
+    results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,
+                         num_sequences=num_sequences, seed=seed, device=device, **budget_options, **method_options)
+    teacher_eval = None
+    reports = []
+    for result, out in zip(results, out_dirs, strict=True):
+        if run_eval:
+            from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
-        result.report["eval"] = {
-            "teacher": evaluate(teacher, tokenizer, task, data, device=device),
-            "pruned": evaluate(result.model, tokenizer, task, data, device=device),
-        }
-    if run_bench:
-        latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
-                                  seq_lens=[bench_seq_len], device=device)
-        result.report["latency"] = latency
-    result.save(out_dir, overwrite=overwrite)
-    return result.report
+            if teacher_eval is None:
+                teacher_eval = evaluate(teacher, tokenizer, task, data, device=device)
+            result.report["eval"] = {
+                "teacher": teacher_eval,
+                "pruned": evaluate(result.model, tokenizer, task, data, device=device),
+            }
+        if run_bench:
+            latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
+                                      seq_lens=[bench_seq_len], device=device)
+            result.report["latency"] = latency
+        result.save(out, overwrite=overwrite)
+        reports.append(result.report)
+        result.model = None  # free the pruned model before the next budget's evaluation
+    return reports

@@ -34,6 +34,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _fractions(text: str) -> list[float]:
+    """A comma-separated list of fractions in (0, 1), e.g. ``0.7,0.5,0.3``."""
+    values = [_fraction(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one fraction in (0, 1), e.g. 0.5 or 0.7,0.5")
+    return values
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
@@ -53,11 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id)")
     p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte or cola")
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, or hub name")
-    p.add_argument("--method", default="kprune")
-    p.add_argument("--keep-flops", type=_fraction, required=True, help="fraction of encoder FLOPs kept, in (0, 1)")
+    p.add_argument("--method", default="kprune", help="kprune, kwon, magnitude or random (default: kprune)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep-flops", type=_fractions,
+                        help="fraction of encoder FLOPs kept, in (0, 1); a comma list (0.7,0.5) prunes once "
+                             "per budget from one calibration, one folder each inside --out")
+    budget.add_argument("--keep-latency", type=_fractions,
+                        help="fraction of latency kept instead (needs --lut); a comma list as for --keep-flops")
+    p.add_argument("--lut", default=None, help="latency table JSON from `prunekit lut`, for --keep-latency")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--num-tokens", type=int, default=100_000, help="calibration sample size in tokens")
+    p.add_argument("--num-tokens", type=int, default=None,
+                   help="calibration sample size in tokens (default: the method's, Kprune 100000)")
+    p.add_argument("--num-sequences", type=int, default=None,
+                   help="calibration sample size in sequences instead (default: the method's, Kwon 2048)")
     p.add_argument("--seq-len", type=float, default=None, help="FLOPs sequence length (default: sample mean)")
     p.add_argument("--temperature", type=float, default=None, help="Kprune: softmax temperature T (2)")
     p.add_argument("--lam-pred", type=float, default=None, help="Kprune: predictive-knowledge weight (1)")
@@ -103,6 +120,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None)
     _add_common(b)
 
+    t = sub.add_parser("lut", help="measure per-sublayer latency tables on this device (for --keep-latency)")
+    t.add_argument("--model", required=True, help="unpruned model folder")
+    t.add_argument("--out", required=True, help="JSON file to write")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--neuron-step", type=int, default=64, help="FFN widths measured: 0, step, 2*step, ..., d_ff")
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--repeats", type=int, default=10, help="timed calls per point (the median is kept)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    _add_common(t)
+
+    c = sub.add_parser("compare", help="compare pruning methods on one teacher, sample and seed at several budgets")
+    c.add_argument("--model", required=True)
+    c.add_argument("--task", required=True)
+    c.add_argument("--data", required=True)
+    c.add_argument("--methods", default="kprune,kwon,magnitude", help="comma-separated method names")
+    c.add_argument("--keep-flops", type=_fractions, default=[0.7, 0.5, 0.4, 0.3], help="comma-separated fractions")
+    c.add_argument("--out", required=True, help="folder for compare.json, compare.md and compare.png")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--num-tokens", type=int, default=None, help="shared calibration sample size (default 100000)")
+    c.add_argument("--num-sequences", type=int, default=None, help="shared sample size in sequences instead")
+    c.add_argument("--seq-len", type=float, default=None, help="FLOPs sequence length (default: sample mean)")
+    c.add_argument("--metric", default=None, help="metric to plot (default: the task's main metric)")
+    c.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    c.add_argument("--bench-batch-size", type=int, default=32)
+    c.add_argument("--bench-seq-len", type=int, default=128)
+    c.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
+    c.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on the first N dev examples")
+    c.add_argument("--save-models", action="store_true", help="also save every pruned model under models/")
+    c.add_argument("--set", type=_key_value, action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option, e.g. --set kwon.damp=1.0")
+    _add_common(c)
+
+    r = sub.add_parser("report", help="draw structure.png (kept heads and neurons per layer) for a model folder")
+    r.add_argument("model", help="model folder (pruned by prunekit, or not)")
+    r.add_argument("--out", default=None, help="image path (default: structure.png in the folder)")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on SST-2, prune it with Kprune, compare")
     d.add_argument("--data", default=None, help="SST-2 folder (default ../shared/data/sst2 if present, else the hub)")
     d.add_argument("--out", default="runs/demo")
@@ -127,24 +182,35 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import prune_and_save
+    from .api import prune_and_save, prune_and_save_many
     from .demo import summary_rows
 
     options = dict(args.set)
+    if args.lut is not None:
+        options["lut"] = args.lut
     for flag, key in (("temperature", "temperature"), ("lam_pred", "lam_pred"), ("lam_rep", "lam_rep"),
                       ("mu", "mu"), ("seq_len", "seq_len")):
         if getattr(args, flag) is not None:
             options[key] = getattr(args, flag)
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
-    report = prune_and_save(
-        args.model, args.out, args.data, task=args.task, method=args.method, keep_flops=args.keep_flops,
-        num_tokens=args.num_tokens, seed=args.seed, device=_device(args), overwrite=args.overwrite,
-        run_eval=not args.no_eval, run_bench=not args.no_bench, **options,
-    )
-    _print_table(summary_rows(report))
-    print(f"pruned model written to {args.out} (FLOPs kept {report['flops_kept']:.4f}, "
-          f"pruning took {report['prune_seconds']:.1f} s)")
+    budgets = args.keep_flops or args.keep_latency
+    budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
+    common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
+                  seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
+                  run_bench=not args.no_bench, **options)
+    if len(budgets) == 1:
+        reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
+        folders = [args.out]
+    else:
+        from .api import budget_name, budgets_from
+
+        reports = prune_and_save_many(args.model, args.out, args.data, **budget, **common)
+        folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget)]
+    for report, folder in zip(reports, folders, strict=True):
+        _print_table(summary_rows(report))
+        print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, "
+              f"pruning took {report['prune_seconds']:.1f} s)")
     return 0
 
 
@@ -198,6 +264,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lut(args: argparse.Namespace) -> int:
+    from .io import load_pruned
+    from .lut import measure_latency_table
+
+    table = measure_latency_table(load_pruned(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
+                                  device=_device(args), neuron_step=args.neuron_step, warmup=args.warmup,
+                                  repeats=args.repeats, threads=args.threads, seed=args.seed)
+    table.save(args.out)
+    fits = table.fits()
+    _print_table([{"sublayer": kind, "full ms": ms[-1], "const ms": fits[kind].const, "free units": fits[kind].free,
+                   "ms per further unit": fits[kind].slope}
+                  for kind, ms in (("attn", table.attn_ms), ("ffn", table.ffn_ms))])
+    print(f"latency table written to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options: dict[str, dict[str, Any]] = {}
+    for key, value in args.set:
+        if "." not in key:
+            raise PrunekitError(f"--set {key}=...: name the method too, e.g. --set kwon.{key}={value}")
+        method, name = key.split(".", 1)
+        options.setdefault(method, {})[name] = value
+    result = compare(args.model, args.task, args.data, args.out, methods=methods, keep_flops=args.keep_flops,
+                     num_tokens=args.num_tokens, num_sequences=args.num_sequences, seed=args.seed,
+                     device=_device(args), seq_len=args.seq_len, metric=args.metric, run_bench=not args.no_bench,
+                     bench_batch_size=args.bench_batch_size, bench_seq_len=args.bench_seq_len,
+                     bench_rounds=args.rounds, max_eval_examples=args.max_eval_examples,
+                     save_models=args.save_models, overwrite=args.overwrite, method_options=options)
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"compare.json, compare.md and compare.png written to {args.out} ({len(result['rows'])} pruned models)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reports import structure_report
+
+    path = structure_report(args.model, args.out)
+    print(f"structure plot written to {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo, summary_rows
 
@@ -210,7 +321,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "bench": cmd_bench, "lut": cmd_lut,
+            "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

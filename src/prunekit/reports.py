@@ -1,4 +1,10 @@
-"""Reports on top of everything else: Markdown tables and plots (matplotlib, headless)."""
+"""Reports on top of everything else: Markdown tables and plots (matplotlib, headless).
+
+- ``plot_structure``: kept heads and FFN neurons per layer of one pruned model;
+  ``structure_report`` draws it for any saved model folder (``prunekit report DIR``).
+- ``plot_compare``: metric against FLOPs kept and against measured speedup, one line per method,
+  the teacher as a horizontal line (``prunekit compare``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .adapters import get_adapter  # noqa: E402
+from .io import load_pruned  # noqa: E402
 
 
 def plot_structure(
@@ -36,6 +45,54 @@ def plot_structure(
     ax_neurons.set_xticks(index)
     ax_neurons.legend(loc="lower left", fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def structure_report(model_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw ``structure.png`` (kept heads and neurons per layer) for a saved model folder, pruned by
+    prunekit or not; written into the folder unless ``out`` says where. Returns the image path."""
+    model_dir = Path(model_dir)
+    adapter = get_adapter(load_pruned(model_dir))
+    layers = [shape.to_dict() for shape in adapter.layer_shapes()]
+    kept = sum(layer["num_heads"] + layer["intermediate_size"] for layer in layers)
+    full = len(layers) * (adapter.full_num_heads + adapter.full_intermediate_size)
+    title = f"{model_dir.name}: {kept:,} of {full:,} heads and neurons kept"
+    return plot_structure(layers, adapter.full_num_heads, adapter.full_intermediate_size,
+                          out or model_dir / "structure.png", title=title)
+
+
+def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row of two panels per comparison in ``results`` (the dicts ``prunekit.compare`` writes):
+    the main metric against FLOPs kept, and against measured speedup, one line per method; the
+    teacher is a horizontal line (and the point at speedup 1)."""
+    path = Path(path)
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for (ax_flops, ax_speed), result in zip(axes, results, strict=True):
+        metric, teacher = result["metric"], result["teacher"]["metrics"][result["metric"]]
+        for method in result["methods"]:
+            rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["flops_kept"])
+            ax_flops.plot([r["flops_kept"] for r in rows], [r["metrics"][metric] for r in rows], marker="o", label=method)
+            timed = [r for r in rows if r.get("speedup") is not None]
+            if timed:
+                timed.sort(key=lambda r: r["speedup"])
+                ax_speed.plot([r["speedup"] for r in timed], [r["metrics"][metric] for r in timed], marker="o",
+                              label=method)
+        for ax in (ax_flops, ax_speed):
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher:.2f}")
+            ax.set_ylabel(f"{result['task']} dev {metric}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_speed.plot([1.0], [teacher], marker="*", color="black", markersize=10, linestyle="none")
+        ax_flops.set_xlabel("FLOPs kept (fraction of the teacher's)")
+        ax_flops.invert_xaxis()
+        bench = result.get("bench")
+        ax_speed.set_xlabel(f"measured speedup ({bench['device']}, batch {bench['batch_size']}, seq {bench['seq_len']})"
+                            if bench else "measured speedup (not measured)")
+        ax_flops.set_title(f"{result['task']}: metric against FLOPs kept")
+        ax_speed.set_title(f"{result['task']}: metric against speedup")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,204 @@
+"""``prunekit compare``: several pruning methods against one teacher, at several budgets.
+
+Every method gets the same teacher, the same calibration sample (drawn once) and the same seed.
+Each method calibrates once for all budgets (``api.prune_many``: Kwon et al.'s Fisher gradients are
+reused); every pruned model is evaluated on the dev split and timed against the teacher, round by
+round alternately. The output folder gets
+
+- ``compare.json``: the setting (sample, seed, FLOPs sequence length, benchmark shape) and one row
+  per method and budget: metrics, FLOPs and parameters kept, latency, speedup, pruning time, and
+  the kept heads and neurons per layer;
+- ``compare.md``: the same as a table, the teacher first;
+- ``compare.png``: the main metric against FLOPs kept and against measured speedup, one line per
+  method, the teacher as a horizontal line;
+- with ``save_models``, every pruned model in ``models/<method>-keep-flops-<F>``.
+
+The folder is checked before any work and written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .accounting import count_flops, count_params, full_flops
+from .api import budget_name, prune_many
+from .bench import measure_latency
+from .data import build_calibration_sample
+from .errors import ConfigError
+from .io import atomic_output_dir, check_output_dir, load_model, load_tokenizer
+from .methods import get_method
+from .reports import markdown_table, plot_compare
+from .runtime import library_versions, resolve_device
+from .tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("kprune", "kwon", "magnitude")
+DEFAULT_BUDGETS = (0.7, 0.5, 0.4, 0.3)
+
+
+def compare(
+    model_dir: str | Path,
+    task: str,
+    data: str | Path,
+    out_dir: str | Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    keep_flops: Sequence[float] = DEFAULT_BUDGETS,
+    num_tokens: int | None = None,
+    num_sequences: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    seq_len: float | None = None,
+    metric: str | None = None,
+    run_bench: bool = True,
+    bench_batch_size: int = 32,
+    bench_seq_len: int = 128,
+    bench_rounds: int = 3,
+    max_eval_examples: int | None = None,
+    save_models: bool = False,
+    overwrite: bool = False,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Prune ``model_dir`` with each method at each budget and compare the results.
+
+    Args:
+        methods: method names (``prunekit.methods.METHODS``).
+        keep_flops: fractions of the encoder FLOPs kept.
+        num_tokens, num_sequences: size of the one calibration sample all methods share
+            (default 100,000 tokens, Kprune's default, spec §1.2).
+        seq_len: FLOPs sequence length for every method (default: the sample's mean length).
+        metric: the metric plotted (default: the task's main metric).
+        run_bench: time every pruned model against the teacher at (bench_batch_size, bench_seq_len).
+        max_eval_examples: evaluate on the first N dev examples only (quick checks).
+        method_options: per-method options, e.g. ``{"kwon": {"damp": 1.0}}``.
+    Returns:
+        The content of compare.json.
+    """
+    out_dir = check_output_dir(out_dir, overwrite)
+    task_spec = get_task(task)
+    metric = metric or task_spec.main_metric
+    if metric not in task_spec.metrics:
+        raise ConfigError(f"task {task_spec.name!r} has no metric {metric!r}; choose one of {task_spec.metrics}")
+    method_options = {name: dict(options) for name, options in (method_options or {}).items()}
+    unknown = sorted(set(method_options) - set(methods))
+    if unknown:
+        raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
+    specs = [get_method(name) for name in methods]
+    budgets = sorted({float(keep) for keep in keep_flops}, reverse=True)
+    if not budgets:
+        raise ConfigError("no budgets given: pass keep_flops, e.g. 0.7,0.5")
+    device = resolve_device(device)
+
+    from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+
+    tokenizer = load_tokenizer(model_dir)
+    teacher = load_model(model_dir, head=task_spec.head).to(device)
+    if num_tokens is None and num_sequences is None:
+        num_tokens = 100_000
+    sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
+                                      num_sequences=num_sequences, seed=seed, batch_size=task_spec.batch_size)
+    flops_seq_len = seq_len or sample.mean_length
+    teacher_metrics = evaluate(teacher, tokenizer, task_spec, data, device=device, max_examples=max_eval_examples)
+    result: dict[str, Any] = {
+        "task": task_spec.name,
+        "model": str(model_dir),
+        "data": str(data),
+        "metric": metric,
+        "methods": list(methods),
+        "budgets": budgets,
+        "seed": seed,
+        "sample": sample.summary(),
+        "flops_seq_len": flops_seq_len,
+        "teacher": {"metrics": teacher_metrics, "flops": full_flops(teacher, flops_seq_len),
+                    "params": count_params(teacher)},
+        "bench": ({"device": str(device), "batch_size": bench_batch_size, "seq_len": bench_seq_len,
+                   "rounds": bench_rounds, "threads": torch.get_num_threads()} if run_bench else None),
+        "method_options": method_options,
+        "versions": library_versions(),
+        "rows": [],
+    }
+    with atomic_output_dir(out_dir, overwrite) as folder:
+        for spec in specs:
+            options = dict(method_options.get(spec.name, {}))
+            if seq_len is not None:
+                options.setdefault("seq_len", seq_len)
+            logger.info("compare: %s at keep %s", spec.name, ", ".join(f"{b:g}" for b in budgets))
+            results = prune_many(teacher, tokenizer, sample, task=task_spec, method=spec.name, keep_flops=budgets,
+                                 seed=seed, device=device, **options)
+            for keep, pruned in zip(budgets, results, strict=True):
+                row = _row(spec.name, keep, pruned, teacher, flops_seq_len)
+                row["metrics"] = evaluate(pruned.model, tokenizer, task_spec, data, device=device,
+                                          max_examples=max_eval_examples)
+                if run_bench:
+                    timing = measure_latency(pruned.model, baseline=teacher, batch_sizes=[bench_batch_size],
+                                             seq_lens=[bench_seq_len], device=device, rounds=bench_rounds)["results"][0]
+                    row |= {"latency_ms": timing["latency_ms"], "teacher_latency_ms": timing["baseline_ms"],
+                            "speedup": timing["speedup"]}
+                if save_models:
+                    pruned.save(folder / "models" / f"{spec.name}-{budget_name(('flops', keep))}")
+                result["rows"].append(row)
+                logger.info("compare: %s keep %g: %s %.2f (teacher %.2f), FLOPs kept %.3f%s", spec.name, keep,
+                            metric, row["metrics"][metric], teacher_metrics[metric], row["flops_kept"],
+                            f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
+            del results
+        (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / "compare.md").write_text(compare_markdown(result))
+        plot_compare([result], folder / "compare.png")
+    return result
+
+
+def _row(method: str, keep: float, pruned: Any, teacher: torch.nn.Module, seq_len: float) -> dict[str, Any]:
+    report = pruned.report
+    return {
+        "method": method,
+        "keep_flops": keep,
+        "flops_kept": count_flops(pruned.model, seq_len) / full_flops(teacher, seq_len),
+        "params_kept": report["params_kept"],
+        "prune_seconds": report["prune_seconds"],
+        "prepare_seconds": report["prepare_seconds"],
+        "run_seconds": report["run_seconds"],
+        "heads": [layer["num_heads"] for layer in report["layers"]],
+        "neurons": [layer["intermediate_size"] for layer in report["layers"]],
+    }
+
+
+def compare_markdown(result: Mapping[str, Any]) -> str:
+    """compare.md: the setting in a few lines, then one table row per model (the teacher first)."""
+    metric = result["metric"]
+    teacher = result["teacher"]["metrics"]
+    others = [m for m in teacher if m not in (metric, "num_examples")]
+    rows = [{"method": "teacher", "keep": 1.0, "flops": 1.0, "params": 1.0, "metric": teacher[metric],
+             "delta": 0.0, **{m: teacher[m] for m in others}}]
+    for r in result["rows"]:
+        rows.append({
+            "method": r["method"], "keep": r["keep_flops"], "flops": r["flops_kept"], "params": r["params_kept"],
+            "metric": r["metrics"][metric], "delta": r["metrics"][metric] - teacher[metric],
+            **{m: r["metrics"].get(m) for m in others},
+            "latency": r.get("latency_ms"), "speedup": r.get("speedup"), "seconds": r["prune_seconds"],
+            "heads": ", ".join(map(str, r["heads"])), "neurons": ", ".join(map(str, r["neurons"])),
+        })
+    columns = [("method", "method"), ("keep", "keep FLOPs"), ("flops", "FLOPs kept"), ("params", "params kept"),
+               ("metric", f"dev {metric}"), ("delta", "Δ vs teacher"), *[(m, m) for m in others],
+               ("latency", "latency ms"), ("speedup", "speedup"), ("seconds", "prune s"),
+               ("heads", "heads per layer"), ("neurons", "neurons per layer")]
+    sample = result["sample"]
+    bench = result.get("bench")
+    lines = [
+        f"# Pruning methods compared on {result['task']}", "",
+        f"Teacher `{result['model']}`; one calibration sample for every method ({sample['num_sequences']} sequences, "
+        f"{sample['num_tokens']} tokens, seed {result['seed']}); FLOPs at sequence length "
+        f"{result['flops_seq_len']:.2f}.",
+        (f"Latency on {bench['device']} ({bench['threads']} threads), batch {bench['batch_size']}, sequence length "
+         f"{bench['seq_len']}, median of {bench['rounds']} rounds alternating with the teacher; prune s includes "
+         "each method's shared calibration step." if bench else "Latency not measured."),
+        "",
+        markdown_table(rows, columns),
+        "",
+    ]
+    return "\n".join(lines)
