@@ -246,7 +246,8 @@ def test_bad_plans_raise(make_model):
     assert get_adapter(model).layer_shapes() == [LayerShape(H, D_FF)] * 2
 
 
-def test_unsorted_indices_are_sorted(make_model, batch, outputs_of):
+def test_unsorted_indices_are_sorted(make_model, make_batch, outputs_of):
+    batch = make_batch([9, 5, 2, 7])
     model = make_model("bert")
     a = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[3, 0], neurons=[20, 4, 11])]))
     b = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[0, 3], neurons=[4, 11, 20])]))
