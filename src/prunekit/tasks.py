@@ -5,7 +5,9 @@ This module owns `TaskSpec` and the `TASKS` registry (architecture.md, flow step
 layout on disk), which columns hold the text and the label, how many labels the head has, the
 loss a retraining-free method uses for predictive knowledge, the metrics, the tokenizer's maximum
 length, and the average dev-set length that the calibration sample and the FLOPs accounting use
-(kprune_kwon.md §1.2 and §2).
+(kprune_kwon.md §1.2 and §2). SQuAD tasks ("squad", "squad_v2") add the doc stride of their
+overlapping windows, the official file names, and a fixed FLOPs sequence length of 170 tokens
+(§2, P13) that `prunekit.prune` uses when the method is given none.
 
 Nothing here reads files or imports models; `prunekit.data` and `prunekit.metrics` read these
 specs.
@@ -25,6 +27,7 @@ __all__ = ["GlueTsvLayout", "TaskSpec", "TASKS", "get_task"]
 # Predictive-knowledge losses a task can name (architecture.md, flow step 1): KL with temperature
 # (classification), MSE (regression), start/end KL (extractive QA), next-token KL (decoders).
 _DISTILL_LOSSES = ("kl", "mse", "start_end_kl", "next_token_kl")
+_KINDS = ("glue", "squad")
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,10 @@ class TaskSpec:
     """
 
     name: str
-    kind: str  # "glue"; "squad" tasks are declared by the SQuAD module with extra fields
+    kind: str  # "glue" or "squad"
     text_columns: tuple[str, ...]
     num_labels: int  # 1 for regression (STS-B)
-    metrics: tuple[str, ...]  # names in prunekit.metrics.METRICS
+    metrics: tuple[str, ...]  # names in prunekit.metrics.METRICS (GLUE), or keys of squad_scores (SQuAD)
     main_metric: str
     max_length: int  # tokens, truncation length for training, calibration and evaluation
     avg_seq_len: float  # tokens, average dev-set length of the reference (kprune_kwon.md §2)
@@ -87,10 +90,28 @@ class TaskSpec:
     hub_dev_split: str = "validation"
     tsv: GlueTsvLayout | None = None
     description: str = ""
+    # Extractive QA (kind "squad") only:
+    doc_stride: int | None = None  # tokens shared by consecutive windows of a long context (§1.2: 128)
+    version_2: bool = False  # unanswerable questions allowed (SQuAD v2.0)
+    squad_files: tuple[str, ...] = ()  # (train, dev) official file names inside a SQuAD folder
+    # FLOPs accounting length when the method is given none (§2: 170 for SQuAD); None: the
+    # calibration sample's mean length, as for GLUE.
+    flops_seq_len: float | None = None  # tokens
 
     def __post_init__(self) -> None:
         # A malformed task must fail when the registry is built, never later (style.md §13).
         where = f"task {self.name!r}"
+        if self.kind not in _KINDS:
+            raise ConfigError(f"{where}: kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.flops_seq_len is not None and self.flops_seq_len <= 0:
+            raise ConfigError(f"{where}: flops_seq_len must be a positive number of tokens, or None")
+        if self.kind == "squad":
+            if self.head != "question_answering" or self.distill_loss != "start_end_kl":
+                raise ConfigError(f"{where}: a SQuAD task has head 'question_answering' and distill_loss 'start_end_kl'")
+            if self.doc_stride is None or not 0 <= self.doc_stride < self.max_length:
+                raise ConfigError(f"{where}: a SQuAD task needs 0 <= doc_stride < max_length, got {self.doc_stride}")
+            if len(self.squad_files) != 2:
+                raise ConfigError(f"{where}: squad_files must name the (train, dev) files, got {self.squad_files}")
         if len(self.text_columns) not in (1, 2):
             raise ConfigError(f"{where}: text_columns must name 1 or 2 columns, got {self.text_columns}")
         if self.num_labels < 1:
@@ -167,8 +188,32 @@ _MNLI = _glue(
     description="MultiNLI, matched dev set: entailment / neutral / contradiction",
 )
 
-# The registry: one entry per task, filled here and nowhere else (style.md §3). SQuAD tasks
-# ("squad", "squad_v2") are added to this dict literal by the SQuAD task module's owner.
+# SQuAD (kprune_kwon.md §1.2, §2, P13): features of at most 384 tokens, question first, windows
+# overlapping by 128 tokens; calibration batches of 12 features; the sample size and the FLOPs
+# are both taken at the reference's fixed length of 170 tokens. num_labels 2 is the start and end
+# logit of Hugging Face's question-answering head. Data: the official JSON files (a file, or a
+# folder holding them) or the hub datasets "squad" / "squad_v2".
+_SQUAD = TaskSpec(
+    name="squad",
+    kind="squad",
+    text_columns=("question", "context"),
+    label_column="answers",
+    num_labels=2,
+    head="question_answering",
+    distill_loss="start_end_kl",
+    metrics=("exact_match", "f1"),
+    main_metric="f1",
+    max_length=384,
+    doc_stride=128,
+    avg_seq_len=170.0,
+    flops_seq_len=170.0,
+    batch_size=12,
+    squad_files=("train-v1.1.json", "dev-v1.1.json"),
+    hub_path="squad",
+    description="SQuAD v1.1: extractive question answering, exact match and token F1",
+)
+
+# The registry: one entry per task, filled here and nowhere else (style.md §3).
 TASKS: dict[str, TaskSpec] = {
     "sst2": _glue(
         "sst2",
@@ -266,6 +311,16 @@ TASKS: dict[str, TaskSpec] = {
             text_columns=("sentence1", "sentence2"), label_column="label", folder_names=("rte", "RTE")
         ),
         description="Recognizing Textual Entailment",
+    ),
+    "squad": _SQUAD,
+    # v2.0 adds unanswerable questions: its own files and hub dataset, same settings otherwise.
+    "squad_v2": dataclasses.replace(
+        _SQUAD,
+        name="squad_v2",
+        version_2=True,
+        squad_files=("train-v2.0.json", "dev-v2.0.json"),
+        hub_path="squad_v2",
+        description="SQuAD v2.0: extractive question answering with unanswerable questions",
     ),
     "cola": _glue(
         "cola",

@@ -1,23 +1,27 @@
 """Data for prunekit: reading task data, tokenizing, padding and the calibration sample.
 
-GLUE lives in `prunekit.data.glue`; its public functions are re-exported here so callers write
-`from prunekit.data import load_examples, build_calibration_sample`.
+GLUE lives in `prunekit.data.glue`, SQuAD in `prunekit.data.squad` (files, features, answers) and
+`prunekit.data.qa` (SQuAD tasks, QA calibration sample). `load_examples` and
+`build_calibration_sample` here take any task and route it by kind (`prunekit.data.dispatch`), so
+callers write `from prunekit.data import load_examples, build_calibration_sample`.
 """
 
+from prunekit.data.dispatch import build_calibration_sample, load_examples
 from prunekit.data.glue import (
     CalibrationSample,
-    build_calibration_sample,
     collate,
     iter_feature_batches,
-    load_examples,
     tokenize_examples,
 )
+from prunekit.data.qa import build_qa_calibration_sample, load_squad_split
 
 __all__ = [
     "CalibrationSample",
     "build_calibration_sample",
+    "build_qa_calibration_sample",
     "collate",
     "iter_feature_batches",
     "load_examples",
+    "load_squad_split",
     "tokenize_examples",
 ]

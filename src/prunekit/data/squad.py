@@ -313,7 +313,8 @@ def prepare_features(
     Returns:
         One dict per feature with the tokenizer's model inputs ("input_ids",
         "attention_mask", and "token_type_ids" when the tokenizer makes them, each a list of
-        length <= max_length), "example_id" and "cls_index". Training features add
+        length <= max_length), "example_id", "cls_index" and "context_span" (first and last
+        context token, inclusive; None for an empty context). Training features add
         "start_positions" and "end_positions": the token span of the first gold answer, or
         cls_index for both when the question is unanswerable or the answer is not wholly
         inside this window. Evaluation features add "offset_mapping": (start, end) character
@@ -376,6 +377,10 @@ def _featurize_chunk(
         feature: dict[str, Any] = {name: enc[name][i] for name in input_names}
         feature["example_id"] = example["id"]
         feature["cls_index"] = cls_index
+        # Context tokens are contiguous (question first); their span lets collate_qa build the
+        # p_mask of the positions an answer can never take, at two ints per feature.
+        context_tokens = [t for t, seq_id in enumerate(sequence_ids) if seq_id == 1]
+        feature["context_span"] = (context_tokens[0], context_tokens[-1]) if context_tokens else None
         # Context tokens are those of the second sequence; everything else gets no offset.
         offsets = [
             tuple(off) if seq_id == 1 else None
@@ -439,7 +444,7 @@ def _label_span(example: Mapping, offsets: Sequence[tuple[int, int] | None]) -> 
 
 
 def collate_qa(
-    features: Sequence[Mapping], pad_token_id: int, *, pad_to: int | None = None
+    features: Sequence[Mapping], pad_token_id: int, *, pad_to: int | None = None, p_mask: bool = False
 ) -> dict[str, torch.Tensor]:
     """Pad features into a batch of int64 tensors, on the right.
 
@@ -448,11 +453,15 @@ def collate_qa(
         pad_token_id: the tokenizer's pad token id (fills input_ids; masks and token types get 0).
         pad_to: pad to this length instead of the longest feature of the batch (for fixed
             shapes, e.g. reproducing max_length padding).
+        p_mask: also return "p_mask", Hugging Face's convention for the positions that cannot
+            be an answer: 1 for question tokens, special tokens and padding, 0 for context
+            tokens and the CLS token (the no-answer position).
 
     Returns:
         "input_ids", "attention_mask" and, when the features have them, "token_type_ids",
-        each (B, T); "start_positions" and "end_positions", (B,), for training features. Other
-        keys (example_id, offset_mapping, cls_index) stay in the feature list.
+        each (B, T); "start_positions" and "end_positions", (B,), for training features;
+        "p_mask" (B, T) when asked. Other keys (example_id, offset_mapping, cls_index,
+        context_span) stay in the feature list.
     """
     if not features:
         raise DataError("collate_qa got an empty list of features.")
@@ -478,7 +487,25 @@ def collate_qa(
     if all(label in features[0] for label in _LABELS):
         for label in _LABELS:
             batch[label] = torch.tensor([f[label] for f in features], dtype=torch.long)  # (B,)
+    if p_mask:
+        batch["p_mask"] = _p_mask(features, length)
     return batch
+
+
+def _p_mask(features: Sequence[Mapping], length: int) -> torch.Tensor:
+    """(B, T) int64: 1 where no answer can start or end, 0 on context tokens and CLS."""
+    mask = torch.ones((len(features), length), dtype=torch.long)  # (B, T)
+    for b, feature in enumerate(features):
+        if "context_span" not in feature:
+            raise DataError(
+                f"Feature {b} of the batch has no 'context_span'; make the features with "
+                "prepare_features of this version of prunekit to get a p_mask."
+            )
+        span = feature["context_span"]
+        if span is not None:
+            mask[b, span[0] : span[1] + 1] = 0
+        mask[b, feature.get("cls_index", 0)] = 0
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
