@@ -114,6 +114,16 @@ def _configs(spec: Any, budgets: list[Budget], seed: int, options: dict[str, Any
     return configs
 
 
+def _with_task_seq_len(spec: Any, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """The method options with the task's FLOPs length as ``seq_len`` when none is given: SQuAD
+    counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks have none and
+    keep the calibration sample's mean length."""
+    known = {f.name for f in fields(spec.config_class)}
+    if task.flops_seq_len is None or "seq_len" not in known or options.get("seq_len") is not None:
+        return options
+    return {**options, "seq_len": task.flops_seq_len}
+
+
 def prune(
     model: nn.Module | str | Path,
     tokenizer: Any = None,
@@ -137,8 +147,8 @@ def prune(
         model: a model or a model folder (loaded with the task's head). A given model is copied,
             never changed.
         tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
-        data: the task's data source (GLUE folder, CSV/JSONL, hub name) or a ready
-            ``CalibrationSample``.
+        data: the task's data source (GLUE folder, CSV/JSONL, hub name; SQuAD JSON file or folder,
+            or a list of SQuAD examples) or a ready ``CalibrationSample``.
         keep_flops: fraction of the encoder FLOPs kept, in (0, 1); 0.5 when no budget is given.
         keep_latency: fraction of the latency kept, in (0, 1), instead of keep_flops; needs
             ``lut=`` (a table from ``prunekit lut``).
@@ -183,7 +193,7 @@ def prune_many(
     spec = get_method(method)
     task = get_task(task)
     budgets = budgets_from(keep_flops, keep_latency)
-    configs = _configs(spec, budgets, seed, method_options)
+    configs = _configs(spec, budgets, seed, _with_task_seq_len(spec, task, method_options))
     device = resolve_device(device)
     if isinstance(model, str | Path):
         tokenizer = tokenizer or load_tokenizer(model)

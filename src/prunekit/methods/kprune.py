@@ -66,6 +66,8 @@ class KpruneConfig:
     ridge: float = 1e-6  # relative ridge of the least-squares solve, times tr(G)/n
     seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
     mask_padding: bool = False  # QA: mask padding before the softmax (spec P13)
+    # QA: also mask question and special tokens (not [CLS]) with the batches' p_mask (spec P13)
+    mask_special: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_flops <= 1.0:
@@ -78,6 +80,9 @@ class KpruneConfig:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+        for name in ("sublayer_tuning", "mask_padding", "mask_special"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -100,6 +105,7 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
     """
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
+    _check_mask_special(sample, kind, config)
     adapter = get_adapter(model)
     teacher = copy.deepcopy(model).eval()
     t_adapter = get_adapter(teacher)
@@ -118,7 +124,8 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
     try:
         with torch.no_grad():
             targets = [
-                teacher_targets(kind, teacher(**model_inputs(b)), config.temperature, b["attention_mask"], config.mask_padding)
+                teacher_targets(kind, teacher(**model_inputs(b)), config.temperature, b["attention_mask"],
+                                config.mask_padding, _p_mask(b, config))
                 for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
             ]
             t_hidden = [t_runner.layer_input(0, b) for b in batches]
@@ -158,6 +165,23 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
         else:
             plan.layers[step["layer"]].neurons = step["kept_units"]
     return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
+
+
+def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
+    if not config.mask_special:
+        return
+    if kind != "qa":
+        raise ConfigError(f"mask_special applies to question answering only; this task's loss is {kind!r}")
+    if any("p_mask" not in batch for batch in sample.batches):
+        raise ConfigError(
+            "mask_special needs calibration batches with a 'p_mask' (positions that cannot be an answer); "
+            "build the sample with prunekit.data.build_calibration_sample for a SQuAD task"
+        )
+
+
+def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
+    """The batch's p_mask (B, T) when special positions are masked (spec P13), else None."""
+    return batch["p_mask"] if config.mask_special else None
 
 
 def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks):
@@ -266,7 +290,8 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
             ):
                 current["mask"] = mask
                 outputs = runner.forward_from(layer, h, batch)
-                loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"], config.mask_padding)
+                loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"],
+                                    config.mask_padding, _p_mask(batch, config))
                 loss.backward()
                 for m, v in head_masks.items():
                     grad_sq[("attn", m)] += 0.5 * v.grad.double() ** 2
