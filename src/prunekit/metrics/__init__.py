@@ -15,8 +15,7 @@ from prunekit.metrics.glue import (
     pearson,
     spearman,
 )
-
-# SQuAD metrics: `from prunekit.metrics.squad import squad_scores` goes here (owned by the SQuAD module).
+from prunekit.metrics.squad import squad_scores
 
 __all__ = [
     "METRICS",
@@ -28,4 +27,5 @@ __all__ = [
     "matthews_corrcoef",
     "pearson",
     "spearman",
+    "squad_scores",
 ]
