@@ -398,15 +398,20 @@ def test_cli_prune_and_eval_on_a_dev_slice(tmp_path: Path, dev_slice: Path, real
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads(metrics_file.read_text())["metrics"]
     assert printed == saved and saved["f1"] == pytest.approx(report["eval"]["pruned"]["f1"])
+    assert main(["eval", "--model", str(out), "--task", "squad", "--data", str(dev_slice), "--device", "cpu",
+                 "--max-length", "96", "--doc-stride", "32", "--max-examples", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 4
 
 
 def test_cli_finetune_squad_on_a_dev_slice(tmp_path: Path, dev_slice: Path, real_tokenizer):
     base = tiny_qa_teacher(tmp_path / "base", real_tokenizer)
     out = tmp_path / "teacher"
     assert main(["finetune", "--model", str(base), "--task", "squad", "--data", str(dev_slice), "--out", str(out),
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+                 "--epochs", "1", "--batch-size", "8", "--max-length", "128", "--doc-stride", "32",
+                 "--device", "cpu"]) == 0
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["task"] == "squad" and set(report["metrics"]) == {"exact_match", "f1"}
+    assert report["resolved"]["doc_stride"] == 32 and report["num_train_features"] > report["num_train_examples"]
     assert isinstance(load_model(out, head="question_answering"), BertForQuestionAnswering)
 
 

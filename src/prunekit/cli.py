@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a fine-tuned model to a FLOPs budget and save it")
     p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id)")
-    p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte or cola")
-    p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, or hub name")
+    p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad or squad_v2")
+    p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
+                   "folder (train-v1.1.json, dev-v1.1.json), or hub name")
     p.add_argument("--method", default="kprune", help="kprune, kwon, magnitude or random (default: kprune)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep-flops", type=_fractions,
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sample size in tokens (default: the method's, Kprune 100000)")
     p.add_argument("--num-sequences", type=int, default=None,
                    help="calibration sample size in sequences instead (default: the method's, Kwon 2048)")
-    p.add_argument("--seq-len", type=float, default=None, help="FLOPs sequence length (default: sample mean)")
+    p.add_argument("--seq-len", type=float, default=None,
+                   help="FLOPs sequence length (default: 170 for SQuAD, else the sample mean)")
     p.add_argument("--temperature", type=float, default=None, help="Kprune: softmax temperature T (2)")
     p.add_argument("--lam-pred", type=float, default=None, help="Kprune: predictive-knowledge weight (1)")
     p.add_argument("--lam-rep", type=float, default=None, help="Kprune: representational weight (2.5e-4)")
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="dev")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-examples", type=int, default=None)
+    e.add_argument("--max-length", type=int, default=None, help="truncation / SQuAD feature length (task's)")
+    e.add_argument("--doc-stride", type=int, default=None, help="SQuAD: overlap of context windows (128)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     _add_common(e)
 
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=5e-5)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--max-length", type=int, default=None)
+    f.add_argument("--doc-stride", type=int, default=None, help="SQuAD: overlap of context windows (128)")
     f.add_argument("--max-train-samples", type=int, default=None)
     _add_common(f)
 
@@ -223,7 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, head=task.head, device=_device(args))
     tokenizer = load_tokenizer(args.model)
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
-                       device=_device(args), max_examples=args.max_examples)
+                       device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
+                       doc_stride=args.doc_stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "task": task.name, "split": args.split,
@@ -235,7 +241,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                            seed=args.seed, max_train_samples=args.max_train_samples, device=_device(args))
+                            doc_stride=args.doc_stride, seed=args.seed, max_train_samples=args.max_train_samples,
+                            device=_device(args))
     out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite)
     print(f"fine-tuned model written to {out}")
     return 0
