@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accounting import UnitCosts, unit_costs
 from .adapters import ModelAdapter, get_adapter
 from .errors import ConfigError, ModelError
 from .search import SublayerCost, SublayerId, flops_costs
@@ -138,6 +139,22 @@ def sublayer_costs(adapter: ModelAdapter, seq_len: float, lut: str | Path | Late
         return flops_costs(adapter, seq_len)
     table = lut if isinstance(lut, LatencyTable) else LatencyTable.load(lut)
     return table.costs(adapter)
+
+
+def per_unit_costs(adapter: ModelAdapter, seq_len: float, lut: str | Path | LatencyTable | None = None
+                   ) -> list[UnitCosts]:
+    """Per layer, the cost of one head and of one neuron, for methods that score unit by unit
+    (Kprune): FLOPs at ``seq_len`` (spec §2), or with a latency table each sublayer type's fitted
+    full-width latency spread evenly over its units. The fitted constant is shared out this way, so
+    a partly pruned sublayer can take somewhat longer than the sum of its units."""
+    if lut is None:
+        return [unit_costs(adapter, layer, seq_len) for layer in range(adapter.num_layers)]
+    table = lut if isinstance(lut, LatencyTable) else LatencyTable.load(lut)
+    table.check(adapter)
+    fits = table.fits()
+    heads, neurons = adapter.full_num_heads, adapter.full_intermediate_size
+    unit = UnitCosts(head=fits["attn"](heads) / heads, neuron=fits["ffn"](neurons) / neurons)
+    return [unit] * adapter.num_layers
 
 
 # ---- measuring ---------------------------------------------------------------------------------------
