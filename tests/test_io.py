@@ -92,12 +92,6 @@ def test_unpruned_model_saves_and_reloads(family, make_model, batch, outputs_of,
     assert torch.equal(outputs_of(load_pruned(tmp_path / "plain"), batch), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: io.save_pruned (io.py) calls as_pruned_model only for models that are not yet a "
-    "Pruned* class, so re-pruning a reloaded pruned model saves the stale config.prunekit_layers and the "
-    "folder no longer loads (size mismatch). Fix: always refresh the config (call as_pruned_model) before saving.",
-)
 def test_a_reloaded_model_can_be_pruned_and_saved_again(family, make_model, batch, outputs_of, tmp_path):
     save_pruned(pruned_model(make_model, family, "classification"), tmp_path / "first")
     model = load_pruned(tmp_path / "first")
@@ -254,12 +248,6 @@ def _garbage_weights(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: io.load_model catches only ValueError and OSError from from_pretrained; a config whose "
-    "widths do not match the weights raises transformers' RuntimeError, and a corrupt model.safetensors "
-    "raises safetensors' SafetensorError, so the CLI shows a traceback. Fix: turn these into ModelError.",
-)
 @pytest.mark.parametrize("corrupt", [_widths_do_not_match_weights, _garbage_weights], ids=["widths", "weights"])
 def test_loading_a_corrupt_model_raises_model_error(corrupt, make_model, tmp_path):
     folder = save_pruned(pruned_model(make_model, "bert", "classification"), tmp_path / "pruned")

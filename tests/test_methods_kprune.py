@@ -232,12 +232,6 @@ def test_bad_task_kind_and_method_options(make_model, make_sample):
         get_method("kprun")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: kprune._teacher_layer (methods/kprune.py) opens capture_residual on both sublayers "
-    "of every layer; on a model that comes in with an emptied sublayer capture_residual raises ValueError "
-    "before _prune_sublayer's 'already empty' branch is reached. Fix: capture only sublayers that exist.",
-)
 def test_a_model_that_comes_in_pruned(make_model, make_sample):
     model = make_model("bert", num_layers=3)
     apply_plan(model, PruningPlan([LayerPlan(heads=[]), LayerPlan(neurons=[]), LayerPlan(heads=[0, 1])]))

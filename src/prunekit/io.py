@@ -35,6 +35,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from safetensors import SafetensorError
+
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
 
@@ -165,8 +167,8 @@ def save_pruned(
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically;
     ``extra(folder)`` may add files (plots) before the folder is moved into place."""
-    if not isinstance(type(model), type) or type(model) not in PRUNED_CLASSES.values():
-        as_pruned_model(model)
+    # Always re-derive the config: a reloaded pruned model may have been pruned again since.
+    as_pruned_model(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -225,22 +227,47 @@ def load_model(
     if head not in AUTO_CLASSES:
         raise ConfigError(f"unknown model head {head!r}; choose one of {sorted(AUTO_CLASSES)}")
     folder = check_model_dir(path)
+    _check_architecture(folder, head)
     kwargs.setdefault("dtype", torch.float32)
     try:
         model = AUTO_CLASSES[head].from_pretrained(str(folder), **kwargs)
-    except ValueError as err:
-        raise ModelError(f"could not load {folder} as a {head.replace('_', ' ')} model: {err}") from err
+    except (ValueError, RuntimeError, SafetensorError) as err:
+        # RuntimeError: widths in config.json that do not match the weights; SafetensorError: a
+        # corrupt weights file.
+        raise ModelError(f"could not load {folder} as a {head.replace('_', ' ')} model: {_first_line(err)}") from err
     except OSError as err:
-        raise ModelError(f"could not load {folder}: {err}") from err
+        raise ModelError(f"could not load {folder}: {_first_line(err)}") from err
     get_adapter(model)  # unsupported architectures fail here, with the list of supported ones
     return model.to(device or "cpu").eval()
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_architecture(folder: Path, head: str) -> None:
+    """A folder saved with another head (e.g. BertForMaskedLM, or a bare BertModel) would load
+    with a randomly initialised task head; refuse it with the classes that would do."""
+    if not (folder / "config.json").is_file():
+        return  # a hub id: transformers checks it
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    accepted = {cls.__name__ for adapter in ADAPTERS.values() for name, cls in adapter.model_classes.items()
+                if name == head}
+    accepted |= {PRUNED_CLASSES[cls].__name__ for cls in PRUNED_CLASSES if cls.__name__ in accepted}
+    if architectures and not accepted & set(architectures):
+        raise ModelError(
+            f"{folder} holds a {', '.join(architectures)}, not a model with a {head.replace('_', ' ')} head; "
+            f"prunekit needs one of {', '.join(sorted(accepted))} (fine-tune it first with `prunekit finetune`)"
+        )
+
+
 def load_tokenizer(path: str | Path) -> Any:
+    check_model_dir(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise ModelError(f"could not load a tokenizer from {path}: {err}") from err
+        raise ModelError(f"could not load a tokenizer from {path}: {_first_line(err)}") from err
 
 
 def load_pruned(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:

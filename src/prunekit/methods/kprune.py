@@ -27,6 +27,12 @@ Differences from the reference code, all from spec §7:
 - P9: iteration 0 has no predictive signal (the student is the teacher); logged, kept as reference.
 - P12: teacher targets are stored per batch beside that batch's attention mask, so they are
   aligned by construction.
+
+Budgets: FLOPs by default; with ``keep_latency`` and a latency table (``prunekit lut``) each unit
+costs its sublayer's fitted full latency divided by its units (``prunekit.lut.per_unit_costs``).
+One calibration, many budgets: ``kprune_prepare`` computes what comes before the first decision
+(the teacher's targets, its first layer, and the first knowledge pass), which ``kprune(...,
+prepared=...)`` reuses.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,11 +50,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import full_flops, unit_costs
+from ..accounting import UnitCosts, unit_costs
 from ..adapters import ModelAdapter, SublayerKind, get_adapter
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS, distill_loss, teacher_targets
+from ..lut import per_unit_costs
 from ..masks import apply_masks
 from ..surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 
@@ -57,7 +66,9 @@ logger = logging.getLogger(__name__)
 class KpruneConfig:
     """Kprune's hyperparameters; defaults are the reference README's (spec §1.9)."""
 
-    keep_flops: float = 0.5  # fraction of the original encoder FLOPs kept, in (0, 1]
+    keep_flops: float = 0.5  # fraction of the original encoder FLOPs kept, in (0, 1]; unused with keep_latency
+    keep_latency: float | None = None  # fraction of the latency kept (needs ``lut``); replaces keep_flops
+    lut: str | None = None  # latency table JSON from `prunekit lut`, for keep_latency
     temperature: float = 2.0  # T of the distillation softmax
     lam_pred: float = 1.0  # weight of predictive knowledge
     lam_rep: float = 2.5e-4  # weight of representational knowledge
@@ -80,9 +91,33 @@ class KpruneConfig:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+        if self.keep_latency is not None:
+            if not 0.0 < self.keep_latency <= 1.0:
+                raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {self.keep_latency}")
+            if self.lut is None:
+                raise ConfigError("a latency budget needs a latency table: measure one with "
+                                  "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
         for name in ("sublayer_tuning", "mask_padding", "mask_special"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def keep(self) -> float:
+        """The budget's fraction, of latency when ``keep_latency`` is set, else of FLOPs."""
+        return self.keep_latency if self.keep_latency is not None else self.keep_flops
+
+
+@dataclass
+class KpruneCalibration:
+    """What Kprune computes before its first decision, the same for every budget (the student is
+    still the teacher): the teacher's targets, its first layer, and the first knowledge pass."""
+
+    loss_settings: tuple  # (temperature, mask_padding, mask_special) the targets were made with
+    targets: list[dict]  # per batch, teacher_targets(...)
+    layer_input: list[torch.Tensor]  # per batch, the input of layer 0 (B, T, d)
+    residuals: dict[str, list[torch.Tensor]]  # layer 0's teacher residual sums, per sublayer and batch
+    layer_output: list[torch.Tensor]  # per batch, the teacher's output of layer 0
+    first_stats: dict | None  # _measure_knowledge of MHA_0 (None if that sublayer is empty)
 
 
 @dataclass
@@ -94,7 +129,8 @@ class _Candidates:
     owners: list[tuple[int, SublayerKind]] = field(default_factory=list)
 
 
-def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tuple[PruningPlan, dict]:
+def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
+           prepared: KpruneCalibration | None = None) -> tuple[PruningPlan, dict]:
     """Prune ``model`` in place with Kprune; returns the plan (kept units per layer) and a log.
 
     Args:
@@ -102,6 +138,8 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
         sample: a calibration sample with ``batches`` (dicts of tensors on the model's device),
             ``num_sequences``, ``num_tokens`` and ``mean_length``.
         kind: "classification", "regression" or "qa" (which distillation loss, spec §1.4).
+        prepared: ``kprune_prepare(model, sample, kind, config)`` of this model and sample, to reuse
+            across budgets; computed here when not given.
     """
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
@@ -110,41 +148,39 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
     teacher = copy.deepcopy(model).eval()
     t_adapter = get_adapter(teacher)
     seq_len = config.seq_len or sample.mean_length
-    budget = config.keep_flops * full_flops(model, seq_len)
+    costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
+    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron for c in costs)
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
     student, t_runner = LayerRunner(model, adapter), LayerRunner(teacher, t_adapter)
 
-    was_training = model.training
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     steps: list[dict] = []
-    try:
-        with torch.no_grad():
-            targets = [
-                teacher_targets(kind, teacher(**model_inputs(b)), config.temperature, b["attention_mask"],
-                                config.mask_padding, _p_mask(b, config))
-                for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
-            ]
-            t_hidden = [t_runner.layer_input(0, b) for b in batches]
-        s_hidden = list(t_hidden)
+    with _frozen(model):
+        if prepared is None:
+            prepared = _calibrate(adapter, student, sample, kind, config)
+        elif prepared.loss_settings != _loss_settings(config):
+            raise ValueError("the Kprune calibration was made with another temperature, mask_padding or mask_special")
+        targets, s_hidden, t_hidden = prepared.targets, prepared.layer_input, prepared.layer_output
         logger.info(
-            "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g FLOPs (keep %.3f)",
-            sample.num_sequences, sample.num_tokens, seq_len, budget, config.keep_flops,
+            "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g %s (keep %.3f)",
+            sample.num_sequences, sample.num_tokens, seq_len, budget,
+            "FLOPs" if config.keep_latency is None else "ms of latency", config.keep,
         )
         logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
                     "knowledge is zero there and representational knowledge decides (spec P9)")
         for layer in range(adapter.num_layers):
-            teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
+            if layer == 0:  # computed by the calibration, before any decision
+                teacher_residuals = prepared.residuals
+            else:
+                teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 step = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
-                    teacher_residuals[sub], kind, config, sample, seq_len, budget,
+                    teacher_residuals[sub], kind, config, sample, costs, budget,
+                    stats=prepared.first_stats if (layer, sub) == (0, "attn") else None,
                 )
-                budget -= step["kept_flops"]
+                budget -= step["kept_cost"]
                 step["seconds"] = round(time.perf_counter() - start, 3)
                 steps.append(step)
                 logger.info(
@@ -154,10 +190,6 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
                 )
             with torch.no_grad():
                 s_hidden = [student.run_layer(layer, h, b) for h, b in zip(s_hidden, batches, strict=True)]
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad, strict=False):
-            p.requires_grad_(flag)
-        model.train(was_training)
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
         if step["sublayer"] == "attn":
@@ -165,6 +197,54 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> tu
         else:
             plan.layers[step["layer"]].neurons = step["kept_units"]
     return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode with every parameter frozen (only masks get gradients); restored on exit."""
+    was_training = model.training
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad, strict=False):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def kprune_prepare(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> KpruneCalibration:
+    """The budget-independent start of Kprune on the unpruned ``model`` (left unchanged): the teacher
+    pass and the first knowledge pass. Pass it to ``kprune(..., prepared=...)`` for each budget."""
+    _check_mask_special(sample, kind, config)
+    adapter = get_adapter(model)
+    with _frozen(model):
+        return _calibrate(adapter, LayerRunner(model, adapter), sample, kind, config)
+
+
+def _loss_settings(config: KpruneConfig) -> tuple:
+    return config.temperature, config.mask_padding, config.mask_special
+
+
+def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
+    """Teacher outputs and layer 0 of the still unpruned model, then the first pass (MHA_0)."""
+    batches = sample.batches
+    masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
+    with torch.no_grad():
+        targets = [
+            teacher_targets(kind, runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
+                            config.mask_padding, _p_mask(b, config))
+            for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
+        ]
+        layer_input = [runner.layer_input(0, b) for b in batches]
+    residuals, layer_output = _teacher_layer(runner, adapter, 0, layer_input, batches, masks)
+    first_stats = None
+    if adapter.attention(0) is not None:
+        first_stats = _measure_knowledge(adapter, runner, 0, "attn", layer_input, batches, masks, targets,
+                                         residuals["attn"], kind, config)
+    return KpruneCalibration(_loss_settings(config), targets, layer_input, residuals, layer_output, first_stats)
 
 
 def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
@@ -188,12 +268,15 @@ def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks):
     """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs."""
     residuals: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
     outputs = []
-    with torch.no_grad(), capture_residual(t_adapter, layer, "attn") as attn, \
-            capture_residual(t_adapter, layer, "ffn") as ffn:
+    # A model that came in pruned may have emptied sublayers: nothing to capture there.
+    present = [sub for sub in ("attn", "ffn")
+               if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
+    with torch.no_grad(), ExitStack() as stack:
+        records = {sub: stack.enter_context(capture_residual(t_adapter, layer, sub)) for sub in present}
         for h, b, m in zip(hidden, batches, masks, strict=True):
             outputs.append(runner.run_layer(layer, h, b))
-            residuals["attn"].append((attn["input"] + attn["output"])[m])  # (N_b, d)
-            residuals["ffn"].append((ffn["input"] + ffn["output"])[m])
+            for sub, record in records.items():
+                residuals[sub].append((record["input"] + record["output"])[m])  # (N_b, d)
     return residuals, outputs
 
 
@@ -210,18 +293,22 @@ def _prune_sublayer(
     kind: str,
     config: KpruneConfig,
     sample: Any,
-    seq_len: float,
+    costs: list[UnitCosts],
     budget: float,
+    stats: dict | None = None,
 ) -> dict:
     parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
     step: dict[str, Any] = {"layer": layer, "sublayer": sub}
     if parts is None:  # already empty (the model came in pruned)
-        return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "tuning": None}
-    stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config)
-    candidates = _score(adapter, layer, sub, stats, config, sample, seq_len)
+        return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "kept_cost": 0.0, "tuning": None}
+    if stats is None:  # (the first pass comes measured from the calibration)
+        stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual,
+                                   kind, config)
+    candidates = _score(adapter, layer, sub, stats, config, sample, costs)
     keep = _search(candidates, budget, (layer, sub))
-    cost = unit_costs(adapter, layer, seq_len)
-    unit_cost = cost.head if sub == "attn" else cost.neuron
+    flops = unit_costs(adapter, layer, config.seq_len or sample.mean_length)
+    unit_flops = flops.head if sub == "attn" else flops.neuron
+    unit_cost = costs[layer].head if sub == "attn" else costs[layer].neuron  # in the budget's unit
     total = parts.num_heads if sub == "attn" else parts.width
     out_weight, tuning = None, None
     if config.sublayer_tuning and keep.numel():
@@ -234,7 +321,8 @@ def _prune_sublayer(
         "kept": int(keep.numel()),
         "total": int(total),
         "kept_units": keep.tolist(),
-        "kept_flops": float(keep.numel() * unit_cost),
+        "kept_flops": float(keep.numel() * unit_flops),
+        "kept_cost": float(keep.numel() * unit_cost),
         "tuning": tuning,
     }
 
@@ -310,9 +398,9 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     return {"grad_sq": grad_sq, "z_sq": z_sq, "gram": gram, "cross": cross, "y_sq": y_sq}
 
 
-def _score(adapter, layer, sub, stats, config, sample, seq_len) -> _Candidates:
+def _score(adapter, layer, sub, stats, config, sample, costs) -> _Candidates:
     """Per-unit scores S = (λ_pred K_pred + λ_rep K_rep) / F, heads times μ (§1.5), in a fixed
-    order: sublayers bottom up, units by index."""
+    order: sublayers bottom up, units by index. F is the unit's cost: FLOPs, or latency."""
     candidates = _Candidates()
     n_seq, n_tok = sample.num_sequences, sample.num_tokens
     for (kind, m) in sorted(stats["grad_sq"], key=lambda key: (key[1], key[0] == "ffn")):
@@ -322,7 +410,7 @@ def _score(adapter, layer, sub, stats, config, sample, seq_len) -> _Candidates:
         w_sq = out.weight.detach().double().pow(2).mean(0)  # (width,): (1/d) Σ_r W[r,k]²
         k_pred = grad_sq / n_seq
         k_rep = z_sq * w_sq / n_tok
-        cost = unit_costs(adapter, m, seq_len)
+        cost = costs[m]
         if kind == "attn":
             # Per-dimension values averaged over each head's d_h dimensions (§1.4).
             k_pred = k_pred.view(parts.num_heads, parts.head_dim).mean(1)
