@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -34,8 +35,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
-
-from safetensors import SafetensorError
 
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
