@@ -101,3 +101,30 @@ def test_other_families(make_model, family):
     table = measure_latency_table(make_model(family), batch_size=1, seq_len=4, neuron_step=16, warmup=0,
                                   repeats=1, threads=1)
     assert table.ffn_units == [0, 16, 32, 37]
+
+
+def test_kprune_takes_latency_per_unit_costs(make_model, tmp_path):
+    """Under a latency budget Kprune scores and budgets with per-unit latencies (a sublayer type's
+    fitted full latency over its units); the kept per-unit cost fits the budget."""
+    from conftest import make_sample
+
+    from prunekit.lut import per_unit_costs
+    from prunekit.methods.kprune import KpruneConfig, kprune
+
+    table = LatencyTable(
+        attn_units=[0, 1, 2, 3, 4], attn_ms=[0.0, 2.0, 2.4, 2.8, 3.2],
+        ffn_units=[0, 16, 32, 37], ffn_ms=[0.0, 0.5, 1.0, 1.1],
+        hidden_size=32, head_dim=8, num_heads=4, intermediate_size=37, batch_size=2, seq_len=8,
+        device="cpu", threads=1,
+    )
+    path = str(table.save(tmp_path / "lut.json"))
+    model = make_model("bert")
+    adapter = get_adapter(model)
+    unit = per_unit_costs(adapter, 10.0, path)[0]
+    fits = table.fits()
+    assert unit.head == pytest.approx(fits["attn"](4) / 4) and unit.neuron == pytest.approx(fits["ffn"](37) / 37)
+    full = 2 * (4 * unit.head + 37 * unit.neuron)
+    _, log = kprune(model, make_sample("bert"), "classification", KpruneConfig(keep_latency=0.4, lut=path))
+    assert sum(step["kept_cost"] for step in log["steps"]) <= 0.4 * full * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="prunekit lut"):
+        KpruneConfig(keep_latency=0.4)

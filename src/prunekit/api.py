@@ -271,8 +271,8 @@ def prune_many(
         }
         if budget_kind == "latency":
             costs = sublayer_costs(adapter, seq_len, config.lut)
-            report["latency_kept_estimated"] = total_cost(costs, current_widths(adapter)) / total_cost(
-                costs, full_widths(adapter))
+            full = total_cost(costs, full_widths(adapter))
+            report["latency_kept_estimated"] = total_cost(costs, current_widths(adapter)) / full if full > 0 else None
         logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                     report["flops_kept"], report["params_kept"])
         results.append(PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report))

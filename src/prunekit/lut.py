@@ -245,4 +245,8 @@ def measure_latency_table(
                 fits["attn"], fits["ffn"])
     if not all(math.isfinite(v) for v in attn_ms + ffn_ms):
         raise RuntimeError("latency measurement gave a non-finite time")
+    if attn_ms[-1] <= 0 or ffn_ms[-1] <= 0:
+        logger.warning("a full sublayer took no measurable time beyond the empty layer (attention %.4f ms, FFN "
+                       "%.4f ms); the table cannot guide a latency budget: measure with a larger batch or "
+                       "sequence length, or more repeats", attn_ms[-1], ffn_ms[-1])
     return table

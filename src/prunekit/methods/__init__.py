@@ -4,7 +4,8 @@ Every method has the signature ``method(model, sample, kind, config) -> (Pruning
 prunes ``model`` in place (physically) and returns the record of what it kept.
 
 A method may also have a ``prepare(model, sample, kind, config)`` step whose result does not
-depend on the budget (Kwon et al.'s Fisher gradients); it is computed once on the unpruned model
+depend on the budget (Kwon et al.'s Fisher gradients, Kprune's teacher pass and first knowledge
+pass); it is computed once on the unpruned model
 and passed to every budget's run as ``run(..., prepared=state)`` (one calibration, many budgets).
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
-from .kprune import KpruneConfig, kprune
+from .kprune import KpruneConfig, kprune, kprune_prepare
 from .kwon import KwonConfig, kwon, kwon_fisher
 
 
@@ -44,7 +45,8 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "kprune": MethodSpec("kprune", KpruneConfig, kprune, description="Kprune (ICLR 2024), retraining-free"),
+    "kprune": MethodSpec("kprune", KpruneConfig, kprune, prepare=kprune_prepare,
+                         description="Kprune (ICLR 2024), retraining-free"),
     "kwon": MethodSpec(
         "kwon", KwonConfig, kwon, needs_labels=True, prepare=kwon_fisher, sample_size={"num_sequences": 2048},
         description="Kwon et al. (NeurIPS 2022): Fisher mask search, rearrangement, mask tuning",
