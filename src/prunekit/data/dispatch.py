@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prunekit.data import glue, qa
-from prunekit.data.glue import CalibrationSample
+from prunekit.data.calibration import CalibrationSample
 from prunekit.errors import ConfigError
 from prunekit.tasks import TaskSpec, get_task
 

@@ -18,19 +18,17 @@ or a float score for regression).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from prunekit.data.calibration import CalibrationSample, batch_sample, check_sample_options, draw_indices
 from prunekit.errors import ConfigError, DataError
 from prunekit.tasks import TaskSpec, get_task
 
@@ -439,65 +437,6 @@ def collate(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CalibrationSample:
-    """A seeded draw of training sequences, padded once into fixed batches.
-
-    Every pass of a pruning method iterates the same batches in the same order with the same
-    padding, because cached teacher outputs are aligned to them (kprune_kwon.md §1.2).
-
-    Attributes:
-        task: the task name.
-        batches: each with input_ids, attention_mask, token_type_ids (if the tokenizer gives
-            them), all (B, T_batch) int64, and labels (B,).
-        num_sequences: N_seq, the number of drawn sequences (duplicates counted).
-        num_tokens: N_tok, the sum of all attention masks (non-padding tokens).
-        mean_length: num_tokens / num_sequences.
-        seed: the seed of the draw.
-        batch_size: sequences per batch (the last batch may be smaller).
-        max_length: the truncation length used.
-        indices: training-set index of every sequence, in batch order.
-    """
-
-    task: str
-    batches: list[dict[str, torch.Tensor]]
-    num_sequences: int
-    num_tokens: int
-    mean_length: float
-    seed: int
-    batch_size: int
-    max_length: int
-    indices: tuple[int, ...] = field(default=(), repr=False)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(self.batches)
-
-    def iter_batches(self, device: torch.device | str | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield the batches one at a time, moved to `device` (None: where they are)."""
-        for batch in self.batches:
-            yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
-
-    def to(self, device: torch.device | str) -> CalibrationSample:
-        """A copy whose batches all live on `device`."""
-        return dataclasses.replace(self, batches=list(self.iter_batches(device)))
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-serializable description for reports (everything but the tensors)."""
-        return {
-            "task": self.task,
-            "num_sequences": self.num_sequences,
-            "num_tokens": self.num_tokens,
-            "mean_length": self.mean_length,
-            "num_batches": len(self.batches),
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "seed": self.seed,
-        }
-
-
 def build_calibration_sample(
     task: TaskSpec | str,
     tokenizer: Any,
@@ -535,61 +474,16 @@ def build_calibration_sample(
         sort_by_length: group sequences of similar length into batches (see above).
     """
     spec = get_task(task)
-    if num_tokens < 1:
-        raise ConfigError(f"num_tokens must be a positive token budget, got {num_tokens}")
-    if num_sequences is not None and num_sequences < 1:
-        raise ConfigError(f"num_sequences must be >= 1 (or None to derive it from num_tokens), got {num_sequences}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_sample_options(num_tokens, num_sequences, batch_size)
     max_len = spec.max_length if max_length is None else max_length
-
     train = load_examples(spec, source, "train")
-    n_train = len(train)
-    if num_sequences is None:
-        count = min(math.floor(num_tokens / spec.avg_seq_len), n_train)
-        if count < 1:
-            raise ConfigError(
-                f"num_tokens={num_tokens} is below one average {spec.name} sequence "
-                f"({spec.avg_seq_len} tokens); raise num_tokens or pass num_sequences"
-            )
-    else:
-        count = num_sequences
-        if not replace and count > n_train:
-            raise ConfigError(
-                f"cannot draw {count} distinct sequences from {n_train} training examples; "
-                f"lower num_sequences or pass replace=True"
-            )
-
-    rng = np.random.default_rng(seed)
-    drawn = rng.choice(n_train, size=count, replace=replace)  # (N_seq,)
+    rng, drawn = draw_indices(spec, len(train), num_tokens, num_sequences, seed, replace, unit="sequence")
     features = tokenize_examples(spec, tokenizer, [train[i] for i in drawn], max_length=max_len)
-
-    order = list(range(count))
-    if sort_by_length:
-        order.sort(key=lambda i: len(features[i]["input_ids"]))  # list.sort is stable
-    groups = [order[start : start + batch_size] for start in range(0, count, batch_size)]
-    if sort_by_length:
-        # Length-sorted batches would otherwise run short-to-long; a seeded shuffle of whole
-        # batches keeps any running statistic from seeing a length trend.
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-
     pad_id = tokenizer.pad_token_id
-    batches = [collate([features[i] for i in group], pad_id, regression=spec.is_regression) for group in groups]
-    total = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    sample = CalibrationSample(
-        task=spec.name,
-        batches=batches,
-        num_sequences=count,
-        num_tokens=total,
-        mean_length=total / count,
-        seed=seed,
-        batch_size=batch_size,
-        max_length=max_len,
-        indices=tuple(int(drawn[i]) for group in groups for i in group),
+    return batch_sample(
+        spec, features, drawn, rng, lambda group: collate(group, pad_id, regression=spec.is_regression),
+        batch_size, max_len, seed, sort_by_length,
     )
-    logger.info("calibration sample for %s: %d sequences, %d tokens (mean length %.2f), %d batches of %d",
-                spec.name, count, total, sample.mean_length, len(batches), batch_size)  # fmt: skip
-    return sample
 
 
 def iter_feature_batches(

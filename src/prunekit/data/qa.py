@@ -18,15 +18,12 @@ This module binds the SQuAD data functions of `prunekit.data.squad` to the "squa
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from prunekit.data.glue import CalibrationSample
+from prunekit.data.calibration import CalibrationSample, batch_sample, check_sample_options, draw_indices
 from prunekit.data.squad import collate_qa, load_squad, prepare_features
 from prunekit.errors import ConfigError, DataError
 from prunekit.tasks import TaskSpec, get_task
@@ -183,13 +180,8 @@ def build_qa_calibration_sample(
         tokens, and `indices` are indices into the training features.
     """
     spec = squad_task(task)
-    if num_tokens < 1:
-        raise ConfigError(f"num_tokens must be a positive token budget, got {num_tokens}")
-    if num_sequences is not None and num_sequences < 1:
-        raise ConfigError(f"num_sequences must be >= 1 (or None to derive it from num_tokens), got {num_sequences}")
     batch = spec.batch_size if batch_size is None else batch_size
-    if batch < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_sample_options(num_tokens, num_sequences, batch)
     max_len = spec.max_length if max_length is None else max_length
     stride = spec.doc_stride if doc_stride is None else doc_stride
     if tokenizer.pad_token_id is None:
@@ -197,49 +189,11 @@ def build_qa_calibration_sample(
 
     train = load_squad_split(spec, source, "train")
     features = prepare_features(train, tokenizer, max_len, stride, for_training=True)
-    n_features = len(features)
-    if num_sequences is None:
-        count = min(math.floor(num_tokens / spec.avg_seq_len), n_features)
-        if count < 1:
-            raise ConfigError(
-                f"num_tokens={num_tokens} is below one average {spec.name} feature ({spec.avg_seq_len} tokens); "
-                "raise num_tokens or pass num_sequences"
-            )
-    else:
-        count = num_sequences
-        if not replace and count > n_features:
-            raise ConfigError(
-                f"cannot draw {count} distinct features from {n_features} training features; "
-                "lower num_sequences or pass replace=True"
-            )
-
-    rng = np.random.default_rng(seed)
-    drawn = rng.choice(n_features, size=count, replace=replace)  # (N_seq,)
+    rng, drawn = draw_indices(spec, len(features), num_tokens, num_sequences, seed, replace, unit="feature")
     chosen = [features[i] for i in drawn]
     del features  # the whole training set's features are no longer needed
-
-    order = list(range(count))
-    if sort_by_length:
-        order.sort(key=lambda i: len(chosen[i]["input_ids"]))  # list.sort is stable
-    groups = [order[start : start + batch] for start in range(0, count, batch)]
-    if sort_by_length:
-        # Same reasoning as for GLUE: no length trend across the batch order.
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-    batches = [collate_qa([chosen[i] for i in group], tokenizer.pad_token_id, p_mask=True) for group in groups]
-    total = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    sample = CalibrationSample(
-        task=spec.name,
-        batches=batches,
-        num_sequences=count,
-        num_tokens=total,
-        mean_length=total / count,
-        seed=seed,
-        batch_size=batch,
-        max_length=max_len,
-        indices=tuple(int(drawn[i]) for group in groups for i in group),
+    pad_id = tokenizer.pad_token_id
+    return batch_sample(
+        spec, chosen, drawn, rng, lambda group: collate_qa(group, pad_id, p_mask=True),
+        batch, max_len, seed, sort_by_length,
     )
-    logger.info(
-        "calibration sample for %s: %d features from %d examples, %d tokens (mean length %.2f), %d batches of %d",
-        spec.name, count, len(train), total, sample.mean_length, len(batches), batch,
-    )  # fmt: skip
-    return sample
