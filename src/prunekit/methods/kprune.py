@@ -156,7 +156,8 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
 
     steps: list[dict] = []
     with _frozen(model):
-        if prepared is None:
+        owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
+        if owned:
             prepared = _calibrate(adapter, student, sample, kind, config)
         elif prepared.loss_settings != _loss_settings(config):
             raise ValueError("the Kprune calibration was made with another temperature, mask_padding or mask_special")
@@ -168,9 +169,13 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
         )
         logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
                     "knowledge is zero there and representational knowledge decides (spec P9)")
+        first_residuals, first_stats = prepared.residuals, prepared.first_stats
+        if owned:
+            prepared = None
         for layer in range(adapter.num_layers):
             if layer == 0:  # computed by the calibration, before any decision
-                teacher_residuals = prepared.residuals
+                teacher_residuals = first_residuals
+                first_residuals = None
             else:
                 teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
             for sub in ("attn", "ffn"):
@@ -178,8 +183,10 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
                 step = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
                     teacher_residuals[sub], kind, config, sample, costs, budget,
-                    stats=prepared.first_stats if (layer, sub) == (0, "attn") else None,
+                    stats=first_stats if (layer, sub) == (0, "attn") else None,
                 )
+                if (layer, sub) == (0, "attn"):
+                    first_stats = None
                 budget -= step["kept_cost"]
                 step["seconds"] = round(time.perf_counter() - start, 3)
                 steps.append(step)
