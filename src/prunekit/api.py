@@ -222,7 +222,9 @@ def prune_many(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     prepared, prepare_seconds = None, 0.0
-    if spec.prepare is not None:
+    # Shared work pays only across budgets; with one budget the method calibrates itself and can
+    # free what it no longer needs as it goes (Kprune's layer-0 tensors).
+    if spec.prepare is not None and len(budgets) > 1:
         torch.manual_seed(seed)
         start = time.perf_counter()
         prepared = spec.prepare(teacher, sample, kind, configs[0])
