@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,17 @@ def count_params(model: nn.Module, encoder_only: bool = False) -> int:
     if encoder_only:
         model = get_adapter(model).layers()
     return sum(p.numel() for p in model.parameters())
+
+
+def check_budget(keep_flops: float, keep_latency: float | None, lut: str | None, seq_len: float | None) -> None:
+    """Validate a method config's budget fields, with messages that say how to fix them."""
+    if not 0.0 < keep_flops <= 1.0:
+        raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {keep_flops}")
+    if keep_latency is not None:
+        if not 0.0 < keep_latency <= 1.0:
+            raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {keep_latency}")
+        if lut is None:
+            raise ConfigError("a latency budget needs a latency table: measure one with "
+                              "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
+    if seq_len is not None and seq_len <= 0:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from .adapters import ModelAdapter
 
@@ -95,3 +96,23 @@ def full_masks(
         if ffn is not None:
             neurons[layer] = torch.ones(ffn.width, device=device or ffn.down.weight.device, requires_grad=requires_grad)
     return heads, neurons
+
+
+@contextmanager
+def frozen_for_masks(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) with every parameter frozen, so that a backward pass computes
+    gradients for mask tensors only; the model's mode and flags are restored on exit."""
+    was_training = model.training
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        # By name: surgery inside the block may have replaced parameters (narrower copies, or
+        # the bias of an emptied sublayer); a new name takes the model's overall setting.
+        default = all(flags.values())
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, default))
+        model.train(was_training)

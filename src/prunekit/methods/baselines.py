@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..accounting import check_budget
 from ..adapters import ModelAdapter, get_adapter
 from ..errors import ConfigError
 from ..lut import sublayer_costs
@@ -41,16 +42,7 @@ class _BudgetConfig:
     seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_flops <= 1.0:
-            raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {self.keep_flops}")
-        if self.keep_latency is not None:
-            if not 0.0 < self.keep_latency <= 1.0:
-                raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {self.keep_latency}")
-            if self.lut is None:
-                raise ConfigError("a latency budget needs a latency table: measure one with "
-                                  "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
 
     @property
     def keep(self) -> float:

@@ -41,8 +41,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,13 +49,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import UnitCosts, unit_costs
+from ..accounting import UnitCosts, check_budget, unit_costs
 from ..adapters import ModelAdapter, SublayerKind, get_adapter
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS, distill_loss, teacher_targets
 from ..lut import per_unit_costs
-from ..masks import apply_masks
+from ..masks import apply_masks, frozen_for_masks
 from ..surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 
 logger = logging.getLogger(__name__)
@@ -81,22 +80,13 @@ class KpruneConfig:
     mask_special: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_flops <= 1.0:
-            raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {self.keep_flops}")
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.lam_pred < 0 or self.lam_rep < 0 or self.mu <= 0:
             raise ConfigError("lam_pred and lam_rep must be >= 0 and mu > 0")
         if self.ridge < 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
-        if self.keep_latency is not None:
-            if not 0.0 < self.keep_latency <= 1.0:
-                raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {self.keep_latency}")
-            if self.lut is None:
-                raise ConfigError("a latency budget needs a latency table: measure one with "
-                                  "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
         for name in ("sublayer_tuning", "mask_padding", "mask_special"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -155,7 +145,7 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
     student, t_runner = LayerRunner(model, adapter), LayerRunner(teacher, t_adapter)
 
     steps: list[dict] = []
-    with _frozen(model):
+    with frozen_for_masks(model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
             prepared = _calibrate(adapter, student, sample, kind, config)
@@ -206,28 +196,12 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
     return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode with every parameter frozen (only masks get gradients); restored on exit."""
-    was_training = model.training
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad, strict=False):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 def kprune_prepare(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> KpruneCalibration:
     """The budget-independent start of Kprune on the unpruned ``model`` (left unchanged): the teacher
     pass and the first knowledge pass. Pass it to ``kprune(..., prepared=...)`` for each budget."""
     _check_mask_special(sample, kind, config)
     adapter = get_adapter(model)
-    with _frozen(model):
+    with frozen_for_masks(model):
         return _calibrate(adapter, LayerRunner(model, adapter), sample, kind, config)
 
 

@@ -34,8 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,12 +42,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..accounting import check_budget
 from ..adapters import ModelAdapter, get_adapter
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS
 from ..lut import sublayer_costs
-from ..masks import apply_masks, full_masks
+from ..masks import apply_masks, frozen_for_masks, full_masks
 from ..search import SublayerId, full_widths, knapsack_search, total_cost
 from ..surgery import LayerPlan, PruningPlan, apply_plan
 
@@ -73,18 +73,9 @@ class KwonConfig:
     tune_first_attention: bool = False  # the reference never tunes layer 0's attention
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_flops <= 1.0:
-            raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {self.keep_flops}")
-        if self.keep_latency is not None:
-            if not 0.0 < self.keep_latency <= 1.0:
-                raise ConfigError(f"keep_latency must be in (0, 1] (the fraction of latency kept), got {self.keep_latency}")
-            if self.lut is None:
-                raise ConfigError("a latency budget needs a latency table: measure one with "
-                                  "`prunekit lut --model DIR --out lut.json` and pass lut='lut.json'")
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
         if self.teacher_keep is not None and not 0.0 < self.teacher_keep <= 1.0:
             raise ConfigError(f"teacher_keep must be in (0, 1] or None (√ of the budget), got {self.teacher_keep}")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
         if self.damp < 0:
             raise ConfigError(f"damp must be >= 0, got {self.damp}")
         if self.max_scale <= 0:
@@ -171,22 +162,6 @@ def kwon(model: nn.Module, sample: Any, kind: str, config: KwonConfig,
 
 
 # ---- 1. Fisher information (§3.2) ------------------------------------------------------------------
-@contextmanager
-def _masks_only(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) with every parameter frozen, so only masks get gradients; restored on exit."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own task loss with the batch's ground-truth labels (``outputs.loss``)."""
     labels = {key: batch[key] for key in LABEL_KEYS if key in batch}
@@ -204,7 +179,7 @@ def kwon_fisher(model: nn.Module, sample: Any, kind: str, config: KwonConfig | N
     head_masks, neuron_masks = full_masks(adapter, requires_grad=True)
     heads: dict[int, list[torch.Tensor]] = {layer: [] for layer in head_masks}
     neurons: dict[int, list[torch.Tensor]] = {layer: [] for layer in neuron_masks}
-    with _masks_only(model), apply_masks(adapter, head_masks, neuron_masks):
+    with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks):
         for batch in tqdm(sample.batches, desc="kwon: Fisher information", leave=False):
             _task_loss(model, batch).backward()  # a batch-mean loss: one gradient per batch (P8)
             for store, masks in ((heads, head_masks), (neurons, neuron_masks)):
@@ -306,7 +281,7 @@ def _tune_masks(model, adapter, sample, kind, kept, assistant, config) -> tuple[
     batches = sample.batches
     scales: dict[SublayerId, torch.Tensor] = {}
     steps = []
-    with _masks_only(model), torch.no_grad():
+    with frozen_for_masks(model), torch.no_grad():
         hidden = [runner.layer_input(0, batch) for batch in batches]  # (B, T, d): both start here
         t_hidden, s_hidden = hidden, hidden
         last = adapter.num_layers - 1
