@@ -41,7 +41,7 @@ ANCHORS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2,stsb")
-    parser.add_argument("--methods", default="kprune,kwon,magnitude")
+    parser.add_argument("--methods", default="kprune,kwon,magnitude,random")
     parser.add_argument("--keep-flops", default="0.7,0.5,0.4,0.3")
     parser.add_argument("--num-tokens", type=int, default=None, help="shared sample size (default 100000)")
     parser.add_argument("--num-sequences", type=int, default=None, help="shared sample size in sequences instead")
