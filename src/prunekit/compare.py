@@ -103,6 +103,8 @@ def compare(
         num_tokens = 100_000
     sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
                                       num_sequences=num_sequences, seed=seed, batch_size=task_spec.batch_size)
+    # The task's FLOPs length (SQuAD: 170, as both papers) unless given; else the sample's mean.
+    seq_len = seq_len or task_spec.flops_seq_len
     flops_seq_len = seq_len or sample.mean_length
     teacher_metrics = evaluate(teacher, tokenizer, task_spec, data, device=device, max_examples=max_eval_examples)
     result: dict[str, Any] = {
