@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -286,7 +285,3 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None) -> P
 def read_report(path: str | Path) -> dict:
     """The prune_report.json of a saved pruned model."""
     return json.loads((Path(path) / REPORT_FILE).read_text())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
