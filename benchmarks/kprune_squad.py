@@ -162,9 +162,9 @@ def main() -> None:
             }  # fmt: skip
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "sample"}), flush=True)
-
-    write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher, train, evaluation,
-                  train_articles, eval_articles, counts)
+            # Written after every row so a long run that is stopped early still leaves its measurements.
+            write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher, train, evaluation,
+                          train_articles, eval_articles, counts)
 
 
 def write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher, train, evaluation,
