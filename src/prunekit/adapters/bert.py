@@ -8,7 +8,12 @@ Layout per layer (``model.base_model.encoder.layer[l]``)::
     output.dense                       d_ff -> d, then LayerNorm(X + .)
 
 The v5 attention reshapes with ``view(..., -1, d_h)``, so the head count follows the weights and a
-narrowed q/k/v runs unchanged; only the bookkeeping attributes are updated here.
+narrowed q/k/v runs unchanged; only the bookkeeping attributes are updated here. Nothing in the v5
+forward reads ``config.hidden_size`` either (embeddings, attention, pooler and heads all take the
+width from their weights), so a narrowed residual stream needs no attribute changes.
+
+The LayerNorms sit inside the sublayer modules (``attention.output.LayerNorm``,
+``output.LayerNorm``), so a removed sublayer is one module that returns its residual input.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import nn
 from transformers import BertForQuestionAnswering, BertForSequenceClassification, BertModel
 
-from .base import AttentionParts, FfnParts, ModelAdapter, SublayerKind
+from .base import AttentionParts, FfnParts, ModelAdapter, SublayerKind, removed_error
 
 
 class EmptyBertAttention(nn.Module):
@@ -51,6 +56,21 @@ class EmptyBertOutput(nn.Module):
         return self.LayerNorm(input_tensor + self.bias)
 
 
+class RemovedBertAttention(nn.Module):
+    """A removed attention sublayer (CoFi): returns X itself, no bias, no LayerNorm (cofi.md §8.1)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return hidden_states, None  # (B, T, d), no attention weights
+
+
+class RemovedBertOutput(nn.Module):
+    """FFN-out of a removed FFN sublayer: returns the residual input X, skipping the LayerNorm.
+    Its FFN-in is an :class:`EmptyBertIntermediate`, so nothing is computed."""
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return input_tensor  # (B, T, d)
+
+
 class BertAdapter(ModelAdapter):
     family = "bert"
     model_types = ("bert",)
@@ -61,7 +81,7 @@ class BertAdapter(ModelAdapter):
     }
 
     @property
-    def hidden_size(self) -> int:
+    def full_hidden_size(self) -> int:
         return self.config.hidden_size
 
     @property
@@ -81,7 +101,7 @@ class BertAdapter(ModelAdapter):
 
     def attention(self, layer: int) -> AttentionParts | None:
         block = self.layers()[layer].attention
-        if isinstance(block, EmptyBertAttention):
+        if isinstance(block, (EmptyBertAttention, RemovedBertAttention)):
             return None
         sa = block.self
         return AttentionParts(
@@ -95,10 +115,38 @@ class BertAdapter(ModelAdapter):
 
     def ffn(self, layer: int) -> FfnParts | None:
         block = self.layers()[layer]
-        if isinstance(block.output, EmptyBertOutput):
+        if isinstance(block.output, (EmptyBertOutput, RemovedBertOutput)):
             return None
         return FfnParts(up=block.intermediate.dense, down=block.output.dense)
 
+    def is_removed(self, layer: int, kind: SublayerKind) -> bool:
+        block = self.layers()[layer]
+        if kind == "attn":
+            return isinstance(block.attention, RemovedBertAttention)
+        return isinstance(block.output, RemovedBertOutput)
+
+    def embedding_layer_norm(self) -> nn.LayerNorm:
+        return self.model.base_model.embeddings.LayerNorm
+
+    def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.LayerNorm:
+        if self.is_removed(layer, kind):
+            raise removed_error(layer, kind, "LayerNorm")
+        if kind == "attn":
+            return self._attention_layer_norm(layer)
+        return self.layers()[layer].output.LayerNorm  # BertOutput or EmptyBertOutput
+
+    def _embedding_tables(self) -> list[nn.Embedding]:
+        embeddings = self.model.base_model.embeddings
+        return [embeddings.word_embeddings, embeddings.position_embeddings, embeddings.token_type_embeddings]
+
+    def _head_input_linears(self) -> list[nn.Linear]:
+        # The pooler reads the residual stream; its output (and BERT's classifier after it) keeps
+        # the full width. RoBERTa's task models have no pooler (add_pooling_layer=False).
+        pooler = self.model.base_model.pooler
+        linears = [pooler.dense] if pooler is not None else []
+        if isinstance(self.model, self.model_classes["question_answering"]):
+            linears.append(self.model.qa_outputs)
+        return linears
     def sublayer_module(self, layer: int, kind: SublayerKind) -> nn.Module:
         block = self.layers()[layer]
         # BertLayer calls attention(hidden_states, ...) and intermediate(attention_output):
@@ -110,6 +158,8 @@ class BertAdapter(ModelAdapter):
         return block.attention if kind == "attn" else block.output
 
     def set_attention(self, layer: int, parts: AttentionParts) -> None:
+        if self.is_removed(layer, "attn"):
+            raise removed_error(layer, "attn", "heads to set")
         block = self.layers()[layer].attention
         if isinstance(block, EmptyBertAttention):
             raise ValueError(f"layer {layer} has no attention heads left; it cannot be given new heads")
@@ -120,6 +170,8 @@ class BertAdapter(ModelAdapter):
         sa.all_head_size = parts.num_heads * parts.head_dim
 
     def set_empty_attention(self, layer: int, bias: torch.Tensor) -> None:
+        if self.is_removed(layer, "attn"):
+            raise removed_error(layer, "attn", "LayerNorm to keep")
         block = self.layers()[layer]
         block.attention = EmptyBertAttention(bias, self._attention_layer_norm(layer))
 
@@ -128,6 +180,8 @@ class BertAdapter(ModelAdapter):
         return attention.LayerNorm if isinstance(attention, EmptyBertAttention) else attention.output.LayerNorm
 
     def set_ffn(self, layer: int, parts: FfnParts) -> None:
+        if self.is_removed(layer, "ffn"):
+            raise removed_error(layer, "ffn", "neurons to set")
         block = self.layers()[layer]
         if isinstance(block.output, EmptyBertOutput):
             raise ValueError(f"layer {layer} has no FFN neurons left; it cannot be given new neurons")
@@ -135,6 +189,17 @@ class BertAdapter(ModelAdapter):
         block.output.dense = parts.down
 
     def set_empty_ffn(self, layer: int, bias: torch.Tensor) -> None:
+        if self.is_removed(layer, "ffn"):
+            raise removed_error(layer, "ffn", "LayerNorm to keep")
         block = self.layers()[layer]
         block.output = EmptyBertOutput(bias, block.output.LayerNorm)
         block.intermediate = EmptyBertIntermediate()
+
+    def remove_attention(self, layer: int) -> None:
+        # The whole BertAttention goes: q/k/v, out-proj, bias and LayerNorm.
+        self.layers()[layer].attention = RemovedBertAttention()
+
+    def remove_ffn(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.intermediate = EmptyBertIntermediate()
+        block.output = RemovedBertOutput()
