@@ -8,7 +8,12 @@ Costs are per sequence of length s. Per attention head (d hidden, d_h head size)
 and per FFN neuron ``2·s·d`` MACs (FFN-in row and FFN-out column; 3·s·d with a gate). FLOPs are
 2 × MACs, as Kprune counts them. Embeddings, pooler, task head, LayerNorm, softmax, activations,
 bias and residual adds are left out, so "FLOPs kept" is relative to the prunable encoder compute,
-as in both papers.
+as in both papers. d is the model's current residual width (narrowed by CoFi, or the config's);
+the unpruned reference (:func:`full_flops`) always uses the config's. A removed sublayer costs 0.
+
+Parameters: :func:`count_params` counts every parameter; :func:`count_prunable_params` counts what
+CoFi's sparsity is measured against (cofi.md §8 pitfall 15, the L0 module's convention): the weights
+and biases of the q/k/v/out and FFN linears only, no LayerNorms, embeddings, pooler or head.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ class UnitCosts:
     neuron: float
 
 
-def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float) -> UnitCosts:
-    """Per-head and per-neuron FLOPs of ``layer`` (the same for every unit of a type)."""
-    s, d, d_h = float(seq_len), adapter.hidden_size, adapter.head_dim
+def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float, hidden_size: int | None = None) -> UnitCosts:
+    """Per-head and per-neuron FLOPs of ``layer`` (the same for every unit of a type) at residual
+    width ``hidden_size``: by default the model's current one, so a narrowed model's units are
+    cheaper; :func:`full_flops` passes the unpruned width."""
+    s, d_h = float(seq_len), adapter.head_dim
+    d = adapter.hidden_size if hidden_size is None else hidden_size
     head_macs = 3 * s * d * d_h + 2 * s * s * d_h + s * d_h * d
     ffn = adapter.ffn(layer)
     gated = ffn is not None and ffn.gate is not None
@@ -40,19 +48,23 @@ def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float) -> UnitCosts:
 
 
 def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
-    """Per layer: kept heads and neurons and their FLOPs at ``seq_len``."""
+    """Per layer: kept heads and neurons and their FLOPs at ``seq_len``; a removed sublayer has 0
+    units and is flagged (``attention_removed`` / ``ffn_removed``, only when set)."""
     adapter = get_adapter(model)
     rows = []
     for layer, shape in enumerate(adapter.layer_shapes()):
         cost = unit_costs(adapter, layer, seq_len)
-        rows.append(
-            {
-                "heads": shape.num_heads,
-                "neurons": shape.intermediate_size,
-                "attn_flops": shape.num_heads * cost.head,
-                "ffn_flops": shape.intermediate_size * cost.neuron,
-            }
-        )
+        row = {
+            "heads": shape.num_heads,
+            "neurons": shape.intermediate_size,
+            "attn_flops": shape.num_heads * cost.head,
+            "ffn_flops": shape.intermediate_size * cost.neuron,
+        }
+        if shape.attention_removed:
+            row["attention_removed"] = True
+        if shape.ffn_removed:
+            row["ffn_removed"] = True
+        rows.append(row)
     return rows
 
 
@@ -67,11 +79,12 @@ def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
 
 
 def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
-    """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config)."""
+    """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config, at
+    the config's hidden size), so "FLOPs kept" compares against the teacher also after narrowing."""
     adapter = get_adapter(model)
     total = 0.0
     for layer in range(adapter.num_layers):
-        cost = unit_costs(adapter, layer, seq_len)
+        cost = unit_costs(adapter, layer, seq_len, hidden_size=adapter.full_hidden_size)
         total += adapter.full_num_heads * cost.head + adapter.full_intermediate_size * cost.neuron
     return total
 
@@ -81,6 +94,41 @@ def count_params(model: nn.Module, encoder_only: bool = False) -> int:
     if encoder_only:
         model = get_adapter(model).layers()
     return sum(p.numel() for p in model.parameters())
+
+
+def count_prunable_params(model: nn.Module) -> int:
+    """Weights and biases of every layer's q/k/v/out and FFN linears, as the model is now.
+
+    What CoFi's sparsity is measured against (its L0 module's M, cofi.md §8 pitfall 15): no
+    LayerNorms, embeddings, pooler or task head. An emptied sublayer still counts its kept output
+    bias (d, it is still added); a removed one counts 0.
+    """
+    adapter = get_adapter(model)
+    total = 0
+    for layer in range(adapter.num_layers):
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        linears = []
+        if attn is not None:
+            linears += [attn.query, attn.key, attn.value, attn.out]
+        if ffn is not None:
+            linears += [ffn.up, ffn.down] + ([ffn.gate] if ffn.gate is not None else [])
+        total += sum(p.numel() for linear in linears for p in linear.parameters())
+        for kind, parts in (("attn", attn), ("ffn", ffn)):
+            if parts is None and not adapter.is_removed(layer, kind):
+                total += adapter.sublayer_bias(layer, kind).numel()
+    return total
+
+
+def full_prunable_params(model: nn.Module) -> int:
+    """:func:`count_prunable_params` of the unpruned architecture, from the config's widths:
+    per layer 3·(d·H·d_h + H·d_h) + H·d_h·d + d for attention and 2·d·d_ff + d_ff + d for the FFN
+    (with H·d_h = d: L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff); 85,017,600 for BERT-base)."""
+    adapter = get_adapter(model)
+    d, d_ff = adapter.full_hidden_size, adapter.full_intermediate_size
+    width = adapter.full_num_heads * adapter.head_dim  # H·d_h
+    attention = 3 * (d * width + width) + width * d + d
+    ffn = 2 * d * d_ff + d_ff + d
+    return adapter.num_layers * (attention + ffn)
 
 
 def check_budget(keep_flops: float, keep_latency: float | None, lut: str | None, seq_len: float | None) -> None:

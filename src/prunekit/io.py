@@ -2,8 +2,11 @@
 
 A pruned model is saved with ``save_pretrained`` (config.json + model.safetensors) under a
 prunekit config class whose ``model_type`` is ``prunekit_<family>`` and whose ``prunekit_layers``
-lists every layer's kept head count and FFN width. The matching model classes are thin subclasses
-of the Hugging Face ones that build those per-layer widths before the weights are loaded; they are
+lists every layer's kept head count and FFN width (and, when set, that a sublayer was removed);
+``prunekit_hidden_size`` is the narrowed residual width, or None. ``hidden_size`` itself stays the
+original width, because Hugging Face derives the head size d_h from it. The matching model
+classes are thin subclasses of the Hugging Face ones that build those shapes before the weights
+are loaded; they are
 registered with the Auto classes here, once, so after ``import prunekit``::
 
     AutoModelForSequenceClassification.from_pretrained(folder)
@@ -54,10 +57,16 @@ def _pruned_config_class(base_config: type, family: str) -> type:
     namespace = {
         "__module__": __name__,
         "__doc__": f"{base_config.__name__} plus prunekit's per-layer widths.",
-        "__annotations__": {"prunekit_layers": list | None, "prunekit_base_model_type": str},
+        "__annotations__": {
+            "prunekit_layers": list | None,
+            "prunekit_base_model_type": str,
+            "prunekit_hidden_size": int | None,
+        },
         "model_type": f"prunekit_{family}",
         "prunekit_layers": None,
         "prunekit_base_model_type": family,
+        # None: the residual stream has the config's full width (hidden_size / dim).
+        "prunekit_hidden_size": None,
     }
     return type(f"Pruned{base_config.__name__}", (base_config,), namespace)
 
@@ -65,8 +74,11 @@ def _pruned_config_class(base_config: type, family: str) -> type:
 def _pruned_model_class(base_model: type, config_class: type) -> type:
     def __init__(self, config, *args, **kwargs):
         base_model.__init__(self, config, *args, **kwargs)
-        if config.prunekit_layers:
-            get_adapter(self).resize([LayerShape(**shape) for shape in config.prunekit_layers])
+        hidden_size = getattr(config, "prunekit_hidden_size", None)
+        if config.prunekit_layers or hidden_size is not None:
+            adapter = get_adapter(self)
+            layers = config.prunekit_layers or [shape.to_dict() for shape in adapter.layer_shapes()]
+            adapter.resize([LayerShape(**shape) for shape in layers], hidden_size=hidden_size)
 
     namespace = {
         "__module__": __name__,
@@ -105,13 +117,16 @@ def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
     pruned_class = PRUNED_CLASSES[base_class]
     old = model.config
     fields = old.to_dict()
-    for key in ("model_type", "prunekit_layers", "prunekit_base_model_type", "transformers_version"):
+    for key in ("model_type", "prunekit_layers", "prunekit_base_model_type", "prunekit_hidden_size",
+                "transformers_version"):
         fields.pop(key, None)
     fields["architectures"] = [pruned_class.__name__]
+    fields.update(adapter.pruned_config_updates())
     new = pruned_class.config_class(
         **fields,
         prunekit_layers=[shape.to_dict() for shape in adapter.layer_shapes()],
         prunekit_base_model_type=base_model_type(old),
+        prunekit_hidden_size=adapter.hidden_size if adapter.hidden_size != adapter.full_hidden_size else None,
     )
     new._attn_implementation = old._attn_implementation
     for module in model.modules():  # submodules hold the config too (attention reads its backend)

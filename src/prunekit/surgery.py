@@ -4,6 +4,10 @@ Invariant (tested): the physically pruned model computes what the masked model c
 mask scales are folded into the output projection's columns before slicing (spec P15); a sublayer
 pruned to zero units takes the adapter's explicit LN(X + b_out) path (spec P4), never an empty matmul.
 
+CoFi adds two coarser structures (cofi.md §7, §8): a *removed* sublayer is the identity (out = X,
+its LayerNorm skipped too, unlike an emptied one), and the residual stream can be *narrowed* to a
+subset of its hidden dimensions in every layer at once.
+
 Only primitives live here (slice a Linear's rows or columns); the adapter says which Linears belong
 to a head or a neuron and puts the narrower ones back.
 """
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import AttentionParts, FfnParts, ModelAdapter, get_adapter
+from .adapters import AttentionParts, FfnParts, ModelAdapter, SublayerKind, get_adapter
 from .masks import expand_head_mask
 
 
@@ -141,34 +145,78 @@ def prune_neurons(
     adapter.set_ffn(layer, new)
 
 
+def remove_sublayer(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> None:
+    """Remove sublayer ``kind`` ("attn" or "ffn") of ``layer``: it becomes the identity, out = X
+    with no bias and no LayerNorm (CoFi's z_MHA / z_FFN = 0, cofi.md §8 pitfall 1). Works on a
+    full, narrowed or emptied sublayer; removing a removed one is a no-op."""
+    if not 0 <= layer < adapter.num_layers:
+        raise ValueError(f"layer {layer} does not exist; the model has {adapter.num_layers} layers")
+    if kind not in ("attn", "ffn"):
+        raise ValueError(f"unknown sublayer kind {kind!r}; choose 'attn' or 'ffn'")
+    if not adapter.is_removed(layer, kind):
+        adapter.remove(layer, kind)
+
+
+def narrow_hidden(adapter: ModelAdapter, keep: Sequence[int] | torch.Tensor) -> None:
+    """Keep only hidden dimensions ``keep`` of the residual stream, in every layer, the embeddings
+    and the task head's input (CoFi's z_hidn, cofi.md §8 pitfall 3); indices refer to the model's
+    current hidden dimensions. At least one dimension must be kept."""
+    index = _check_index(keep, adapter.hidden_size, "hidden dimensions")
+    if index.numel() == 0:
+        raise ValueError("hidden dimensions: at least one must be kept (LayerNorm over no dimensions is undefined)")
+    adapter.narrow_hidden(index)
+
+
 @dataclass
 class LayerPlan:
-    """What to keep in one layer. ``None`` leaves that sublayer untouched."""
+    """What to keep in one layer. ``None`` leaves that sublayer untouched; ``attention_removed`` /
+    ``ffn_removed`` remove the sublayer (identity, LayerNorm skipped) after any unit pruning."""
 
     heads: list[int] | None = None
     neurons: list[int] | None = None
     head_scales: list[float] | None = None
     neuron_scales: list[float] | None = None
+    attention_removed: bool = False
+    ffn_removed: bool = False
+
+    def to_dict(self) -> dict:
+        data = vars(self).copy()
+        # Written only when set, so plans without removals serialise exactly as before.
+        for flag in ("attention_removed", "ffn_removed"):
+            if not data[flag]:
+                del data[flag]
+        return data
 
 
 @dataclass
 class PruningPlan:
-    """The record of a pruning: kept unit indices (and optional scales) per layer.
+    """The record of a pruning: kept unit indices (and optional scales) per layer, and the kept
+    hidden dimensions (``hidden``, None: all).
 
-    Indices refer to the units of the model the plan is applied to. JSON-serialisable.
+    Indices refer to the units of the model the plan is applied to. JSON-serialisable; dicts written
+    before removals and ``hidden`` existed load unchanged.
     """
 
     layers: list[LayerPlan] = field(default_factory=list)
+    hidden: list[int] | None = None
 
     def to_dict(self) -> dict:
-        return {"layers": [vars(layer) for layer in self.layers]}
+        data: dict = {"layers": [layer.to_dict() for layer in self.layers]}
+        if self.hidden is not None:
+            data["hidden"] = list(self.hidden)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
-        return cls(layers=[LayerPlan(**layer) for layer in data["layers"]])
+        return cls(layers=[LayerPlan(**layer) for layer in data["layers"]], hidden=data.get("hidden"))
 
     def masks(self, model: nn.Module) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """The masked-model form of this plan: per-layer head and neuron mask vectors."""
+        """The masked-model form of this plan: per-layer head and neuron mask vectors.
+
+        Only heads and neurons: removals and ``hidden`` have no column-mask form (a removed
+        sublayer also skips its LayerNorm, a narrowed stream changes every LayerNorm's
+        statistics), so they are ignored here; CoFi's gates (``prunekit.masks``) express them.
+        """
         adapter = get_adapter(model)
         head_masks, neuron_masks = {}, {}
         for layer, step in enumerate(self.layers):
@@ -189,10 +237,18 @@ def _mask_vector(size: int, keep: list[int], scales: list[float] | None, like: t
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Physically prune ``model`` in place as ``plan`` says; returns the model."""
+    """Physically prune ``model`` in place as ``plan`` says; returns the model.
+
+    Order: heads and neurons (indices into the current units), then removals, then the hidden
+    narrowing (indices into the current hidden dims, which unit pruning leaves alone).
+    """
     adapter = get_adapter(model)
     if len(plan.layers) > adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
+    if plan.hidden is not None:  # checked first, so a bad index leaves the model untouched
+        hidden = _check_index(plan.hidden, adapter.hidden_size, "hidden dimensions")
+        if hidden.numel() == 0:
+            raise ValueError("hidden dimensions: at least one must be kept")
     for layer, step in enumerate(plan.layers):
         if step.heads is not None:
             scales = torch.as_tensor(step.head_scales) if step.head_scales is not None else None
@@ -200,4 +256,11 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         if step.neurons is not None:
             scales = torch.as_tensor(step.neuron_scales) if step.neuron_scales is not None else None
             prune_neurons(adapter, layer, step.neurons, scales=scales)
+    for layer, step in enumerate(plan.layers):
+        if step.attention_removed:
+            remove_sublayer(adapter, layer, "attn")
+        if step.ffn_removed:
+            remove_sublayer(adapter, layer, "ffn")
+    if plan.hidden is not None:
+        narrow_hidden(adapter, plan.hidden)
     return model
