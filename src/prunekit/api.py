@@ -192,6 +192,9 @@ def prune_many(
     """
     spec = get_method(method)
     task = get_task(task)
+    if spec.training:
+        return _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
+                                  method_options)
     budgets = budgets_from(keep_flops, keep_latency)
     configs = _configs(spec, budgets, seed, _with_task_seq_len(spec, task, method_options))
     device = resolve_device(device)
@@ -281,6 +284,85 @@ def prune_many(
     return results
 
 
+def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
+                       method_options: dict[str, Any]) -> list[PruneResult]:
+    """CoFi's path: train on the task's train split (scored on its dev split) once per budget.
+
+    Budgets are ``keep_params`` (CoFi's own: 1 - sparsity) or ``keep_flops``; a method option
+    ``student_init`` (a model folder or model) replaces the copy of the teacher as the student,
+    ``checkpoint_dir`` and ``resume`` checkpoint and continue a run.
+    """
+    from .methods.cofi import build_task_data
+
+    options = dict(method_options)
+    student_init = options.pop("student_init", None)
+    checkpoint_dir = options.pop("checkpoint_dir", None)
+    resume = bool(options.pop("resume", False))
+    keep_params = options.pop("keep_params", None)
+    if keep_latency is not None:
+        raise ConfigError(f"method {spec.name!r} takes keep_params or keep_flops, not a latency budget")
+    if keep_params is not None and keep_flops is not None:
+        raise ConfigError("give either keep_params or keep_flops, not both: a pruning has one budget")
+    if keep_params is not None:
+        values = [keep_params] if isinstance(keep_params, int | float) else list(keep_params)
+        budgets = [("params", float(v)) for v in values]
+    else:
+        budgets = budgets_from(keep_flops, None)
+    if data is None or isinstance(data, CalibrationSample):
+        raise ConfigError(f"method {spec.name!r} trains: pass the task's data (train and dev splits), "
+                          "not a calibration sample")
+    if checkpoint_dir is not None and len(budgets) > 1:
+        raise ConfigError("checkpoint_dir holds one run: prune one budget at a time when checkpointing")
+    device = resolve_device(device)
+    if isinstance(model, str | Path):
+        tokenizer = tokenizer or load_tokenizer(model)
+        teacher = load_model(model, head=task.head)
+    else:
+        teacher = copy.deepcopy(model)
+    get_adapter(teacher)
+    if tokenizer is None:
+        raise ConfigError("a tokenizer is needed to tokenize the training data")
+    if isinstance(student_init, str | Path):
+        student_init = load_model(student_init, head=task.head)
+    configs = [spec.make_config(**{f"keep_{kind}": keep}, seed=seed, **options) for kind, keep in budgets]
+    data_cache = None
+    results = []
+    for (kind, keep), config in zip(budgets, configs, strict=True):
+        if data_cache is None:
+            data_cache = build_task_data(task, tokenizer, data, config, device=device)
+        seq_len = config.seq_len or task.flops_seq_len or task.avg_seq_len
+        student = copy.deepcopy(student_init if student_init is not None else teacher)
+        before = {"flops": full_flops(teacher, seq_len), "params": count_params(teacher),
+                  "encoder_params": count_params(teacher, encoder_only=True)}
+        logger.info("pruning with %s to keep %.3f of %s on %s", spec.name, keep, kind, device)
+        start = time.perf_counter()
+        pruned, plan, log = spec.run(teacher, student, data_cache, config, seq_len, device=device,
+                                     checkpoint_dir=checkpoint_dir, resume=resume)
+        seconds = time.perf_counter() - start
+        as_pruned_model(pruned)
+        after = {"flops": count_flops(pruned, seq_len), "params": count_params(pruned),
+                 "encoder_params": count_params(pruned, encoder_only=True)}
+        adapter = get_adapter(pruned)
+        report = {
+            "method": spec.name, "task": task.name, "budget": {"kind": kind, "keep": keep},
+            "keep_flops": keep if kind == "flops" else None, "keep_params": keep if kind == "params" else None,
+            "keep_latency": None, "seed": seed, "hyperparameters": asdict(config), "flops_seq_len": seq_len,
+            "before": before, "after": after,
+            "flops_kept": after["flops"] / before["flops"], "params_kept": after["params"] / before["params"],
+            "prunable_params_kept": 1.0 - log["achieved_param_sparsity"],
+            "hidden_size": adapter.hidden_size,
+            "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
+            "prune_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "device": str(device), "versions": library_versions(), "method_log": log,
+        }  # fmt: skip
+        logger.info("pruned in %.1f s: FLOPs kept %.4f, prunable params kept %.4f", seconds, report["flops_kept"],
+                    report["prunable_params_kept"])
+        pruned.to("cpu" if device.type == "cpu" else device)
+        results.append(PruneResult(model=pruned, tokenizer=tokenizer, plan=plan, report=report))
+    return results
+
+
 def prune_and_save(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -305,7 +387,10 @@ def prune_and_save(
 
     The output folder is checked before any work and written atomically at the end.
     """
-    budgets = budgets_from(keep_flops, keep_latency)
+    if method_options.get("keep_params") is not None:  # CoFi's own budget
+        budgets = [("params", float(method_options["keep_params"]))]
+    else:
+        budgets = budgets_from(keep_flops, keep_latency)
     if len(budgets) != 1:
         raise ConfigError("prune_and_save takes one budget; use prune_and_save_many for several")
     return _prune_and_save(model_dir, [out_dir], data, budgets, task, method, num_tokens, num_sequences, seed,
@@ -333,7 +418,11 @@ def prune_and_save_many(
 ) -> list[dict[str, Any]]:
     """:func:`prune_and_save` for several budgets from one calibration (:func:`prune_many`): one
     folder per budget inside ``out_dir``, named like ``keep-flops-0.7``. Returns the reports."""
-    budgets = budgets_from(keep_flops, keep_latency)
+    if method_options.get("keep_params") is not None:  # CoFi's own budget
+        keep = method_options["keep_params"]
+        budgets = [("params", float(v)) for v in ([keep] if isinstance(keep, int | float) else keep)]
+    else:
+        budgets = budgets_from(keep_flops, keep_latency)
     out_dirs = [Path(out_dir) / budget_name(budget) for budget in budgets]
     return _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed,
                            device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)
@@ -347,6 +436,8 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
     tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task.head)
     budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops or keep_latency
+    if budgets[0][0] == "params":
+        budget_options = {}  # CoFi's keep_params travels with the method options
     results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,
                          num_sequences=num_sequences, seed=seed, device=device, **budget_options, **method_options)
     teacher_eval = None

@@ -62,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad or squad_v2")
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
                    "folder (train-v1.1.json, dev-v1.1.json), or hub name")
-    p.add_argument("--method", default="kprune", help="kprune, kwon, magnitude or random (default: kprune)")
+    p.add_argument("--method", default="kprune", help="kprune, kwon, cofi, magnitude or random (default: kprune)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep-flops", type=_fractions,
                         help="fraction of encoder FLOPs kept, in (0, 1); a comma list (0.7,0.5) prunes once "
                              "per budget from one calibration, one folder each inside --out")
+    budget.add_argument("--keep-params", type=_fractions,
+                        help="CoFi: fraction of prunable encoder parameters kept (0.1 = 90%% sparsity); a comma "
+                             "list trains once per budget, one folder each inside --out")
     budget.add_argument("--keep-latency", type=_fractions,
                         help="fraction of latency kept instead (needs --lut); a comma list as for --keep-flops")
     p.add_argument("--lut", default=None, help="latency table JSON from `prunekit lut`, for --keep-latency")
@@ -83,8 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-rep", type=float, default=None, help="Kprune: representational weight (2.5e-4)")
     p.add_argument("--mu", type=float, default=None, help="Kprune: head-score multiplier (64)")
     p.add_argument("--no-sublayer-tuning", action="store_true", help="Kprune: skip the least-squares re-fit")
+    p.add_argument("--epochs", type=float, default=None, help="CoFi: pruning epochs (20)")
+    p.add_argument("--finetune-epochs", type=float, default=None, help="CoFi: fine-tuning epochs after surgery (20)")
+    p.add_argument("--distill", choices=("layer", "pred"), default=None,
+                   help="CoFi: prediction + layerwise distillation (layer, default) or prediction only (pred)")
+    p.add_argument("--student-init", default=None, help="CoFi: model folder the student starts from (the teacher)")
+    p.add_argument("--checkpoint-dir", default=None, help="CoFi: folder for checkpoints (see --set save_steps=N)")
+    p.add_argument("--resume", action="store_true", help="CoFi: continue the run checkpointed in --checkpoint-dir")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="CoFi on GPU")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method option, e.g. --set ridge=1e-5")
+                   help="any other method option, e.g. --set ridge=1e-5 or --set batch_size=16")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating teacher and pruned model on dev")
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     _add_common(p)
@@ -193,14 +204,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = dict(args.set)
     if args.lut is not None:
         options["lut"] = args.lut
-    for flag, key in (("temperature", "temperature"), ("lam_pred", "lam_pred"), ("lam_rep", "lam_rep"),
-                      ("mu", "mu"), ("seq_len", "seq_len")):
+    for flag in ("temperature", "lam_pred", "lam_rep", "mu", "seq_len", "epochs", "finetune_epochs", "distill",
+                 "student_init", "checkpoint_dir", "mixed_precision"):
         if getattr(args, flag) is not None:
-            options[key] = getattr(args, flag)
+            options[flag] = getattr(args, flag)
+    if args.resume:
+        options["resume"] = True
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
-    budgets = args.keep_flops or args.keep_latency
-    budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
+    budgets = args.keep_flops or args.keep_latency or args.keep_params
+    if args.keep_params:
+        # CoFi's own budget is a method option; one value or a list, like the others.
+        options["keep_params"] = args.keep_params[0] if len(args.keep_params) == 1 else args.keep_params
+        budget = {}
+    else:
+        budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
                   run_bench=not args.no_bench, **options)
@@ -211,7 +229,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .api import budget_name, budgets_from
 
         reports = prune_and_save_many(args.model, args.out, args.data, **budget, **common)
-        folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget)]
+        kinds = budgets_from(**budget) if budget else [("params", v) for v in args.keep_params]
+        folders = [str(Path(args.out) / budget_name(b)) for b in kinds]
     for report, folder in zip(reports, folders, strict=True):
         _print_table(summary_rows(report))
         print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, "

@@ -116,3 +116,114 @@ def frozen_for_masks(model: nn.Module) -> Iterator[None]:
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, default))
         model.train(was_training)
+
+
+# ---- gates at every granularity (CoFi) -------------------------------------------------------------
+class GateHolder:
+    """The gate values the hooks of :func:`apply_gates` read: set ``values`` before each forward
+    pass (a ``prunekit.l0.GateValues``), or None to run the model ungated."""
+
+    def __init__(self) -> None:
+        self.values = None
+
+
+def masked_layer_norm(x: torch.Tensor, layer_norm: nn.LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the dimensions whose gate is non-zero only, output scaled by the gates.
+
+    The statistics are a mean over the kept dimensions (a weighted mean with a static shape, so
+    no data-dependent indexing), which makes the gated model equal to the narrowed one whose
+    LayerNorm only has those dimensions (cofi.md §1, §8 pitfall 3).
+    """
+    keep = (hidden != 0).to(torch.float32)  # (d,)
+    count = keep.sum().clamp_min(1.0)
+    x32 = x.float()  # (B, T, d); statistics in float32 also under autocast
+    mean = (x32 * keep).sum(-1, keepdim=True) / count  # (B, T, 1)
+    centred = (x32 - mean) * keep
+    var = centred.pow(2).sum(-1, keepdim=True) / count
+    y = centred * torch.rsqrt(var + layer_norm.eps)
+    if layer_norm.weight is not None:
+        y = y * layer_norm.weight.float()
+    if layer_norm.bias is not None:
+        y = y + layer_norm.bias.float()
+    return (y * hidden.float()).to(x.dtype)
+
+
+@contextmanager
+def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolder]:
+    """Install CoFi's gates on the adapter's model for the ``with`` block (cofi.md §1).
+
+    Per layer: head gates scale each head's context before the output projection; the attention
+    layer gate and the hidden gates scale the projection's output (bias included); FFN neuron
+    gates scale the FFN activations, the FFN layer gate and hidden gates the FFN output. The
+    LayerNorm after a sublayer normalises over kept hidden dims only, or is skipped entirely when
+    the sublayer is off (its layer gate or all of its units are 0), so the sublayer is then the
+    identity, exactly what removing it physically gives (§8 pitfall 1). The embeddings are scaled
+    by the hidden gates before and after their LayerNorm.
+    """
+    handles = []
+
+    def gate_input(kind: str, layer: int, parts):
+        def hook(module, args):
+            values = holder.values
+            if values is None:
+                return None
+            units = (values.head if kind == "attn" else values.neuron)[layer]
+            if units is None:
+                return None
+            if kind == "attn":
+                units = expand_head_mask(units, parts.num_heads, parts.head_dim)  # (H * d_h,)
+            z = args[0]  # (B, T, width)
+            return (z * units.to(z.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def gate_output(kind: str, layer: int):
+        def hook(module, args, output):
+            values = holder.values
+            if values is None:
+                return None
+            on = (values.attn_on if kind == "attn" else values.ffn_on)[layer]
+            if not on:
+                return output * 0.0  # (B, T, d); the LayerNorm hook passes the residual through
+            gate = (values.mha if kind == "attn" else values.ffn)[layer]
+            if gate is not None:
+                output = output * gate.to(output.dtype)
+            if values.hidden is not None:
+                output = output * values.hidden.to(output.dtype)
+            return output
+
+        return hook
+
+    def gate_layer_norm(kind: str | None, layer: int, gated: bool):
+        def hook(module, args, output):
+            values = holder.values
+            if values is None:
+                return None
+            x = args[0]  # (B, T, d): the residual input plus the sublayer's output
+            if kind is not None and gated and not (values.attn_on if kind == "attn" else values.ffn_on)[layer]:
+                return x  # the sublayer contributed 0: skip its LayerNorm, output = X
+            if values.hidden is None:
+                return None
+            if kind is None:  # embeddings: nothing upstream has applied the hidden gates yet
+                x = x * values.hidden.to(x.dtype)
+            return masked_layer_norm(x, module, values.hidden)
+
+        return hook
+
+    try:
+        handles.append(adapter.embedding_layer_norm().register_forward_hook(gate_layer_norm(None, -1, False)))
+        for layer in range(adapter.num_layers):
+            for kind in ("attn", "ffn"):
+                if adapter.is_removed(layer, kind):
+                    continue
+                parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
+                if parts is not None:
+                    linear = parts.out if kind == "attn" else parts.down
+                    handles.append(linear.register_forward_pre_hook(gate_input(kind, layer, parts)))
+                    handles.append(linear.register_forward_hook(gate_output(kind, layer)))
+                norm = adapter.sublayer_layer_norm(layer, kind)
+                handles.append(norm.register_forward_hook(gate_layer_norm(kind, layer, parts is not None)))
+        yield holder
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -173,6 +173,11 @@ class ModelAdapter(ABC):
         for an empty sublayer; ValueError for a removed one, which has none."""
         ...
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables' and embedding LayerNorm's parameters (CoFi never trains them)."""
+        modules = [*self._embedding_tables(), self.embedding_layer_norm()]
+        return [p for module in modules for p in module.parameters()]
+
     @abstractmethod
     def _embedding_tables(self) -> list[nn.Embedding]:
         """Every embedding table summed into the residual stream, the word embeddings first."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
+from .cofi import CofiConfig, cofi
 from .kprune import KpruneConfig, kprune, kprune_prepare
 from .kwon import KwonConfig, kwon, kwon_fisher
 
@@ -32,6 +33,9 @@ class MethodSpec:
     prepare: Callable[..., Any] | None = None  # budget-independent first step, reused across budgets
     # Default calibration sample size: {"num_tokens": N} or {"num_sequences": N} (spec §1.2, §3.1).
     sample_size: dict[str, int] = field(default_factory=lambda: {"num_tokens": 100_000})
+    # Training-based (CoFi): trains on the task's train split instead of a calibration sample and
+    # has its own entry point in prunekit.api.
+    training: bool = False
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; unknown names get a clear error."""
@@ -54,6 +58,10 @@ METHODS: dict[str, MethodSpec] = {
     "magnitude": MethodSpec(
         "magnitude", MagnitudeConfig, magnitude, sample_size={"num_sequences": 2048},
         description="baseline: weight-norm importance, global knapsack search, no tuning",
+    ),
+    "cofi": MethodSpec(
+        "cofi", CofiConfig, cofi, training=True,
+        description="CoFi (ACL 2022): L0 gates on heads, sublayers, neurons and hidden dims, trained with distillation",
     ),
     "random": MethodSpec(
         "random", RandomConfig, random_prune, sample_size={"num_sequences": 2048},
