@@ -319,3 +319,15 @@ def test_cli_prune_with_cofi(tmp_path, make_teacher):
     assert report["eval"]["pruned"]["num_examples"] == 8
     assert (out / "structure.png").is_file()
     load_pruned(out)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    (_, _, log), _ = _run(tmp_path, epochs=2, batch_size=4, gradient_accumulation_steps=2, eval_steps=3)
+    # 48 examples / (4 x 2) = 6 optimiser steps per epoch.
+    assert [row["step"] for row in log["prune_history"]] == [3, 6, 9, 12]
+
+
+def test_keep_flops_budget_targets_expected_flops(tmp_path):
+    (model, _, log), _ = _run(tmp_path, keep_params=None, keep_flops=0.4, epochs=50, warmup_epochs=25)
+    assert log["target_kind"] == "flops"
+    assert 1.0 - log["expected_sparsity"] == pytest.approx(0.4, abs=0.03)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -350,6 +351,8 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
             "before": before, "after": after,
             "flops_kept": after["flops"] / before["flops"], "params_kept": after["params"] / before["params"],
             "prunable_params_kept": 1.0 - log["achieved_param_sparsity"],
+            "target_sparsity": config.target_sparsity, "achieved_sparsity": (
+                log["achieved_param_sparsity"] if kind == "params" else 1.0 - log["achieved_flops_kept"]),
             "hidden_size": adapter.hidden_size,
             "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
             "prune_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
@@ -440,6 +443,9 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
         budget_options = {}  # CoFi's keep_params travels with the method options
     results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,
                          num_sequences=num_sequences, seed=seed, device=device, **budget_options, **method_options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under `accelerate launch` every process trains; only the first evaluates and writes.
+        return [result.report for result in results]
     teacher_eval = None
     reports = []
     for result, out in zip(results, out_dirs, strict=True):

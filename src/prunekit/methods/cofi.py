@@ -28,14 +28,13 @@ and resume. The model is reached only through the adapter, the gates only throug
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -572,8 +571,8 @@ def _train_stage(accelerator, wrapper: CofiStudent, teacher: nn.Module, data: Ta
                     s_hat = sizer.expected_sparsity(student.gates)
                     gap = s_hat - t
                     loss = loss + lambdas[0] * gap + lambdas[1] * gap * gap
-                    terms.update(expected_sparsity=float(s_hat), target=t, lambda1=float(lambdas[0]),
-                                 lambda2=float(lambdas[1]))
+                    terms.update(expected_sparsity=float(s_hat.detach()), target=t, lambda1=float(lambdas[0].detach()),
+                                 lambda2=float(lambdas[1].detach()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -715,16 +714,6 @@ def _load_training_state(accelerator, checkpoint_dir: str | Path, stage: str, ex
     with torch.no_grad():
         for name, tensor in extra.items():
             tensor.copy_(saved[name].to(tensor.device))
-
-
-def student_from(teacher: nn.Module, init: nn.Module | None = None) -> nn.Module:
-    """The student CoFi starts from: ``init`` if given, else a copy of the teacher (cofi.md §5:
-    "completely fine, very similar results")."""
-    return copy.deepcopy(init if init is not None else teacher)
-
-
-def config_summary(config: CofiConfig) -> dict[str, Any]:
-    return asdict(config)
 
 
 def build_task_data(task: Any, tokenizer: Any, source: Any, config: CofiConfig,
