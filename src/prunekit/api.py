@@ -115,6 +115,23 @@ def _configs(spec: Any, budgets: list[Budget], seed: int, options: dict[str, Any
     return configs
 
 
+def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec) -> tuple[nn.Module, Any]:
+    """The teacher as a model the caller's object is safe from (a folder is loaded, a model copied)."""
+    if isinstance(model, str | Path):
+        tokenizer = tokenizer or load_tokenizer(model)
+        teacher = load_model(model, head=task.head)
+    else:
+        teacher = copy.deepcopy(model)
+    get_adapter(teacher)  # unsupported architectures fail here, before any work
+    return teacher, tokenizer
+
+
+def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, float]:
+    """FLOPs (of the unpruned architecture with ``full``) and parameter counts for a report."""
+    flops = full_flops(model, seq_len) if full else count_flops(model, seq_len)
+    return {"flops": flops, "params": count_params(model), "encoder_params": count_params(model, encoder_only=True)}
+
+
 def _with_task_seq_len(spec: Any, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
     """The method options with the task's FLOPs length as ``seq_len`` when none is given: SQuAD
     counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks have none and
@@ -199,12 +216,7 @@ def prune_many(
     budgets = budgets_from(keep_flops, keep_latency)
     configs = _configs(spec, budgets, seed, _with_task_seq_len(spec, task, method_options))
     device = resolve_device(device)
-    if isinstance(model, str | Path):
-        tokenizer = tokenizer or load_tokenizer(model)
-        teacher = load_model(model, head=task.head)
-    else:
-        teacher = copy.deepcopy(model)
-    get_adapter(teacher)
+    teacher, tokenizer = _teacher(model, tokenizer, task)
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
     if isinstance(data, CalibrationSample):
@@ -238,8 +250,7 @@ def prune_many(
         model = copy.deepcopy(teacher)
         torch.manual_seed(seed)
         seq_len = getattr(config, "seq_len", None) or sample.mean_length
-        before = {"flops": full_flops(model, seq_len), "params": count_params(model),
-                  "encoder_params": count_params(model, encoder_only=True)}
+        before = _size(model, seq_len, full=True)
         logger.info("pruning with %s to keep %.3f of %s on %s", method, keep, budget_kind, device)
         start = time.perf_counter()
         if prepared is None:
@@ -248,8 +259,7 @@ def prune_many(
             plan, log = spec.run(model, sample, kind, config, prepared=prepared)
         run_seconds = time.perf_counter() - start
         as_pruned_model(model)
-        after = {"flops": count_flops(model, seq_len), "params": count_params(model),
-                 "encoder_params": count_params(model, encoder_only=True)}
+        after = _size(model, seq_len)
         adapter = get_adapter(model)
         report = {
             "method": method,
@@ -315,12 +325,7 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
     if checkpoint_dir is not None and len(budgets) > 1:
         raise ConfigError("checkpoint_dir holds one run: prune one budget at a time when checkpointing")
     device = resolve_device(device)
-    if isinstance(model, str | Path):
-        tokenizer = tokenizer or load_tokenizer(model)
-        teacher = load_model(model, head=task.head)
-    else:
-        teacher = copy.deepcopy(model)
-    get_adapter(teacher)
+    teacher, tokenizer = _teacher(model, tokenizer, task)
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to tokenize the training data")
     if isinstance(student_init, str | Path):
@@ -333,16 +338,14 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
             data_cache = build_task_data(task, tokenizer, data, config, device=device)
         seq_len = config.seq_len or task.flops_seq_len or task.avg_seq_len
         student = copy.deepcopy(student_init if student_init is not None else teacher)
-        before = {"flops": full_flops(teacher, seq_len), "params": count_params(teacher),
-                  "encoder_params": count_params(teacher, encoder_only=True)}
+        before = _size(teacher, seq_len, full=True)
         logger.info("pruning with %s to keep %.3f of %s on %s", spec.name, keep, kind, device)
         start = time.perf_counter()
         pruned, plan, log = spec.run(teacher, student, data_cache, config, seq_len, device=device,
                                      checkpoint_dir=checkpoint_dir, resume=resume)
         seconds = time.perf_counter() - start
         as_pruned_model(pruned)
-        after = {"flops": count_flops(pruned, seq_len), "params": count_params(pruned),
-                 "encoder_params": count_params(pruned, encoder_only=True)}
+        after = _size(pruned, seq_len)
         adapter = get_adapter(pruned)
         report = {
             "method": spec.name, "task": task.name, "budget": {"kind": kind, "keep": keep},
