@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=str(ROOT / "runs" / "kprune_squad"), help="teacher cache, pruned models")
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="kprune_squad", help="results file stem")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in the results file (other budgets or methods) and add these")
     return parser.parse_args()
 
 
@@ -135,6 +137,10 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     skipped = [m for m in methods if m not in METHODS]
     rows = []
+    previous = Path(args.results_dir) / f"{args.name}.json"
+    if args.append and previous.is_file():
+        done = {(m, b) for m in methods for b in budgets}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if (r["method"], r["keep_flops"]) not in done]
     for method in (m for m in methods if m in METHODS):
         print(f"[{time.strftime('%H:%M:%S')}] pruning with {method} at {budgets} ...", flush=True)
         results = prune_many(
