@@ -187,6 +187,27 @@ def outputs_of(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.
     return out.logits  # (B, C)
 
 
+def assert_reloads_identically(out: Path, head: str, shapes: list, batch: dict[str, torch.Tensor],
+                               expected: torch.Tensor) -> PreTrainedModel:
+    """A saved pruned folder reloads, through ``load_pruned`` and through the Auto class of its head,
+    with the same layer shapes and bit-identical outputs; returns the ``load_pruned`` model."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from prunekit import load_pruned
+    from prunekit.adapters import get_adapter
+
+    reloaded = load_pruned(out)
+    assert get_adapter(reloaded).layer_shapes() == shapes
+    assert not reloaded.training
+    assert torch.equal(outputs_of(reloaded, batch), expected)
+    auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
+    through_auto = auto.from_pretrained(out).eval()
+    assert type(through_auto).__name__.startswith("Pruned")
+    assert get_adapter(through_auto).layer_shapes() == shapes
+    assert torch.equal(outputs_of(through_auto, batch), expected)
+    return reloaded
+
+
 # ---- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

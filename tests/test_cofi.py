@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_model, build_tokenizer, model_inputs_for, outputs_of, write_sst2
 
 from prunekit.accounting import count_prunable_params, full_prunable_params
 from prunekit.adapters import get_adapter
@@ -29,7 +30,6 @@ from prunekit.methods.cofi import (
     match_layers,
     prune_with_gates,
 )
-from tests.conftest import build_tiny_model, build_tokenizer, model_inputs_for, outputs_of, write_sst2
 
 
 # ---- hard-concrete gates ---------------------------------------------------------------------------

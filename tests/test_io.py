@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+from conftest import assert_reloads_identically
 
 import prunekit
 from prunekit import ConfigError, ModelError, load_pruned, save_pruned
@@ -44,16 +44,7 @@ def test_save_and_reload_gives_identical_outputs(family, head, make_model, token
     out = save_pruned(model, tmp_path / "pruned", tokenizer=tokenizer, report={"method": "test"})
     assert out == tmp_path / "pruned"
 
-    reloaded = load_pruned(out)
-    assert get_adapter(reloaded).layer_shapes() == SHAPES
-    assert not reloaded.training
-    assert torch.equal(outputs_of(reloaded, batch), expected)
-
-    auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
-    through_auto = auto.from_pretrained(out).eval()
-    assert type(through_auto).__name__.startswith("Pruned")
-    assert get_adapter(through_auto).layer_shapes() == SHAPES
-    assert torch.equal(outputs_of(through_auto, batch), expected)
+    assert_reloads_identically(out, head, SHAPES, batch, expected)
 
     head_name = "question_answering" if head == "qa" else "sequence_classification"
     assert torch.equal(outputs_of(load_model(out, head=head_name), batch), expected)
