@@ -137,10 +137,6 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     skipped = [m for m in methods if m not in METHODS]
     rows = []
-    previous = Path(args.results_dir) / f"{args.name}.json"
-    if args.append and previous.is_file():
-        done = {(m, b) for m in methods for b in budgets}
-        rows = [r for r in json.loads(previous.read_text())["rows"] if (r["method"], r["keep_flops"]) not in done]
     for method in (m for m in methods if m in METHODS):
         print(f"[{time.strftime('%H:%M:%S')}] pruning with {method} at {budgets} ...", flush=True)
         results = prune_many(
@@ -169,8 +165,20 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "sample"}), flush=True)
             # Written after every row so a long run that is stopped early still leaves its measurements.
-            write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher, train, evaluation,
-                          train_articles, eval_articles, counts)
+            write_results(args, merged(args, rows), skipped, teacher_metrics, teacher_report, teacher, train,
+                          evaluation, train_articles, eval_articles, counts)
+
+
+def merged(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """With --append: the rows already in the results file that this run does not redo, then this
+    run's. Re-read at every write, so runs of other budgets or methods side by side keep each other's
+    rows."""
+    previous = Path(args.results_dir) / f"{args.name}.json"
+    if not args.append or not previous.is_file():
+        return rows
+    mine = {(r["method"], r["keep_flops"]) for r in rows}
+    kept = [r for r in json.loads(previous.read_text())["rows"] if (r["method"], r["keep_flops"]) not in mine]
+    return sorted(kept + rows, key=lambda r: (r["method"], -r["keep_flops"]))
 
 
 def write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher, train, evaluation,
