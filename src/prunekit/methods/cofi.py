@@ -327,11 +327,6 @@ class TaskData:
     kind: str  # "classification", "regression" or "qa" (prunekit.losses)
 
 
-def _lambda_step(opt: torch.optim.Optimizer) -> None:
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 class _Run:
     """One CoFi run's mutable state: the stage, step counters, the Lagrange multipliers and the
     best state so far. Saved as JSON (plus tensors) in every checkpoint."""
