@@ -75,20 +75,23 @@ Budget = tuple[str, float]  # ("flops" | "latency", fraction kept)
 
 
 def budgets_from(keep_flops: float | Sequence[float] | None = None,
-                 keep_latency: float | Sequence[float] | None = None) -> list[Budget]:
-    """The budgets asked for, as ("flops" | "latency", fraction) pairs; keep 0.5 of the FLOPs when
-    neither is given. Each fraction must lie in (0, 1)."""
-    if keep_flops is not None and keep_latency is not None:
-        raise ConfigError("give either keep_flops or keep_latency, not both: a pruning has one budget")
-    kind, values = ("latency", keep_latency) if keep_latency is not None else ("flops", keep_flops)
-    if values is None:
-        values = 0.5
+                 keep_latency: float | Sequence[float] | None = None,
+                 keep_params: float | Sequence[float] | None = None) -> list[Budget]:
+    """The budgets asked for, as ("flops" | "latency" | "params", fraction) pairs; keep 0.5 of the
+    FLOPs when none is given. Each fraction must lie in (0, 1). ``keep_params`` (prunable encoder
+    parameters kept) is CoFi's own budget."""
+    given = {k: v for k, v in (("flops", keep_flops), ("latency", keep_latency), ("params", keep_params))
+             if v is not None}
+    if len(given) > 1:
+        names = " and ".join(f"keep_{k}" for k in given)
+        raise ConfigError(f"give only one of {names}: a pruning has one budget")
+    kind, values = next(iter(given.items())) if given else ("flops", 0.5)
     values = [values] if isinstance(values, int | float) else list(values)
     if not values:
         raise ConfigError(f"no keep_{kind} budget given; pass at least one fraction, e.g. 0.5")
     for value in values:
         if not 0.0 < value < 1.0:
-            what = "FLOPs" if kind == "flops" else "latency"
+            what = {"flops": "FLOPs", "latency": "latency", "params": "prunable parameters"}[kind]
             raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
     return [(kind, float(value)) for value in values]
 
@@ -309,16 +312,9 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
     student_init = options.pop("student_init", None)
     checkpoint_dir = options.pop("checkpoint_dir", None)
     resume = bool(options.pop("resume", False))
-    keep_params = options.pop("keep_params", None)
-    if keep_latency is not None:
+    budgets = budgets_from(keep_flops, keep_latency, options.pop("keep_params", None))
+    if budgets[0][0] == "latency":
         raise ConfigError(f"method {spec.name!r} takes keep_params or keep_flops, not a latency budget")
-    if keep_params is not None and keep_flops is not None:
-        raise ConfigError("give either keep_params or keep_flops, not both: a pruning has one budget")
-    if keep_params is not None:
-        values = [keep_params] if isinstance(keep_params, int | float) else list(keep_params)
-        budgets = [("params", float(v)) for v in values]
-    else:
-        budgets = budgets_from(keep_flops, None)
     if data is None or isinstance(data, CalibrationSample):
         raise ConfigError(f"method {spec.name!r} trains: pass the task's data (train and dev splits), "
                           "not a calibration sample")
@@ -393,10 +389,7 @@ def prune_and_save(
 
     The output folder is checked before any work and written atomically at the end.
     """
-    if method_options.get("keep_params") is not None:  # CoFi's own budget
-        budgets = [("params", float(method_options["keep_params"]))]
-    else:
-        budgets = budgets_from(keep_flops, keep_latency)
+    budgets = budgets_from(keep_flops, keep_latency, method_options.get("keep_params"))
     if len(budgets) != 1:
         raise ConfigError("prune_and_save takes one budget; use prune_and_save_many for several")
     return _prune_and_save(model_dir, [out_dir], data, budgets, task, method, num_tokens, num_sequences, seed,
@@ -424,11 +417,7 @@ def prune_and_save_many(
 ) -> list[dict[str, Any]]:
     """:func:`prune_and_save` for several budgets from one calibration (:func:`prune_many`): one
     folder per budget inside ``out_dir``, named like ``keep-flops-0.7``. Returns the reports."""
-    if method_options.get("keep_params") is not None:  # CoFi's own budget
-        keep = method_options["keep_params"]
-        budgets = [("params", float(v)) for v in ([keep] if isinstance(keep, int | float) else keep)]
-    else:
-        budgets = budgets_from(keep_flops, keep_latency)
+    budgets = budgets_from(keep_flops, keep_latency, method_options.get("keep_params"))
     out_dirs = [Path(out_dir) / budget_name(budget) for budget in budgets]
     return _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed,
                            device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)
@@ -441,9 +430,8 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
     task = get_task(task)
     tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task.head)
-    budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops or keep_latency
-    if budgets[0][0] == "params":
-        budget_options = {}  # CoFi's keep_params travels with the method options
+    method_options = {k: v for k, v in method_options.items() if k != "keep_params"}  # it is in `budgets`
+    budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops, _latency or _params
     results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,
                          num_sequences=num_sequences, seed=seed, device=device, **budget_options, **method_options)
     if int(os.environ.get("RANK", "0")) != 0:

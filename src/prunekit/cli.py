@@ -229,8 +229,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .api import budget_name, budgets_from
 
         reports = prune_and_save_many(args.model, args.out, args.data, **budget, **common)
-        kinds = budgets_from(**budget) if budget else [("params", v) for v in args.keep_params]
-        folders = [str(Path(args.out) / budget_name(b)) for b in kinds]
+        folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget, keep_params=args.keep_params)]
     for report, folder in zip(reports, folders, strict=True):
         _print_table(summary_rows(report))
         print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, "

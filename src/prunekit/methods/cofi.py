@@ -183,11 +183,8 @@ class SizeModel:
 
     def sparsity(self, values: GateValues) -> float:
         """Sparsity of the deterministic structure (closed units and sublayers removed)."""
-        heads = [float((u != 0).sum()) if u is not None and on else 0.0 for u, on in zip(values.head, values.attn_on, strict=True)]
-        neurons = [float((u != 0).sum()) if u is not None and on else 0.0
-                   for u, on in zip(values.neuron, values.ffn_on, strict=True)]  # fmt: skip
-        hidden = float((values.hidden != 0).sum()) if values.hidden is not None else None
-        return 1.0 - float(self.size(heads, neurons, hidden)) / self.full
+        kept = _gate_summary(values)
+        return 1.0 - float(self.size(kept["heads"], kept["neurons"], kept["hidden"])) / self.full
 
 
 # ---- the student -----------------------------------------------------------------------------------
