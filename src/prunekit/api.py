@@ -83,8 +83,8 @@ def budgets_from(keep_flops: float | Sequence[float] | None = None,
     given = {k: v for k, v in (("flops", keep_flops), ("latency", keep_latency), ("params", keep_params))
              if v is not None}
     if len(given) > 1:
-        names = " and ".join(f"keep_{k}" for k in given)
-        raise ConfigError(f"give only one of {names}: a pruning has one budget")
+        first, second = (f"keep_{k}" for k in list(given)[:2])
+        raise ConfigError(f"give either {first} or {second}, not both: a pruning has one budget")
     kind, values = next(iter(given.items())) if given else ("flops", 0.5)
     values = [values] if isinstance(values, int | float) else list(values)
     if not values:
