@@ -30,7 +30,7 @@ def test_compare_end_to_end(teacher_dir, sst2_dir, tmp_path):
     out = tmp_path / "compare"
     result = compare(teacher_dir, "sst2", sst2_dir, out, methods=["kprune", "kwon", "magnitude", "random"],
                      keep_flops=[0.4, 0.6], num_sequences=16, run_bench=False)
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".prunekit-output.json", "compare.json", "compare.md", "compare.png"]
     saved = json.loads((out / "compare.json").read_text())
     assert saved["rows"] == result["rows"] and len(saved["rows"]) == 8
     assert saved["budgets"] == [0.6, 0.4]  # largest first

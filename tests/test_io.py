@@ -117,12 +117,11 @@ def test_save_into_a_non_empty_folder_without_overwrite_is_refused(make_model, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_save_with_overwrite_replaces_the_folder(make_model, tmp_path):
+def test_save_with_overwrite_replaces_a_folder_prunekit_wrote(make_model, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    save_pruned(make_model("bert"), out)
     save_pruned(make_model("distilbert"), out, overwrite=True)
-    assert "stale.txt" not in listing(out) and "config.json" in listing(out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "prunekit_distilbert"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left
 
 
@@ -152,12 +151,13 @@ def test_failure_inside_atomic_output_dir_leaves_nothing(tmp_path):
 
 def test_failure_inside_atomic_output_dir_keeps_the_old_folder(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_output_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+    before = listing(out)
     with pytest.raises(KeyboardInterrupt), atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         raise KeyboardInterrupt
-    assert listing(out) == {"old.txt": b"old"}
+    assert listing(out) == before and before["old.txt"] == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -369,7 +369,7 @@ def test_finetune_squad_from_example_lists(tmp_path: Path):
     with pytest.raises(ConfigError, match="no data given"):
         finetune(base, "squad", None, tmp_path / "t2", config, train_examples=train)
     with pytest.raises(ConfigError, match="SQuAD tasks only"):
-        finetune(base, "sst2", tmp_path, tmp_path / "t3", FinetuneConfig(doc_stride=8))
+        finetune(base, "sst2", tmp_path / "sst2", tmp_path / "t3", FinetuneConfig(doc_stride=8))
     with pytest.raises(ConfigError, match="doc_stride"):
         FinetuneConfig(max_length=32, doc_stride=32)
 

@@ -47,9 +47,10 @@ class PruneResult:
     plan: PruningPlan
     report: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+    def save(self, out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
         """Write the model folder: config.json, model.safetensors, tokenizer files,
-        prune_report.json (with the plan) and structure.png, atomically."""
+        prune_report.json (with the plan) and structure.png, atomically. ``inputs`` (the teacher's
+        folder, the data) are paths the output may not touch."""
         report = dict(self.report)
         report["plan"] = self.plan.to_dict()
         adapter = get_adapter(self.model)
@@ -61,7 +62,8 @@ class PruneResult:
                 title=f"{report['method']} on {report['task']}: {report['flops_kept']:.1%} of FLOPs kept",
             )
 
-        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite, extra=plot)
+        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
+                           extra=plot, inputs=inputs)
 
 
 def loss_kind(task: TaskSpec) -> str:
@@ -425,8 +427,9 @@ def prune_and_save_many(
 
 def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed, device,
                     overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options):
+    inputs = (model_dir, data if isinstance(data, str | Path) else None)
     for out in out_dirs:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, inputs)
     task = get_task(task)
     tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task.head)
@@ -453,7 +456,7 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
                                       seq_lens=[bench_seq_len], device=device)
             result.report["latency"] = latency
-        result.save(out, overwrite=overwrite)
+        result.save(out, overwrite=overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation
     return reports

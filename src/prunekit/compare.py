@@ -80,7 +80,8 @@ def compare(
     Returns:
         The content of compare.json.
     """
-    out_dir = check_output_dir(out_dir, overwrite)
+    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    out_dir = check_output_dir(out_dir, overwrite, inputs)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
     if metric not in task_spec.metrics:
@@ -125,7 +126,7 @@ def compare(
         "versions": library_versions(),
         "rows": [],
     }
-    with atomic_output_dir(out_dir, overwrite) as folder:
+    with atomic_output_dir(out_dir, overwrite, inputs) as folder:
         for spec in specs:
             options = dict(method_options.get(spec.name, {}))
             if seq_len is not None:

@@ -141,7 +141,8 @@ def finetune(
     spec = get_task(task)
     cfg = config if config is not None else FinetuneConfig()
     out = Path(out_dir).expanduser()
-    check_output_dir(out, overwrite)
+    inputs = (model_name_or_path, source)
+    check_output_dir(out, overwrite, inputs)
     device = cfg.resolved_device()
     max_length = cfg.max_length or spec.max_length
     is_qa = spec.kind == "squad"
@@ -220,7 +221,7 @@ def finetune(
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
-    with atomic_output_dir(out, overwrite) as staging:
+    with atomic_output_dir(out, overwrite, inputs) as staging:
         model.save_pretrained(staging)  # safetensors is the default format
         tokenizer.save_pretrained(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,8 @@ registered with the Auto classes here, once, so after ``import prunekit``::
     AutoModelForSequenceClassification.from_pretrained(folder)
 
 returns the pruned model. Output folders are written atomically: everything goes into a hidden
-temporary folder beside the target, which is renamed into place only when complete.
+temporary folder beside the target, which is renamed into place only when complete
+(:mod:`prunekit.outdir`, which also decides which folders ``overwrite`` may replace).
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from transformers import (
 
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
+from .outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -136,40 +135,6 @@ def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-# ---- output folders ------------------------------------------------------------------------------
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if ``out_dir`` may not be written."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is a file, not a folder; choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"output folder {out} already exists and is not empty; choose another output folder "
-            "or pass --overwrite (overwrite=True in Python)"
-        )
-    return out
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``out_dir``, on failure it is deleted."""
-    out = check_output_dir(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_pruned(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -177,12 +142,14 @@ def save_pruned(
     report: dict | None = None,
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
+    inputs: Iterable[str | Path | None] = (),
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically;
-    ``extra(folder)`` may add files (plots) before the folder is moved into place."""
+    ``extra(folder)`` may add files (plots) before the folder is moved into place. ``inputs`` are
+    the run's input paths, which the output may not touch (see :mod:`prunekit.outdir`)."""
     # Always re-derive the config: a reloaded pruned model may have been pruned again since.
     as_pruned_model(model)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
