@@ -8,6 +8,7 @@ layer counts) without repeating the configs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -206,6 +208,13 @@ def assert_reloads_identically(out: Path, head: str, shapes: list, batch: dict[s
     assert get_adapter(through_auto).layer_shapes() == shapes
     assert torch.equal(outputs_of(through_auto, batch), expected)
     return reloaded
+
+
+# Property tests (test_properties.py): a bounded, derandomized draw in CI; `deep` for a longer search.
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
