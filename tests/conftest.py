@@ -305,3 +305,23 @@ def make_sample_fixture() -> Callable[..., SimpleNamespace]:
 def outputs_of_fixture() -> Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]:
     """``outputs_of(model, batch)``: the head outputs (logits, or start/end logits stacked)."""
     return outputs_of
+
+
+def run_method(method: Callable, model: PreTrainedModel, sample, kind: str, config, prepared=None):
+    """Run a pruning method as the pipeline does (the model is the teacher, left unchanged by the
+    method) and cut ``model`` in place by the plan it returns; returns (plan, log)."""
+    from prunekit.data import TaskData
+    from prunekit.surgery import apply_plan
+
+    plan, log = method(model, TaskData(kind=kind, sample=sample, prepared=prepared), config)
+    apply_plan(model, plan)
+    return plan, log
+
+
+def assert_same_plan(first, second) -> None:
+    """Two plans are equal: indices, removals, hidden dims and every tensor bit for bit."""
+    assert first.to_dict() == second.to_dict()
+    a, b = first.tensors(), second.tensors()
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

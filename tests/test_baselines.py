@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_sample, outputs_of
+from conftest import make_sample, outputs_of, run_method
 
 from prunekit.accounting import count_flops, full_flops
 from prunekit.adapters import get_adapter
@@ -33,7 +33,7 @@ METHODS = [(magnitude, MagnitudeConfig), (random_prune, RandomConfig)]
 def test_meets_the_budget_and_equals_the_masked_form(tiny_model, family, head, method, config_class, keep):
     teacher = copy.deepcopy(tiny_model)
     sample = make_sample(family)
-    plan, log = method(tiny_model, sample, head, config_class(keep_flops=keep))
+    plan, log = run_method(method, tiny_model, sample, head, config_class(keep_flops=keep))
     seq_len = sample.mean_length
     assert count_flops(tiny_model, seq_len) <= keep * full_flops(teacher, seq_len) * (1 + 1e-9)
     heads, neurons = plan.masks(teacher)
@@ -53,7 +53,7 @@ def test_magnitude_is_deterministic_and_random_depends_on_the_seed(make_model):
         ("random-0b", random_prune, RandomConfig(keep_flops=0.5, seed=0)),
         ("random-1", random_prune, RandomConfig(keep_flops=0.5, seed=1)),
     ]:
-        plans[name] = method(make_model("bert", num_layers=3), sample, "classification", config)[0].to_dict()
+        plans[name] = run_method(method, make_model("bert", num_layers=3), sample, "classification", config)[0].to_dict()
     assert plans["magnitude-a"] == plans["magnitude-b"]
     assert plans["random-0a"] == plans["random-0b"]
     assert plans["random-0a"] != plans["random-1"]
@@ -68,14 +68,14 @@ def test_magnitude_keeps_the_largest_units(make_model):
     scores = magnitude_scores(adapter)
     assert int(torch.argmax(scores[("ffn", 0)])) == 5
     assert int(torch.argmax(scores[("attn", 1)])) == 1
-    plan, _ = magnitude(model, make_sample("bert"), "classification", MagnitudeConfig(keep_flops=0.2))
+    plan, _ = run_method(magnitude, model, make_sample("bert"), "classification", MagnitudeConfig(keep_flops=0.2))
     assert 5 in plan.layers[0].neurons
     assert 1 in plan.layers[1].heads
 
 
 def test_random_keeps_heads_and_neurons_in_similar_proportion(make_model):
     model = make_model("bert", num_layers=4)
-    random_prune(model, make_sample("bert"), "classification", RandomConfig(keep_flops=0.5, seed=3))
+    run_method(random_prune, model, make_sample("bert"), "classification", RandomConfig(keep_flops=0.5, seed=3))
     shapes = get_adapter(model).layer_shapes()
     heads = sum(s.num_heads for s in shapes) / (4 * 4)
     neurons = sum(s.intermediate_size for s in shapes) / (4 * 37)
@@ -93,7 +93,7 @@ def test_latency_budget(make_model, tmp_path, name):
     )
     path = str(table.save(tmp_path / "lut.json"))
     spec = get_method(name)
-    _, log = spec.run(model, make_sample("bert"), "classification", spec.make_config(keep_latency=0.4, lut=path))
+    _, log = run_method(spec.run, model, make_sample("bert"), "classification", spec.make_config(keep_latency=0.4, lut=path))
     adapter = get_adapter(model)
     costs = table.costs(adapter)
     counts = {(k, layer): (s.num_heads if k == "attn" else s.intermediate_size)

@@ -3,6 +3,7 @@ sublayers and a narrowed hidden size, checkpoint/resume, API and CLI (cofi.md; t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -12,6 +13,7 @@ from conftest import build_tiny_model, build_tokenizer, model_inputs_for, output
 
 from prunekit.accounting import count_prunable_params, full_prunable_params
 from prunekit.adapters import get_adapter
+from prunekit.data import TaskData, build_training_data
 from prunekit.errors import ConfigError
 from prunekit.l0 import (
     CofiGates,
@@ -24,12 +26,21 @@ from prunekit.masks import GateHolder, apply_gates
 from prunekit.methods.cofi import (
     CofiConfig,
     SizeModel,
-    build_task_data,
     cofi,
     default_teacher_layers,
+    gate_plan,
     match_layers,
-    prune_with_gates,
+    narrow_transform,
 )
+from prunekit.surgery import apply_plan
+
+
+def run_cofi(teacher, student, data, config, seq_len=16.0, checkpoint_dir=None, resume=False):
+    """CoFi through its method contract; returns the model rebuilt from the teacher by the plan."""
+    task_data = TaskData(kind=data.kind if data is not None else "classification", training=data, seq_len=seq_len,
+                         student_init=student, device="cpu", checkpoint_dir=checkpoint_dir, resume=resume)
+    plan, log = cofi(teacher, task_data, config)
+    return apply_plan(copy.deepcopy(teacher), plan), plan, log
 
 
 # ---- hard-concrete gates ---------------------------------------------------------------------------
@@ -118,7 +129,9 @@ def test_gated_model_equals_pruned_model(family, head, make_batch):
         holder.values = values
         gated = outputs_of(model, batch)
     transform = torch.nn.Linear(32, 32)
-    plan, narrowed = prune_with_gates(model, values, transform)
+    plan = gate_plan(model, values)
+    apply_plan(model, plan)
+    narrowed = narrow_transform(transform, plan)
     adapter = get_adapter(model)
     assert adapter.is_removed(1, "attn") and adapter.is_removed(2, "attn") and adapter.is_removed(0, "ffn")
     assert adapter.hidden_size == 28 and narrowed.in_features == 28
@@ -157,7 +170,7 @@ def test_size_model_params_and_flops_agree_with_accounting():
     from prunekit.accounting import count_flops, full_flops
 
     full = full_flops(model, 16.0)
-    prune_with_gates(model, values)
+    apply_plan(model, gate_plan(model, values))
     assert predicted == pytest.approx(1 - count_flops(model, 16.0) / full, abs=1e-9)
 
 
@@ -190,7 +203,9 @@ def test_default_teacher_layers_are_quarter_points():
 # ---- training ------------------------------------------------------------------------------------------
 def _data(tmp_path, config, n_train=48):
     folder = write_sst2(tmp_path / "sst2", n_train=n_train, n_dev=16)
-    return build_task_data("sst2", build_tokenizer(), str(folder), config, device="cpu")
+    return build_training_data("sst2", build_tokenizer(), str(folder), max_length=config.max_length,
+                               max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples,
+                               device="cpu")
 
 
 def _run(tmp_path, seed=0, **options):
@@ -200,7 +215,7 @@ def _run(tmp_path, seed=0, **options):
                     reg_lr=0.1, lr=1e-3, seed=seed)
     config = CofiConfig(**{**defaults, **options})
     data = _data(tmp_path, config)
-    return cofi(teacher, student, data, config, seq_len=16.0, device="cpu"), data
+    return run_cofi(teacher, student, data, config), data
 
 
 def test_controller_drives_expected_sparsity_to_the_target(tmp_path):
@@ -227,8 +242,8 @@ def test_resumed_run_continues_where_it_stopped(tmp_path):
     teacher = build_tiny_model("bert", "classification", num_labels=2)
     config = CofiConfig(keep_params=0.3, warmup_epochs=1, batch_size=8, reg_lr=0.1, lr=1e-3, **options)
     data = _data(tmp_path, config)
-    full_model, full_plan, _ = cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data, config,
-                                    16.0, device="cpu", checkpoint_dir=tmp_path / "full")
+    full_model, full_plan, _ = run_cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data,
+                                        config, checkpoint_dir=tmp_path / "full")
 
     calls = {"n": 0}
     collate = data.collate
@@ -241,13 +256,13 @@ def test_resumed_run_continues_where_it_stopped(tmp_path):
 
     data.collate = interrupted
     with pytest.raises(KeyboardInterrupt):
-        cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data, config, 16.0, device="cpu",
-             checkpoint_dir=tmp_path / "cut")
+        run_cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data, config,
+                 checkpoint_dir=tmp_path / "cut")
     state = json.loads((tmp_path / "cut" / "trainer_state.json").read_text())
     assert state["stage"] == "prune" and 5 <= state["step"] < 24
     data.collate = collate
-    resumed, resumed_plan, _ = cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data, config,
-                                    16.0, device="cpu", checkpoint_dir=tmp_path / "cut", resume=True)
+    resumed, resumed_plan, _ = run_cofi(teacher, build_tiny_model("bert", "classification", num_labels=2), data,
+                                        config, checkpoint_dir=tmp_path / "cut", resume=True)
     assert resumed_plan.to_dict() == full_plan.to_dict()
     batch = data.collate(data.features[:6])
     batch.pop("labels")
@@ -258,7 +273,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     config = CofiConfig(keep_params=0.5, epochs=1, finetune_epochs=0)
     model = build_tiny_model("bert", "classification", num_labels=2)
     with pytest.raises(ConfigError, match="nothing to resume"):
-        cofi(model, model, None, config, 16.0, device="cpu", checkpoint_dir=tmp_path, resume=True)
+        run_cofi(model, model, None, config, checkpoint_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -106,7 +106,7 @@ def test_other_families(make_model, family):
 def test_kprune_takes_latency_per_unit_costs(make_model, tmp_path):
     """Under a latency budget Kprune scores and budgets with per-unit latencies (a sublayer type's
     fitted full latency over its units); the kept per-unit cost fits the budget."""
-    from conftest import make_sample
+    from conftest import make_sample, run_method
 
     from prunekit.lut import per_unit_costs
     from prunekit.methods.kprune import KpruneConfig, kprune
@@ -124,7 +124,7 @@ def test_kprune_takes_latency_per_unit_costs(make_model, tmp_path):
     fits = table.fits()
     assert unit.head == pytest.approx(fits["attn"](4) / 4) and unit.neuron == pytest.approx(fits["ffn"](37) / 37)
     full = 2 * (4 * unit.head + 37 * unit.neuron)
-    _, log = kprune(model, make_sample("bert"), "classification", KpruneConfig(keep_latency=0.4, lut=path))
+    _, log = run_method(kprune, model, make_sample("bert"), "classification", KpruneConfig(keep_latency=0.4, lut=path))
     assert sum(step["kept_cost"] for step in log["steps"]) <= 0.4 * full * (1 + 1e-9)
     with pytest.raises(ConfigError, match="prunekit lut"):
         KpruneConfig(keep_latency=0.4)

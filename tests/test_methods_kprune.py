@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import run_method
 
 import prunekit
 from prunekit import ConfigError, count_flops
@@ -27,7 +28,7 @@ PAIRS = [("bert", "classification"), ("roberta", "regression"), ("distilbert", "
 
 
 def run_kprune(model, sample, head: str, **options):
-    return kprune(model, sample, head, KpruneConfig(**options))
+    return run_method(kprune, model, sample, head, KpruneConfig(**options))
 
 
 def plan_shapes(plan: PruningPlan) -> list[LayerShape]:
@@ -221,7 +222,7 @@ def test_bad_configs_raise_config_error(options):
 def test_bad_task_kind_and_method_options(make_model, make_sample):
     model = make_model("bert")
     with pytest.raises(ConfigError, match="unknown task kind"):
-        kprune(model, make_sample("bert"), "ranking", KpruneConfig())
+        run_method(kprune, model, make_sample("bert"), "ranking", KpruneConfig())
     assert not get_adapter(model).is_pruned()
     spec = get_method("kprune")
     assert spec is METHODS["kprune"]

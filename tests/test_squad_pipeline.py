@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, build_tiny_model, build_tokenizer, outputs_of
+from conftest import WORDS, build_tiny_model, build_tokenizer, outputs_of, run_method
 from transformers import BertConfig, BertForQuestionAnswering
 
 import prunekit
@@ -271,7 +271,7 @@ def test_kprune_on_a_tiny_qa_model_meets_the_budget(keep, options):
     tokenizer = build_tokenizer()
     model = build_tiny_model("bert", "qa")
     sample = _synthetic_sample(tokenizer)
-    plan, log = kprune(model, sample, "qa", KpruneConfig(keep_flops=keep, seq_len=170.0, **options))
+    plan, log = run_method(kprune, model, sample, "qa", KpruneConfig(keep_flops=keep, seq_len=170.0, **options))
     assert log["seq_len"] == 170.0
     assert count_flops(model, 170.0) <= keep * full_flops(model, 170.0) * (1 + 1e-9)
     assert get_adapter(model).is_pruned()
@@ -282,7 +282,7 @@ def test_physically_pruned_qa_model_equals_the_masked_original():
     original = build_tiny_model("bert", "qa")
     sample = _synthetic_sample(tokenizer)
     model = copy.deepcopy(original)
-    plan, _ = kprune(model, sample, "qa", KpruneConfig(keep_flops=0.45, sublayer_tuning=False, mask_special=True))
+    plan, _ = run_method(kprune, model, sample, "qa", KpruneConfig(keep_flops=0.45, sublayer_tuning=False, mask_special=True))
     head_masks, neuron_masks = plan.masks(original)
     for batch in sample.batches:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -294,9 +294,9 @@ def test_physically_pruned_qa_model_equals_the_masked_original():
 def test_mask_special_needs_a_p_mask_and_a_qa_task(make_sample):
     model = build_tiny_model("bert", "qa")
     with pytest.raises(ConfigError, match="p_mask"):
-        kprune(model, make_sample("bert"), "qa", KpruneConfig(mask_special=True))
+        run_method(kprune, model, make_sample("bert"), "qa", KpruneConfig(mask_special=True))
     with pytest.raises(ConfigError, match="question answering only"):
-        kprune(build_tiny_model("bert"), make_sample("bert"), "classification", KpruneConfig(mask_special=True))
+        run_method(kprune, build_tiny_model("bert"), make_sample("bert"), "classification", KpruneConfig(mask_special=True))
 
 
 def test_prune_api_counts_squad_flops_at_170_tokens():

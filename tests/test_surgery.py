@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_plan
 from torch import nn
 
 from prunekit.adapters import LayerShape, get_adapter
@@ -278,10 +279,17 @@ def test_pruning_plan_round_trip():
         ]
     )
     data = plan.to_dict()
-    restored = PruningPlan.from_dict(json.loads(json.dumps(data)))
-    assert restored == plan
+    assert data["tensors"] == ["layers.0.head_scales"]  # JSON holds indices; tensors go to plan.safetensors
+    restored = PruningPlan.from_dict(json.loads(json.dumps(data)), plan.tensors())
+    assert_same_plan(restored, plan)
     assert restored.to_dict() == data
-    assert PruningPlan.from_dict(PruningPlan().to_dict()) == PruningPlan()
+    assert_same_plan(PruningPlan.from_dict(PruningPlan().to_dict()), PruningPlan())
+    # A plan dict from a prune_report.json written before plan files (scales as lists) still reads.
+    legacy = {"layers": [{"heads": [0, 2], "neurons": [1, 5, 7], "head_scales": [0.5, -1.0, 2.0, 0.0],
+                          "neuron_scales": None}, {"heads": [], "neurons": None}, {"heads": None, "neurons": None}]}
+    assert_same_plan(PruningPlan.from_dict(legacy), plan)
+    with pytest.raises(ValueError, match="names tensors"):
+        PruningPlan.from_dict(data)
 
 
 def test_plan_masks(make_model):

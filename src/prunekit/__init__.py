@@ -5,10 +5,10 @@ Importing prunekit registers its pruned-model classes with the transformers Auto
 """
 
 from .accounting import count_flops, count_params
-from .api import PruneResult, prune
+from .api import PruneOptions, PruneResult, apply_plan, prune
 from .bench import measure_latency
 from .errors import ConfigError, DataError, ModelError, PrunekitError
-from .io import load_model, load_pruned, save_pruned
+from .io import load_model, load_plan, load_pruned, save_pruned
 
 __version__ = "0.1.0"
 
@@ -16,12 +16,15 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ModelError",
+    "PruneOptions",
     "PruneResult",
     "PrunekitError",
     "__version__",
+    "apply_plan",
     "count_flops",
     "count_params",
     "load_model",
+    "load_plan",
     "load_pruned",
     "measure_latency",
     "prune",

@@ -1,20 +1,28 @@
 """The Python API a user calls; the CLI calls exactly these functions.
 
-``prune`` takes a fine-tuned model, draws the calibration sample, runs a method from
-``prunekit.methods`` and hands back a physically pruned model with its report. ``prune_many``
-does the same for several budgets from one calibration; ``prune_and_save`` and
-``prune_and_save_many`` are the CLI's ``prunekit prune`` workflow (prune, evaluate, benchmark,
-save).
+One pipeline for every method, calibration-based or training-based:
+
+    load -> data -> method -> plan -> surgery -> report -> save
+
+``prune`` takes a fine-tuned model, builds the method's task data (a calibration sample, or
+training features and a dev scorer), runs a method from ``prunekit.methods`` (which returns a
+plan and leaves the teacher unchanged), applies the plan to a copy of the teacher
+(``prunekit.surgery.apply_plan``, the one surgery path) and hands back the pruned model with its
+report. ``prune_many`` does the same for several budgets from one calibration; ``prune_and_save``
+and ``prune_and_save_many`` are the CLI's ``prunekit prune`` workflow (prune, evaluate, benchmark,
+save). All four take one :class:`PruneOptions` (or its fields as keyword arguments; any other
+keyword is a method option). ``apply_plan`` rebuilds a saved pruned model from its teacher.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +32,16 @@ from torch import nn
 from .accounting import count_flops, count_params, full_flops
 from .adapters import get_adapter
 from .bench import measure_latency
-from .data import CalibrationSample, build_calibration_sample
-from .errors import ConfigError
-from .io import as_pruned_model, check_output_dir, load_model, load_tokenizer, save_pruned
+from .data import CalibrationSample, TaskData, build_calibration_sample, build_training_data
+from .errors import ConfigError, ModelError
+from .io import as_pruned_model, check_output_dir, load_model, load_plan, load_tokenizer, save_pruned
 from .lut import sublayer_costs
-from .methods import get_method
+from .methods import MethodSpec, get_method
 from .reports import plot_structure
 from .runtime import library_versions, peak_rss_bytes, resolve_device
 from .search import current_widths, full_widths, total_cost
 from .surgery import PruningPlan
+from .surgery import apply_plan as _surgery
 from .tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -49,7 +58,8 @@ class PruneResult:
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
         """Write the model folder: config.json, model.safetensors, tokenizer files,
-        prune_report.json (with the plan) and structure.png, atomically. ``inputs`` (the teacher's
+        prune_report.json (with the plan's indices), plan.json + plan.safetensors (the whole plan,
+        for ``prunekit apply-plan``) and structure.png, atomically. ``inputs`` (the teacher's
         folder, the data) are paths the output may not touch."""
         report = dict(self.report)
         report["plan"] = self.plan.to_dict()
@@ -63,7 +73,68 @@ class PruneResult:
             )
 
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
-                           extra=plot, inputs=inputs)
+                           extra=plot, inputs=inputs, plan=self.plan)
+
+
+@dataclass
+class PruneOptions:
+    """Everything a pruning run takes besides the model, tokenizer and data (one object for
+    ``prune``, ``prune_many``, ``prune_and_save`` and ``prune_and_save_many``).
+
+    Attributes:
+        task: the task name or spec (its head, loss and data reader).
+        method: a name in ``prunekit.methods.METHODS``.
+        keep_flops, keep_latency, keep_params: the budget, a fraction in (0, 1) or several (one
+            pruning each); at most one of the three. ``keep_latency`` needs a latency table
+            (``method_options["lut"]``); ``keep_params`` is CoFi's. Default: keep 0.5 of the FLOPs.
+        num_tokens, num_sequences: calibration sample size (default: the method's own).
+        seed: the sample draw and the method's seed.
+        device: cpu, cuda, cuda:N or None (auto).
+        batch_size: calibration batch size (default the task's); for training methods, their
+            training batch size.
+        sort_by_length: calibration batches of similar lengths.
+        method_options: the method's hyperparameters (e.g. ``temperature``, ``lam_rep``, ``seq_len``;
+            CoFi's ``student_init``, ``checkpoint_dir``, ``resume``).
+        overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len: ``prune_and_save`` only:
+            replace a folder prunekit wrote, evaluate on dev, time against the teacher.
+    """
+
+    task: str | TaskSpec = "sst2"
+    method: str = "kprune"
+    keep_flops: float | Sequence[float] | None = None
+    keep_latency: float | Sequence[float] | None = None
+    keep_params: float | Sequence[float] | None = None
+    num_tokens: int | None = None
+    num_sequences: int | None = None
+    seed: int = 0
+    device: str | torch.device | None = None
+    batch_size: int | None = None
+    sort_by_length: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    run_eval: bool = True
+    run_bench: bool = True
+    bench_batch_size: int = 32
+    bench_seq_len: int = 128
+
+    @classmethod
+    def of(cls, options: PruneOptions | str | TaskSpec | None = None, **kwargs: Any) -> PruneOptions:
+        """Options from an options object and keyword arguments (which win); a keyword that is no
+        field is a method option. A task given in place of the options (the old positional
+        ``task``) is the task."""
+        if isinstance(options, str | TaskSpec):
+            kwargs.setdefault("task", options)
+            options = None
+        if options is not None and not isinstance(options, PruneOptions):
+            raise ConfigError(f"options must be a PruneOptions, got {type(options).__name__}")
+        base = options or cls()
+        names = {f.name for f in fields(cls)} - {"method_options"}
+        method_options = {**base.method_options, **kwargs.pop("method_options", {})}
+        method_options |= {k: v for k, v in kwargs.items() if k not in names}
+        return replace(base, method_options=method_options, **{k: v for k, v in kwargs.items() if k in names})
+
+    def budgets(self) -> list[Budget]:
+        return budgets_from(self.keep_flops, self.keep_latency, self.keep_params)
 
 
 def loss_kind(task: TaskSpec) -> str:
@@ -103,32 +174,53 @@ def budget_name(budget: Budget) -> str:
     return f"keep-{budget[0]}-{budget[1]:g}"
 
 
-def _configs(spec: Any, budgets: list[Budget], seed: int, options: dict[str, Any]) -> list[Any]:
+# Method options that are run settings of a training method, not hyperparameters.
+RUN_OPTIONS = ("student_init", "checkpoint_dir", "resume")
+
+
+def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, task: TaskSpec) -> list[Any]:
     """One method config per budget (all built before any work, so bad options fail early)."""
     known = {f.name for f in fields(spec.config_class)}
-    options = dict(options)
+    method_options = {k: v for k, v in options.method_options.items() if not (spec.training and k in RUN_OPTIONS)}
     if "seed" in known:
-        options.setdefault("seed", seed)  # e.g. the random baseline draws from the run's seed
+        method_options.setdefault("seed", options.seed)  # e.g. the random baseline draws from the run's seed
+    if spec.training and options.batch_size is not None:
+        method_options.setdefault("batch_size", options.batch_size)  # no calibration batches to size
+    if task.flops_seq_len is not None and "seq_len" in known and method_options.get("seq_len") is None:
+        # SQuAD counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks
+        # have none and keep the calibration sample's mean length.
+        method_options["seq_len"] = task.flops_seq_len
     configs = []
     for kind, value in budgets:
         if kind == "latency":
             if "keep_latency" not in known:
                 raise ConfigError(f"method {spec.name!r} does not take a latency budget; use keep_flops")
-            configs.append(spec.make_config(keep_flops=1.0, keep_latency=value, **options))
+            configs.append(spec.make_config(keep_flops=1.0, keep_latency=value, **method_options))
+        elif kind == "params":
+            if "keep_params" not in known:
+                raise ConfigError(f"method {spec.name!r} takes keep_flops or keep_latency; keep_params is "
+                                  "CoFi's budget (prunable parameters kept)")
+            configs.append(spec.make_config(keep_params=value, **method_options))
         else:
-            configs.append(spec.make_config(keep_flops=value, **options))
+            configs.append(spec.make_config(keep_flops=value, **method_options))
     return configs
 
 
-def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec) -> tuple[nn.Module, Any]:
-    """The teacher as a model the caller's object is safe from (a folder is loaded, a model copied)."""
+def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec, device: torch.device
+             ) -> tuple[nn.Module, Any]:
+    """The teacher: a folder is loaded; a given model is used as it is (methods and surgery never
+    change it), or copied when it lives on another device than the run's."""
     if isinstance(model, str | Path):
         tokenizer = tokenizer or load_tokenizer(model)
         teacher = load_model(model, head=task.head)
     else:
-        teacher = copy.deepcopy(model)
-    get_adapter(teacher)  # unsupported architectures fail here, before any work
-    return teacher, tokenizer
+        get_adapter(model)  # unsupported architectures fail here, before any work
+        first = next(model.parameters(), None)
+        on_device = first is None or first.device == torch.device(device) or (
+            first.device.type == torch.device(device).type and torch.device(device).index is None)
+        teacher = model if on_device else copy.deepcopy(model)
+    get_adapter(teacher)
+    return teacher.to(device), tokenizer
 
 
 def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, float]:
@@ -137,313 +229,237 @@ def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, flo
     return {"flops": flops, "params": count_params(model), "encoder_params": count_params(model, encoder_only=True)}
 
 
-def _with_task_seq_len(spec: Any, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
-    """The method options with the task's FLOPs length as ``seq_len`` when none is given: SQuAD
-    counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks have none and
-    keep the calibration sample's mean length."""
-    known = {f.name for f in fields(spec.config_class)}
-    if task.flops_seq_len is None or "seq_len" not in known or options.get("seq_len") is not None:
-        return options
-    return {**options, "seq_len": task.flops_seq_len}
-
-
-def prune(
-    model: nn.Module | str | Path,
-    tokenizer: Any = None,
-    data: str | Path | CalibrationSample | None = None,
-    task: str | TaskSpec = "sst2",
-    method: str = "kprune",
-    keep_flops: float | None = None,
-    keep_latency: float | None = None,
-    num_tokens: int | None = None,
-    num_sequences: int | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    sort_by_length: bool = True,
-    **method_options: Any,
-) -> PruneResult:
-    """Prune a fine-tuned model to keep ``keep_flops`` of its encoder FLOPs (or ``keep_latency``
-    of its latency, with a latency table passed as ``lut=``).
-
-    Args:
-        model: a model or a model folder (loaded with the task's head). A given model is copied,
-            never changed.
-        tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
-        data: the task's data source (GLUE folder, CSV/JSONL, hub name; SQuAD JSON file or folder,
-            or a list of SQuAD examples) or a ready ``CalibrationSample``.
-        keep_flops: fraction of the encoder FLOPs kept, in (0, 1); 0.5 when no budget is given.
-        keep_latency: fraction of the latency kept, in (0, 1), instead of keep_flops; needs
-            ``lut=`` (a table from ``prunekit lut``).
-        num_tokens, num_sequences: calibration sample size in tokens (spec §1.2) or sequences;
-            default the method's own (Kprune 100,000 tokens, Kwon et al. 2,048 sequences).
-        method_options: the method's hyperparameters (e.g. ``temperature``, ``lam_rep``, ``seq_len``).
-    Returns:
-        A ``PruneResult`` with ``.model``, ``.report`` and ``.save(dir)``.
-    """
-    budgets = budgets_from(keep_flops, keep_latency)
-    if len(budgets) != 1:
-        raise ConfigError("prune takes one budget; use prune_many for several")
-    return prune_many(model, tokenizer, data, task=task, method=method, keep_flops=keep_flops,
-                      keep_latency=keep_latency, num_tokens=num_tokens, num_sequences=num_sequences, seed=seed,
-                      device=device, batch_size=batch_size, sort_by_length=sort_by_length, **method_options)[0]
-
-
-def prune_many(
-    model: nn.Module | str | Path,
-    tokenizer: Any = None,
-    data: str | Path | CalibrationSample | None = None,
-    task: str | TaskSpec = "sst2",
-    method: str = "kprune",
-    keep_flops: float | Sequence[float] | None = None,
-    keep_latency: float | Sequence[float] | None = None,
-    num_tokens: int | None = None,
-    num_sequences: int | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    sort_by_length: bool = True,
-    **method_options: Any,
-) -> list[PruneResult]:
-    """One calibration, many budgets: like :func:`prune` for each budget in ``keep_flops`` (or
-    ``keep_latency``), in order, reusing what does not depend on the budget. The sample is drawn
-    once, the method's ``prepare`` step (Kwon et al.'s Fisher gradients) runs once on the teacher,
-    and each budget prunes a fresh copy of the teacher.
-
-    Each report's ``prune_seconds`` is what that budget alone costs (the shared step included);
-    ``prepare_seconds`` and ``run_seconds`` split it.
-    """
-    spec = get_method(method)
-    task = get_task(task)
-    if spec.training:
-        return _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
-                                  method_options)
-    budgets = budgets_from(keep_flops, keep_latency)
-    configs = _configs(spec, budgets, seed, _with_task_seq_len(spec, task, method_options))
-    device = resolve_device(device)
-    teacher, tokenizer = _teacher(model, tokenizer, task)
+def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, options: PruneOptions,
+               config: Any, device: torch.device, budgets: list[Budget]) -> TaskData:
+    """The method's task data: a calibration sample, or training features and a dev scorer."""
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
+    kind = loss_kind(task)
+    if spec.training:
+        if isinstance(data, CalibrationSample):
+            raise ConfigError(f"method {spec.name!r} trains: pass the task's data (train and dev splits), "
+                              "not a calibration sample")
+        if tokenizer is None:
+            raise ConfigError("a tokenizer is needed to tokenize the training data")
+        run = {k: options.method_options.get(k) for k in RUN_OPTIONS}
+        if run["checkpoint_dir"] is not None and len(budgets) > 1:
+            raise ConfigError("checkpoint_dir holds one run: prune one budget at a time when checkpointing")
+        student_init = run["student_init"]
+        if isinstance(student_init, str | Path):
+            student_init = load_model(student_init, head=task.head)
+        training = build_training_data(
+            task, tokenizer, data, **{name: getattr(config, name, None) for name in (
+                "max_length", "doc_stride", "max_train_samples", "max_eval_samples")}, device=device)
+        return TaskData(kind=kind, training=training, student_init=student_init, checkpoint_dir=run["checkpoint_dir"],
+                        resume=bool(run["resume"]), device=device)
     if isinstance(data, CalibrationSample):
         sample = data
     else:
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build the calibration sample from data")
-        size = {"num_tokens": num_tokens, "num_sequences": num_sequences}
-        if num_tokens is None and num_sequences is None:
+        size = {"num_tokens": options.num_tokens, "num_sequences": options.num_sequences}
+        if options.num_tokens is None and options.num_sequences is None:
             size |= spec.sample_size
         sample = build_calibration_sample(
             task, tokenizer, data, num_tokens=size["num_tokens"] or 100_000, num_sequences=size["num_sequences"],
-            seed=seed, batch_size=batch_size or task.batch_size, sort_by_length=sort_by_length,
+            seed=options.seed, batch_size=options.batch_size or task.batch_size,
+            sort_by_length=options.sort_by_length,
         )
-    sample = sample.to(device)
-    teacher.to(device).eval()
-    kind = loss_kind(task)
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    prepared, prepare_seconds = None, 0.0
-    # Shared work pays only across budgets; with one budget the method calibrates itself and can
-    # free what it no longer needs as it goes (Kprune's layer-0 tensors).
-    if spec.prepare is not None and len(budgets) > 1:
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        prepared = spec.prepare(teacher, sample, kind, configs[0])
-        prepare_seconds = time.perf_counter() - start
-    results = []
-    for (budget_kind, keep), config in zip(budgets, configs, strict=True):
-        model = copy.deepcopy(teacher)
-        torch.manual_seed(seed)
-        seq_len = getattr(config, "seq_len", None) or sample.mean_length
-        before = _size(model, seq_len, full=True)
-        logger.info("pruning with %s to keep %.3f of %s on %s", method, keep, budget_kind, device)
-        start = time.perf_counter()
-        if prepared is None:
-            plan, log = spec.run(model, sample, kind, config)
-        else:
-            plan, log = spec.run(model, sample, kind, config, prepared=prepared)
-        run_seconds = time.perf_counter() - start
-        as_pruned_model(model)
-        after = _size(model, seq_len)
-        adapter = get_adapter(model)
-        report = {
-            "method": method,
-            "task": task.name,
-            "budget": {"kind": budget_kind, "keep": keep},
-            "keep_flops": keep if budget_kind == "flops" else None,
-            "keep_latency": keep if budget_kind == "latency" else None,
-            "seed": seed,
-            "hyperparameters": asdict(config),
-            "flops_seq_len": seq_len,
-            "sample": sample.summary(),
-            "before": before,
-            "after": after,
-            "flops_kept": after["flops"] / before["flops"],
-            "params_kept": after["params"] / before["params"],
-            "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
-            "prune_seconds": prepare_seconds + run_seconds,
-            "prepare_seconds": prepare_seconds,
-            "run_seconds": run_seconds,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "device": str(device),
-            "versions": library_versions(),
-            "method_log": log,
-        }
-        if budget_kind == "latency":
-            costs = sublayer_costs(adapter, seq_len, config.lut)
-            full = total_cost(costs, full_widths(adapter))
-            report["latency_kept_estimated"] = total_cost(costs, current_widths(adapter)) / full if full > 0 else None
-        logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
-                    report["flops_kept"], report["params_kept"])
-        results.append(PruneResult(model=model, tokenizer=tokenizer, plan=plan, report=report))
-    return results
+    return TaskData(kind=kind, sample=sample.to(device), device=device)
 
 
-def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
-                       method_options: dict[str, Any]) -> list[PruneResult]:
-    """CoFi's path: train on the task's train split (scored on its dev split) once per budget.
+def _flops_seq_len(config: Any, data: TaskData, task: TaskSpec) -> float:
+    """The FLOPs length of the report: the config's, else the sample's mean length, else (training
+    methods) the task's FLOPs or average length."""
+    if getattr(config, "seq_len", None):
+        return config.seq_len
+    if data.sample is not None:
+        return data.sample.mean_length
+    return task.flops_seq_len or task.avg_seq_len
 
-    Budgets are ``keep_params`` (CoFi's own: 1 - sparsity) or ``keep_flops``; a method option
-    ``student_init`` (a model folder or model) replaces the copy of the teacher as the student,
-    ``checkpoint_dir`` and ``resume`` checkpoint and continue a run.
+
+def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, options: PruneOptions, data: TaskData,
+            seq_len: float, before: dict, student: nn.Module, log: dict, seconds: dict[str, float],
+            device: torch.device) -> dict[str, Any]:
+    """The prune report, for every method (built here only)."""
+    budget_kind, keep = budget
+    after = _size(student, seq_len)
+    adapter = get_adapter(student)
+    report = {
+        "method": spec.name,
+        "task": task.name,
+        "budget": {"kind": budget_kind, "keep": keep},
+        "keep_flops": keep if budget_kind == "flops" else None,
+        "keep_latency": keep if budget_kind == "latency" else None,
+        "seed": options.seed,
+        "hyperparameters": asdict(config),
+        "flops_seq_len": seq_len,
+        "sample": data.sample.summary() if data.sample is not None else None,
+        "before": before,
+        "after": after,
+        "flops_kept": after["flops"] / before["flops"],
+        "params_kept": after["params"] / before["params"],
+        "hidden_size": adapter.hidden_size,
+        "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
+        "prune_seconds": sum(seconds.values()),
+        **{f"{name}_seconds": value for name, value in seconds.items()},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "device": str(device),
+        "versions": library_versions(),
+        "method_log": log,
+    }
+    if spec.report_fields is not None:
+        report |= spec.report_fields(config, log)
+    if budget_kind == "latency":
+        costs = sublayer_costs(adapter, seq_len, config.lut)
+        full = total_cost(costs, full_widths(adapter))
+        report["latency_kept_estimated"] = total_cost(costs, current_widths(adapter)) / full if full > 0 else None
+    return report
+
+
+def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options: PruneOptions) -> list[PruneResult]:
+    """load -> data -> method -> plan -> surgery -> report, once per budget."""
+    spec = get_method(options.method)
+    task = get_task(options.task)
+    budgets = options.budgets()
+    configs = _configs(spec, budgets, options, task)
+    device = resolve_device(options.device)
+    teacher, tokenizer = _teacher(model, tokenizer, task, device)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        prepare_seconds = 0.0
+        # Shared work pays only across budgets; with one budget the method calibrates itself and can
+        # free what it no longer needs as it goes (Kprune's layer-0 tensors).
+        if spec.prepare is not None and len(budgets) > 1:
+            torch.manual_seed(options.seed)
+            start = time.perf_counter()
+            task_data.prepared = spec.prepare(teacher, task_data, configs[0])
+            prepare_seconds = time.perf_counter() - start
+        results = []
+        for budget, config in zip(budgets, configs, strict=True):
+            torch.manual_seed(options.seed)
+            logger.info("pruning with %s to keep %.3f of %s on %s", spec.name, budget[1], budget[0], device)
+            if spec.training:
+                task_data.seq_len = _flops_seq_len(config, task_data, task)
+            seq_len = _flops_seq_len(config, task_data, task)
+            before = _size(teacher, seq_len, full=True)
+            start = time.perf_counter()
+            plan, log = spec.run(teacher, task_data, config)
+            run_seconds = time.perf_counter() - start
+            gc.collect()  # the method's working copies go before the student is built
+            start = time.perf_counter()
+            student = as_pruned_model(_surgery(copy.deepcopy(teacher), plan))
+            surgery_seconds = time.perf_counter() - start
+            seconds = {"prepare": prepare_seconds, "run": run_seconds, "surgery": surgery_seconds}
+            report = _report(spec, task, budget, config, options, task_data, seq_len, before, student, log, seconds,
+                             device)
+            logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
+                        report["flops_kept"], report["params_kept"])
+            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report))
+        return results
+    finally:
+        teacher.train(was_training)
+
+
+def prune(model: nn.Module | str | Path, tokenizer: Any = None, data: str | Path | CalibrationSample | None = None,
+          options: PruneOptions | str | None = None, **kwargs: Any) -> PruneResult:
+    """Prune a fine-tuned model to keep ``keep_flops`` of its encoder FLOPs (or ``keep_latency``
+    of its latency, with a latency table passed as ``lut=``).
+
+    Args:
+        model: a model or a model folder (loaded with the task's head). A given model is never
+            changed.
+        tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
+        data: the task's data source (GLUE folder, CSV/JSONL, hub name; SQuAD JSON file or folder,
+            or a list of SQuAD examples) or a ready ``CalibrationSample``.
+        options: a :class:`PruneOptions`; or give its fields as keyword arguments (``task``,
+            ``method``, ``keep_flops``, ``keep_latency``, ``keep_params``, ``num_tokens``,
+            ``num_sequences``, ``seed``, ``device``, ``batch_size``, ``sort_by_length``); any other
+            keyword is a method option (e.g. ``temperature``, ``lam_rep``, ``seq_len``).
+    Returns:
+        A ``PruneResult`` with ``.model``, ``.plan``, ``.report`` and ``.save(dir)``.
     """
-    from .methods.cofi import build_task_data
-
-    options = dict(method_options)
-    student_init = options.pop("student_init", None)
-    checkpoint_dir = options.pop("checkpoint_dir", None)
-    resume = bool(options.pop("resume", False))
-    budgets = budgets_from(keep_flops, keep_latency, options.pop("keep_params", None))
-    if budgets[0][0] == "latency":
-        raise ConfigError(f"method {spec.name!r} takes keep_params or keep_flops, not a latency budget")
-    if data is None or isinstance(data, CalibrationSample):
-        raise ConfigError(f"method {spec.name!r} trains: pass the task's data (train and dev splits), "
-                          "not a calibration sample")
-    if checkpoint_dir is not None and len(budgets) > 1:
-        raise ConfigError("checkpoint_dir holds one run: prune one budget at a time when checkpointing")
-    device = resolve_device(device)
-    teacher, tokenizer = _teacher(model, tokenizer, task)
-    if tokenizer is None:
-        raise ConfigError("a tokenizer is needed to tokenize the training data")
-    if isinstance(student_init, str | Path):
-        student_init = load_model(student_init, head=task.head)
-    configs = [spec.make_config(**{f"keep_{kind}": keep}, seed=seed, **options) for kind, keep in budgets]
-    data_cache = None
-    results = []
-    for (kind, keep), config in zip(budgets, configs, strict=True):
-        if data_cache is None:
-            data_cache = build_task_data(task, tokenizer, data, config, device=device)
-        seq_len = config.seq_len or task.flops_seq_len or task.avg_seq_len
-        student = copy.deepcopy(student_init if student_init is not None else teacher)
-        before = _size(teacher, seq_len, full=True)
-        logger.info("pruning with %s to keep %.3f of %s on %s", spec.name, keep, kind, device)
-        start = time.perf_counter()
-        pruned, plan, log = spec.run(teacher, student, data_cache, config, seq_len, device=device,
-                                     checkpoint_dir=checkpoint_dir, resume=resume)
-        seconds = time.perf_counter() - start
-        as_pruned_model(pruned)
-        after = _size(pruned, seq_len)
-        adapter = get_adapter(pruned)
-        report = {
-            "method": spec.name, "task": task.name, "budget": {"kind": kind, "keep": keep},
-            "keep_flops": keep if kind == "flops" else None, "keep_params": keep if kind == "params" else None,
-            "keep_latency": None, "seed": seed, "hyperparameters": asdict(config), "flops_seq_len": seq_len,
-            "before": before, "after": after,
-            "flops_kept": after["flops"] / before["flops"], "params_kept": after["params"] / before["params"],
-            "prunable_params_kept": 1.0 - log["achieved_param_sparsity"],
-            "target_sparsity": config.target_sparsity, "achieved_sparsity": (
-                log["achieved_param_sparsity"] if kind == "params" else 1.0 - log["achieved_flops_kept"]),
-            "hidden_size": adapter.hidden_size,
-            "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
-            "prune_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
-            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "device": str(device), "versions": library_versions(), "method_log": log,
-        }  # fmt: skip
-        logger.info("pruned in %.1f s: FLOPs kept %.4f, prunable params kept %.4f", seconds, report["flops_kept"],
-                    report["prunable_params_kept"])
-        pruned.to("cpu" if device.type == "cpu" else device)
-        results.append(PruneResult(model=pruned, tokenizer=tokenizer, plan=plan, report=report))
-    return results
+    options = PruneOptions.of(options, **kwargs)
+    if len(options.budgets()) != 1:
+        raise ConfigError("prune takes one budget; use prune_many for several")
+    return _pipeline(model, tokenizer, data, options)[0]
 
 
-def prune_and_save(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    data: str | Path,
-    task: str | TaskSpec = "sst2",
-    method: str = "kprune",
-    keep_flops: float | None = None,
-    keep_latency: float | None = None,
-    num_tokens: int | None = None,
-    num_sequences: int | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-    run_eval: bool = True,
-    run_bench: bool = True,
-    bench_batch_size: int = 32,
-    bench_seq_len: int = 128,
-    **method_options: Any,
-) -> dict[str, Any]:
+def prune_many(model: nn.Module | str | Path, tokenizer: Any = None,
+               data: str | Path | CalibrationSample | None = None, options: PruneOptions | str | None = None,
+               **kwargs: Any) -> list[PruneResult]:
+    """One calibration, many budgets: like :func:`prune` for each budget in ``keep_flops`` (or
+    ``keep_latency``, ``keep_params``), in order, reusing what does not depend on the budget. The
+    sample is drawn once, the method's ``prepare`` step (Kwon et al.'s Fisher gradients) runs once
+    on the teacher, and each budget's plan is applied to a fresh copy of the teacher.
+
+    Each report's ``prune_seconds`` is what that budget alone costs (the shared step included);
+    ``prepare_seconds``, ``run_seconds`` and ``surgery_seconds`` split it.
+    """
+    return _pipeline(model, tokenizer, data, PruneOptions.of(options, **kwargs))
+
+
+def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path) -> nn.Module:
+    """Rebuild a pruned model from its teacher: ``plan`` is a :class:`PruningPlan` or a pruned
+    folder (its plan.json + plan.safetensors). A teacher folder is loaded with the head the plan's
+    folder was saved with; a given teacher model is copied, never changed. Returns the pruned
+    model, ready for ``save_pruned``."""
+    from .io import load_pruned
+
+    plan = load_plan(plan)
+    model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
+    try:
+        return as_pruned_model(_surgery(model, plan))
+    except (ValueError, IndexError, RuntimeError) as err:
+        raise ModelError(f"the plan does not fit this teacher: {err}; pass the model the plan was made from") from err
+
+
+def prune_and_save(model_dir: str | Path, out_dir: str | Path, data: str | Path,
+                   options: PruneOptions | str | None = None, **kwargs: Any) -> dict[str, Any]:
     """The whole job: load the teacher, prune, evaluate both on the dev split, measure latency
-    of both, and write the pruned folder with its report. Returns the report.
+    of both, and write the pruned folder with its report and plan. Returns the report. Options as
+    for :func:`prune`, plus ``overwrite``, ``run_eval``, ``run_bench``, ``bench_batch_size`` and
+    ``bench_seq_len``.
 
     The output folder is checked before any work and written atomically at the end.
     """
-    budgets = budgets_from(keep_flops, keep_latency, method_options.get("keep_params"))
-    if len(budgets) != 1:
+    options = PruneOptions.of(options, **kwargs)
+    if len(options.budgets()) != 1:
         raise ConfigError("prune_and_save takes one budget; use prune_and_save_many for several")
-    return _prune_and_save(model_dir, [out_dir], data, budgets, task, method, num_tokens, num_sequences, seed,
-                           device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)[0]
+    return _prune_and_save(model_dir, [out_dir], data, options)[0]
 
 
-def prune_and_save_many(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    data: str | Path,
-    task: str | TaskSpec = "sst2",
-    method: str = "kprune",
-    keep_flops: Sequence[float] | None = None,
-    keep_latency: Sequence[float] | None = None,
-    num_tokens: int | None = None,
-    num_sequences: int | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-    run_eval: bool = True,
-    run_bench: bool = True,
-    bench_batch_size: int = 32,
-    bench_seq_len: int = 128,
-    **method_options: Any,
-) -> list[dict[str, Any]]:
+def prune_and_save_many(model_dir: str | Path, out_dir: str | Path, data: str | Path,
+                        options: PruneOptions | str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """:func:`prune_and_save` for several budgets from one calibration (:func:`prune_many`): one
     folder per budget inside ``out_dir``, named like ``keep-flops-0.7``. Returns the reports."""
-    budgets = budgets_from(keep_flops, keep_latency, method_options.get("keep_params"))
-    out_dirs = [Path(out_dir) / budget_name(budget) for budget in budgets]
-    return _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed,
-                           device, overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options)
+    options = PruneOptions.of(options, **kwargs)
+    out_dirs = [Path(out_dir) / budget_name(budget) for budget in options.budgets()]
+    return _prune_and_save(model_dir, out_dirs, data, options)
 
 
-def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed, device,
-                    overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options):
+def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str | Path,
+                    options: PruneOptions) -> list[dict[str, Any]]:
     inputs = (model_dir, data if isinstance(data, str | Path) else None)
     for out in out_dirs:
-        check_output_dir(out, overwrite, inputs)
-    task = get_task(task)
+        check_output_dir(out, options.overwrite, inputs)
+    task = get_task(options.task)
     tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task.head)
-    method_options = {k: v for k, v in method_options.items() if k != "keep_params"}  # it is in `budgets`
-    budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops, _latency or _params
-    results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,
-                         num_sequences=num_sequences, seed=seed, device=device, **budget_options, **method_options)
+    results = _pipeline(teacher, tokenizer, data, options)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
         return [result.report for result in results]
+    device = options.device
     teacher_eval = None
     reports = []
     for result, out in zip(results, out_dirs, strict=True):
-        if run_eval:
+        if options.run_eval:
             from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
             if teacher_eval is None:
@@ -452,11 +468,11 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
                 "teacher": teacher_eval,
                 "pruned": evaluate(result.model, tokenizer, task, data, device=device),
             }
-        if run_bench:
-            latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
-                                      seq_lens=[bench_seq_len], device=device)
+        if options.run_bench:
+            latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
+                                      seq_lens=[options.bench_seq_len], device=device)
             result.report["latency"] = latency
-        result.save(out, overwrite=overwrite, inputs=inputs)
+        result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation
     return reports

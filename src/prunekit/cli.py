@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="image path (default: structure.png in the folder)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    ap = sub.add_parser("apply-plan", help="rebuild a pruned model from its teacher and the plan saved beside it")
+    ap.add_argument("--model", required=True, help="the teacher folder the plan was made from")
+    ap.add_argument("--plan", required=True, help="a pruned folder (plan.json + plan.safetensors), or a plan.json")
+    ap.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a folder prunekit wrote")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on SST-2, prune it with Kprune, compare")
     d.add_argument("--data", default=None, help="SST-2 folder (default ../shared/data/sst2 if present, else the hub)")
     d.add_argument("--out", default="runs/demo")
@@ -334,6 +341,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply_plan(args: argparse.Namespace) -> int:
+    from .api import apply_plan
+    from .io import REPORT_FILE, check_output_dir, load_plan, load_tokenizer, save_pruned
+
+    inputs = (args.model, args.plan)
+    check_output_dir(args.out, args.overwrite, inputs)
+    plan = load_plan(args.plan)
+    model = apply_plan(args.model, plan)
+    plan_dir = Path(args.plan) if Path(args.plan).is_dir() else Path(args.plan).parent
+    report = json.loads((plan_dir / REPORT_FILE).read_text()) if (plan_dir / REPORT_FILE).is_file() else {}
+    report["rebuilt_from"] = {"teacher": str(args.model), "plan": str(args.plan)}
+    save_pruned(model, args.out, tokenizer=load_tokenizer(args.model), report=report, overwrite=args.overwrite,
+                inputs=inputs, plan=plan)
+    print(f"pruned model rebuilt from {args.model} and the plan in {args.plan}, written to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo, summary_rows
 
@@ -347,7 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "bench": cmd_bench, "lut": cmd_lut,
-            "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo}
+            "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo, "apply-plan": cmd_apply_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

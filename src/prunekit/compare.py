@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .accounting import count_flops, count_params, full_flops
-from .api import budget_name, prune_many
+from .api import PruneOptions, budget_name, prune_many
 from .bench import measure_latency
 from .data import build_calibration_sample
 from .errors import ConfigError
@@ -43,31 +44,11 @@ DEFAULT_METHODS = ("kprune", "kwon", "magnitude")
 DEFAULT_BUDGETS = (0.7, 0.5, 0.4, 0.3)
 
 
-def compare(
-    model_dir: str | Path,
-    task: str,
-    data: str | Path,
-    out_dir: str | Path,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    keep_flops: Sequence[float] = DEFAULT_BUDGETS,
-    num_tokens: int | None = None,
-    num_sequences: int | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    seq_len: float | None = None,
-    metric: str | None = None,
-    run_bench: bool = True,
-    bench_batch_size: int = 32,
-    bench_seq_len: int = 128,
-    bench_rounds: int = 3,
-    max_eval_examples: int | None = None,
-    save_models: bool = False,
-    overwrite: bool = False,
-    method_options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Prune ``model_dir`` with each method at each budget and compare the results.
+@dataclass
+class CompareOptions:
+    """What ``compare`` takes besides the teacher, task, data and output folder.
 
-    Args:
+    Attributes:
         methods: method names (``prunekit.methods.METHODS``).
         keep_flops: fractions of the encoder FLOPs kept.
         num_tokens, num_sequences: size of the one calibration sample all methods share
@@ -76,22 +57,55 @@ def compare(
         metric: the metric plotted (default: the task's main metric).
         run_bench: time every pruned model against the teacher at (bench_batch_size, bench_seq_len).
         max_eval_examples: evaluate on the first N dev examples only (quick checks).
+        save_models: also save every pruned model under ``models/``.
         method_options: per-method options, e.g. ``{"kwon": {"damp": 1.0}}``.
-    Returns:
-        The content of compare.json.
     """
+
+    methods: Sequence[str] = DEFAULT_METHODS
+    keep_flops: Sequence[float] = DEFAULT_BUDGETS
+    num_tokens: int | None = None
+    num_sequences: int | None = None
+    seed: int = 0
+    device: str | torch.device | None = None
+    seq_len: float | None = None
+    metric: str | None = None
+    run_bench: bool = True
+    bench_batch_size: int = 32
+    bench_seq_len: int = 128
+    bench_rounds: int = 3
+    max_eval_examples: int | None = None
+    save_models: bool = False
+    overwrite: bool = False
+    method_options: Mapping[str, Mapping[str, Any]] | None = None
+
+
+def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | Path,
+            options: CompareOptions | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Prune ``model_dir`` with each method at each budget and compare the results.
+
+    ``options`` is a :class:`CompareOptions`, or give its fields as keyword arguments (which win).
+    Returns the content of compare.json.
+    """
+    unknown = sorted(set(kwargs) - {f.name for f in fields(CompareOptions)})
+    if unknown:
+        raise ConfigError(f"compare has no option(s) {', '.join(unknown)}; per-method options go in method_options")
+    o = replace(options or CompareOptions(), **kwargs)
+    methods, seed, device, seq_len, metric = o.methods, o.seed, o.device, o.seq_len, o.metric
+    num_tokens, num_sequences, overwrite = o.num_tokens, o.num_sequences, o.overwrite
+    run_bench, bench_batch_size, bench_seq_len, bench_rounds = o.run_bench, o.bench_batch_size, o.bench_seq_len, o.bench_rounds
+    max_eval_examples, save_models = o.max_eval_examples, o.save_models
     inputs = (model_dir, data if isinstance(data, str | Path) else None)
     out_dir = check_output_dir(out_dir, overwrite, inputs)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
     if metric not in task_spec.metrics:
         raise ConfigError(f"task {task_spec.name!r} has no metric {metric!r}; choose one of {task_spec.metrics}")
-    method_options = {name: dict(options) for name, options in (method_options or {}).items()}
+    method_options = {name: dict(values) for name, values in (o.method_options or {}).items()}
     unknown = sorted(set(method_options) - set(methods))
     if unknown:
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
     specs = [get_method(name) for name in methods]
-    budgets = sorted({float(keep) for keep in keep_flops}, reverse=True)
+    budgets = sorted({float(keep) for keep in o.keep_flops}, reverse=True)
     if not budgets:
         raise ConfigError("no budgets given: pass keep_flops, e.g. 0.7,0.5")
     device = resolve_device(device)
@@ -132,8 +146,8 @@ def compare(
             if seq_len is not None:
                 options.setdefault("seq_len", seq_len)
             logger.info("compare: %s at keep %s", spec.name, ", ".join(f"{b:g}" for b in budgets))
-            results = prune_many(teacher, tokenizer, sample, task=task_spec, method=spec.name, keep_flops=budgets,
-                                 seed=seed, device=device, **options)
+            results = prune_many(teacher, tokenizer, sample, PruneOptions(
+                task=task_spec, method=spec.name, keep_flops=budgets, seed=seed, device=device, method_options=options))
             for keep, pruned in zip(budgets, results, strict=True):
                 row = _row(spec.name, keep, pruned, teacher, flops_seq_len)
                 row["metrics"] = evaluate(pruned.model, tokenizer, task_spec, data, device=device,

@@ -39,6 +39,7 @@ from transformers import (
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
 from .outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
+from .surgery import PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ AUTO_CLASSES = {
 }
 
 REPORT_FILE = "prune_report.json"
+PLAN_FILE = "plan.json"  # the plan's indices and removals
+PLAN_TENSORS = "plan.safetensors"  # its tensors (scales, re-fitted weights, gates, trained weights)
+PLAN_FORMAT = 2  # plan.json's "format": 2 is the first with plan files (older folders have none)
 
 
 def _pruned_config_class(base_config: type, family: str) -> type:
@@ -143,22 +147,76 @@ def save_pruned(
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
     inputs: Iterable[str | Path | None] = (),
+    plan: PruningPlan | None = None,
 ) -> Path:
-    """Write ``model`` (pruned or not), its tokenizer and ``prune_report.json`` atomically;
-    ``extra(folder)`` may add files (plots) before the folder is moved into place. ``inputs`` are
-    the run's input paths, which the output may not touch (see :mod:`prunekit.outdir`)."""
+    """Write ``model`` (pruned or not), its tokenizer, ``prune_report.json`` and the plan
+    (``plan.json`` + ``plan.safetensors``, when given) atomically; ``extra(folder)`` may add files
+    (plots) before the folder is moved into place. ``inputs`` are the run's input paths, which the
+    output may not touch (see :mod:`prunekit.outdir`)."""
     # Always re-derive the config: a reloaded pruned model may have been pruned again since.
     as_pruned_model(model)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            save_plan(plan, tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         if extra is not None:
             extra(tmp)
     logger.info("saved pruned model to %s", out_dir)
     return Path(out_dir)
+
+
+def save_plan(plan: PruningPlan, folder: str | Path) -> Path:
+    """Write ``plan.json`` (indices, removals, tensor names) and ``plan.safetensors`` (its tensors,
+    bit for bit) into ``folder``; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Contiguous CPU copies: safetensors refuses views and tensors that share storage (tied weights).
+    tensors = {name: value.detach().to("cpu").contiguous().clone() for name, value in plan.tensors().items()}
+    save_file(tensors, str(folder / PLAN_TENSORS), metadata={"format": "prunekit-plan"})
+    data = {"format": PLAN_FORMAT, **plan.to_dict()}
+    (folder / PLAN_FILE).write_text(json.dumps(data, indent=1) + "\n")
+    return folder
+
+
+def load_plan(path: str | Path | PruningPlan) -> PruningPlan:
+    """The plan saved in a pruned folder (``plan.json`` + ``plan.safetensors``), or a plan.json
+    path; a plan passed in is returned as it is."""
+    if isinstance(path, PruningPlan):
+        return path
+    path = Path(path)
+    file = path / PLAN_FILE if path.is_dir() else path
+    if not file.is_file():
+        hint = (" (folders pruned before prunekit wrote plan files have none; prune the teacher again)"
+                if (path / REPORT_FILE).is_file() else "")
+        raise ConfigError(f"no pruning plan at {file}: pass a folder written by `prunekit prune`{hint}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); it is not a prunekit plan") from err
+    if not isinstance(data, dict) or "layers" not in data:
+        raise ConfigError(f"{file} is not a prunekit plan: it has no 'layers'")
+    tensors = {}
+    tensor_file = file.with_name(PLAN_TENSORS)
+    if data.get("tensors"):
+        if not tensor_file.is_file():
+            raise ConfigError(f"{file} names {len(data['tensors'])} tensors but {tensor_file} is missing; "
+                              "copy the whole pruned folder")
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(tensor_file))
+        except SafetensorError as err:
+            raise ConfigError(f"{tensor_file} is not a readable safetensors file: {_first_line(err)}") from err
+    try:
+        return PruningPlan.from_dict(data, tensors)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{file} is not a valid prunekit plan: {_first_line(err)}") from err
 
 
 def _json_default(value: Any) -> Any:

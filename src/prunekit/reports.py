@@ -12,13 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from .adapters import get_adapter
+from .io import load_pruned
 
-matplotlib.use("Agg")  # headless: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
 
-from .adapters import get_adapter  # noqa: E402
-from .io import load_pruned  # noqa: E402
+def _pyplot() -> Any:
+    """matplotlib's pyplot, headless, imported only when a plot is drawn (``import prunekit``
+    stays free of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_structure(
@@ -31,6 +37,7 @@ def plot_structure(
     """Bar charts of kept heads and FFN neurons per layer against the original widths."""
     path = Path(path)
     index = list(range(len(layers)))
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     panels = (("num_heads", full_heads, "#3b75af", "attention heads"),
               ("intermediate_size", full_neurons, "#d9822b", "FFN neurons"))
@@ -66,6 +73,7 @@ def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     the main metric against FLOPs kept, and against measured speedup, one line per method; the
     teacher is a horizontal line (and the point at speedup 1)."""
     path = Path(path)
+    plt = _pyplot()
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
     for (ax_flops, ax_speed), result in zip(axes, results, strict=True):
         metric, teacher = result["metric"], result["teacher"]["metrics"][result["metric"]]

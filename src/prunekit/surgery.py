@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -167,57 +168,141 @@ def narrow_hidden(adapter: ModelAdapter, keep: Sequence[int] | torch.Tensor) -> 
     adapter.narrow_hidden(index)
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerPlan:
-    """What to keep in one layer. ``None`` leaves that sublayer untouched; ``attention_removed`` /
-    ``ffn_removed`` remove the sublayer (identity, LayerNorm skipped) after any unit pruning."""
+    """What a method decided for one layer. ``None`` leaves that sublayer's units untouched;
+    ``attention_removed`` / ``ffn_removed`` remove the sublayer (identity, LayerNorm skipped).
+
+    Indices refer to the units of the model the plan is applied to (the teacher). Tensors (the
+    ``*_scales``, ``*_out_weight`` and ``*_gate`` fields) are stored in ``plan.safetensors``:
+
+    - ``head_scales`` (H,), ``neuron_scales`` (d_ff,): real mask values over all current units,
+      folded into the output projection's columns before slicing (Kwon et al.'s tuned masks,
+      CoFi's head and neuron gates). Lists are accepted and become tensors.
+    - ``attention_out_weight`` (d, h_kept·d_h), ``ffn_out_weight`` (d, n_kept): the final
+      output-projection weight of the kept units, replacing the sliced one (Kprune's
+      least-squares re-fit, spec §1.7). Each sublayer is re-fitted once, at its own step, from
+      the teacher's weights of that sublayer, so the final weight is all a replay needs.
+    - ``attention_gate``, ``ffn_gate`` (scalars): CoFi's sublayer gates z_MHA / z_FFN, which
+      scale the output projection's weight and bias before the unit scales are folded.
+    - ``kv_groups``: kept key/value groups, for families whose query heads share key/value heads
+      (none of today's families has them; a plan that sets them is refused).
+    """
 
     heads: list[int] | None = None
     neurons: list[int] | None = None
-    head_scales: list[float] | None = None
-    neuron_scales: list[float] | None = None
+    kv_groups: list[int] | None = None
+    head_scales: torch.Tensor | None = None
+    neuron_scales: torch.Tensor | None = None
+    attention_out_weight: torch.Tensor | None = None
+    ffn_out_weight: torch.Tensor | None = None
+    attention_gate: torch.Tensor | None = None
+    ffn_gate: torch.Tensor | None = None
     attention_removed: bool = False
     ffn_removed: bool = False
 
+    def __post_init__(self) -> None:
+        for name in TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                setattr(self, name, torch.as_tensor(value))  # python floats: float64, as before
+        for name in ("heads", "neurons", "kv_groups"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.tolist())
+
     def to_dict(self) -> dict:
-        data = vars(self).copy()
-        # Written only when set, so plans without removals serialise exactly as before.
+        """The JSON part: kept indices and removals (tensors are named in the plan's ``tensors``)."""
+        data: dict = {"heads": self.heads, "neurons": self.neurons}
+        if self.kv_groups is not None:
+            data["kv_groups"] = list(self.kv_groups)
+        # Written only when set, so plans without removals serialise as before.
         for flag in ("attention_removed", "ffn_removed"):
-            if not data[flag]:
-                del data[flag]
+            if getattr(self, flag):
+                data[flag] = True
         return data
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerPlan) and _same(self, other)
 
-@dataclass
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: _tensor(getattr(self, name)) for name in TENSOR_FIELDS if getattr(self, name) is not None}
+
+
+def _same(first: LayerPlan | PruningPlan, second: LayerPlan | PruningPlan) -> bool:
+    """Equal indices and removals, and every tensor equal in shape, dtype and value."""
+    if first.to_dict() != second.to_dict():
+        return False
+    a, b = first.tensors(), second.tensors()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _tensor(value: Any) -> torch.Tensor | None:
+    """A plan field as a tensor (fields set after construction may still be lists or floats)."""
+    return value if value is None or isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+TENSOR_FIELDS = ("head_scales", "neuron_scales", "attention_out_weight", "ffn_out_weight", "attention_gate",
+                 "ffn_gate")
+
+
+@dataclass(eq=False)
 class PruningPlan:
-    """The record of a pruning: kept unit indices (and optional scales) per layer, and the kept
-    hidden dimensions (``hidden``, None: all).
+    """Everything a method decided, the one hand-off from a method to surgery: per layer the kept
+    units, replacement tensors and removals (:class:`LayerPlan`), the kept hidden dimensions
+    (``hidden``, None: all), and for methods that train (CoFi) the trained weights of the pruned
+    model (``weights``, a state dict loaded after the cuts, since they are not a function of the
+    teacher). ``apply_plan(teacher, plan)`` rebuilds the pruned model.
 
-    Indices refer to the units of the model the plan is applied to. JSON-serialisable; dicts written
-    before removals and ``hidden`` existed load unchanged.
+    ``to_dict`` is the JSON part (plan.json); ``tensors`` / ``from_parts`` the rest
+    (plan.safetensors, :func:`prunekit.io.save_plan`). Dicts written before tensors existed load
+    too (their scales were lists).
     """
 
     layers: list[LayerPlan] = field(default_factory=list)
     hidden: list[int] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PruningPlan) and _same(self, other)
 
     def to_dict(self) -> dict:
         data: dict = {"layers": [layer.to_dict() for layer in self.layers]}
         if self.hidden is not None:
             data["hidden"] = list(self.hidden)
+        data["tensors"] = sorted(self.tensors())
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict) -> PruningPlan:
-        return cls(layers=[LayerPlan(**layer) for layer in data["layers"]], hidden=data.get("hidden"))
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the plan by name: ``layers.{i}.{field}`` and ``weights.{state-dict key}``."""
+        out = {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers)
+               for name, value in layer.tensors().items()}
+        out |= {f"weights.{key}": value for key, value in (self.weights or {}).items()}
+        return out
 
-    def masks(self, model: nn.Module) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    @classmethod
+    def from_dict(cls, data: dict, tensors: dict[str, torch.Tensor] | None = None) -> PruningPlan:
+        tensors = dict(tensors or {})
+        missing = sorted(set(data.get("tensors", [])) - set(tensors))
+        if missing:
+            raise ValueError(f"the plan names tensors it was not given: {', '.join(missing[:5])}")
+        layers = []
+        for i, layer in enumerate(data["layers"]):
+            fields_ = {k: v for k, v in layer.items() if k != "tensors"}
+            fields_ |= {name: tensors[f"layers.{i}.{name}"] for name in TENSOR_FIELDS if f"layers.{i}.{name}" in tensors}
+            layers.append(LayerPlan(**fields_))
+        weights = {key[len("weights."):]: value for key, value in tensors.items() if key.startswith("weights.")}
+        return cls(layers=layers, hidden=data.get("hidden"), weights=weights or None)
+
+    def masks(self, model: nn.Module | ModelAdapter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """The masked-model form of this plan: per-layer head and neuron mask vectors.
 
-        Only heads and neurons: removals and ``hidden`` have no column-mask form (a removed
-        sublayer also skips its LayerNorm, a narrowed stream changes every LayerNorm's
-        statistics), so they are ignored here; CoFi's gates (``prunekit.masks``) express them.
+        Only heads and neurons with their scales: removals, sublayer gates, re-fitted weights and
+        ``hidden`` have no column-mask form (a removed sublayer also skips its LayerNorm, a
+        narrowed stream changes every LayerNorm's statistics), so they are ignored here; CoFi's
+        gates (``prunekit.masks``) express them.
         """
-        adapter = get_adapter(model)
+        adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
         head_masks, neuron_masks = {}, {}
         for layer, step in enumerate(self.layers):
             attn, ffn = adapter.attention(layer), adapter.ffn(layer)
@@ -228,34 +313,54 @@ class PruningPlan:
         return head_masks, neuron_masks
 
 
-def _mask_vector(size: int, keep: list[int], scales: list[float] | None, like: torch.Tensor) -> torch.Tensor:
+def _mask_vector(size: int, keep: list[int], scales: Any, like: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(size, dtype=like.dtype, device=like.device)
     mask[list(keep)] = 1.0
     if scales is not None:
-        mask = mask * torch.as_tensor(scales, dtype=like.dtype, device=like.device)
+        mask = mask * _tensor(scales).to(dtype=like.dtype, device=like.device)
     return mask
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Physically prune ``model`` in place as ``plan`` says; returns the model.
+def _apply_gate(linear: nn.Module, gate: torch.Tensor | None) -> None:
+    """CoFi's sublayer gate: scale the output projection's weight and bias in place (what the
+    gated model computes), before the unit scales are folded."""
+    if gate is None:
+        return
+    gate = _tensor(gate)
+    with torch.no_grad():
+        linear.weight.mul_(gate.to(linear.weight))
+        if linear.bias is not None:
+            linear.bias.mul_(gate.to(linear.bias))
 
-    Order: heads and neurons (indices into the current units), then removals, then the hidden
-    narrowing (indices into the current hidden dims, which unit pruning leaves alone).
+
+def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
+    """Physically prune ``model`` (or the model of a view) in place as ``plan`` says; returns the
+    model. The one surgery path: every method's result is applied here.
+
+    Order: per layer, sublayer gates, then heads and neurons with their scales and replacement
+    weights (indices into the current units); then removals; then the hidden narrowing (indices
+    into the current hidden dims, which unit pruning leaves alone); then trained weights.
     """
-    adapter = get_adapter(model)
+    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
     if len(plan.layers) > adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
+    if any(step.kv_groups is not None for step in plan.layers):
+        raise ValueError("the plan keeps key/value groups, but this model family has none (its heads each have their own)")
     if plan.hidden is not None:  # checked first, so a bad index leaves the model untouched
         hidden = _check_index(plan.hidden, adapter.hidden_size, "hidden dimensions")
         if hidden.numel() == 0:
             raise ValueError("hidden dimensions: at least one must be kept")
     for layer, step in enumerate(plan.layers):
+        if step.attention_gate is not None and adapter.attention(layer) is not None:
+            _apply_gate(adapter.attention(layer).out, step.attention_gate)
         if step.heads is not None:
-            scales = torch.as_tensor(step.head_scales) if step.head_scales is not None else None
-            prune_heads(adapter, layer, step.heads, scales=scales)
+            prune_heads(adapter, layer, step.heads, scales=_tensor(step.head_scales),
+                        out_weight=_tensor(step.attention_out_weight))
+        if step.ffn_gate is not None and adapter.ffn(layer) is not None:
+            _apply_gate(adapter.ffn(layer).down, step.ffn_gate)
         if step.neurons is not None:
-            scales = torch.as_tensor(step.neuron_scales) if step.neuron_scales is not None else None
-            prune_neurons(adapter, layer, step.neurons, scales=scales)
+            prune_neurons(adapter, layer, step.neurons, scales=_tensor(step.neuron_scales),
+                          out_weight=_tensor(step.ffn_out_weight))
     for layer, step in enumerate(plan.layers):
         if step.attention_removed:
             remove_sublayer(adapter, layer, "attn")
@@ -263,4 +368,22 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
             remove_sublayer(adapter, layer, "ffn")
     if plan.hidden is not None:
         narrow_hidden(adapter, plan.hidden)
-    return model
+    if plan.weights is not None:
+        _load_weights(adapter.model, plan.weights)
+    return adapter.model
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Trained weights of the pruned model; every tensor must match the cut model's in name and shape."""
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"the plan's trained weights do not fit the pruned model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(f"the plan's trained weight {key} has shape {tuple(value.shape)}, "
+                             f"the pruned model's {tuple(state[key].shape)}")
+    with torch.no_grad():
+        for key, value in weights.items():
+            state[key].copy_(value.to(dtype=state[key].dtype, device=state[key].device))

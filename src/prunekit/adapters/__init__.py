@@ -51,6 +51,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter_cls(model)
 
 
+def view_of(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """The model view of ``model``: a view passed in is used as it is (not re-derived)."""
+    return model if isinstance(model, ModelAdapter) else get_adapter(model)
+
+
 __all__ = [
     "ADAPTERS",
     "AttentionParts",
@@ -61,4 +66,5 @@ __all__ = [
     "base_model_type",
     "get_adapter",
     "supported_models",
+    "view_of",
 ]

@@ -14,11 +14,15 @@ from prunekit.data.glue import (
     tokenize_examples,
 )
 from prunekit.data.qa import build_qa_calibration_sample, load_squad_split
+from prunekit.data.task_data import TaskData, TrainingData, build_training_data
 
 __all__ = [
     "CalibrationSample",
+    "TaskData",
+    "TrainingData",
     "build_calibration_sample",
     "build_qa_calibration_sample",
+    "build_training_data",
     "collate",
     "iter_feature_batches",
     "load_examples",

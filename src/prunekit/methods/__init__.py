@@ -1,12 +1,20 @@
 """Pruning methods, one module each; dispatch is a lookup in ``METHODS`` (style.md §2-3).
 
-Every method has the signature ``method(model, sample, kind, config) -> (PruningPlan, log)``: it
-prunes ``model`` in place (physically) and returns the record of what it kept.
+One contract for every method, calibration-based or training-based:
 
-A method may also have a ``prepare(model, sample, kind, config)`` step whose result does not
-depend on the budget (Kwon et al.'s Fisher gradients, Kprune's teacher pass and first knowledge
-pass); it is computed once on the unpruned model
-and passed to every budget's run as ``run(..., prepared=state)`` (one calibration, many budgets).
+    method(view, data, config) -> (PruningPlan, log)
+
+``view`` is the teacher's model view (a ``ModelAdapter``, or the model itself), which the method
+leaves unchanged; ``data`` is a :class:`prunekit.data.TaskData` (the loss kind and a calibration
+sample, or training features with a dev scorer: methods never build datasets or evaluate);
+``config`` is the method's config. The plan records everything the method decided and
+``prunekit.surgery.apply_plan`` (the one surgery path) turns it into the pruned model; the log is
+JSON for the report.
+
+A method may also have a ``prepare(view, data, config)`` step whose result does not depend on the
+budget (Kwon et al.'s Fisher gradients, Kprune's teacher pass and first knowledge pass); it is
+computed once on the teacher and handed to every budget's run as ``data.prepared`` (one
+calibration, many budgets).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
-from .cofi import CofiConfig, cofi
+from .cofi import CofiConfig, cofi, cofi_report_fields
 from .kprune import KpruneConfig, kprune, kprune_prepare
 from .kwon import KwonConfig, kwon, kwon_fisher
 
@@ -33,9 +41,11 @@ class MethodSpec:
     prepare: Callable[..., Any] | None = None  # budget-independent first step, reused across budgets
     # Default calibration sample size: {"num_tokens": N} or {"num_sequences": N} (spec §1.2, §3.1).
     sample_size: dict[str, int] = field(default_factory=lambda: {"num_tokens": 100_000})
-    # Training-based (CoFi): trains on the task's train split instead of a calibration sample and
-    # has its own entry point in prunekit.api.
+    # Training-based (CoFi): trains on the task's train split (prunekit.data.build_training_data)
+    # instead of a calibration sample.
     training: bool = False
+    # Extra report fields from (config, log), e.g. CoFi's achieved sparsity.
+    report_fields: Callable[[Any, dict], dict] | None = None
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; unknown names get a clear error."""
@@ -60,7 +70,7 @@ METHODS: dict[str, MethodSpec] = {
         description="baseline: weight-norm importance, global knapsack search, no tuning",
     ),
     "cofi": MethodSpec(
-        "cofi", CofiConfig, cofi, training=True,
+        "cofi", CofiConfig, cofi, training=True, report_fields=cofi_report_fields,
         description="CoFi (ACL 2022): L0 gates on heads, sublayers, neurons and hidden dims, trained with distillation",
     ),
     "random": MethodSpec(

@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from ..accounting import check_budget
-from ..adapters import ModelAdapter, get_adapter
+from ..adapters import ModelAdapter, view_of
+from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..lut import sublayer_costs
 from ..search import SearchResult, SublayerId, full_widths, knapsack_search, prefix_search, total_cost
-from ..surgery import LayerPlan, PruningPlan, apply_plan
+from ..surgery import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +97,21 @@ def random_scores(adapter: ModelAdapter, seed: int) -> dict[SublayerId, torch.Te
     return scores
 
 
-def magnitude(model: nn.Module, sample: Any, kind: str, config: MagnitudeConfig) -> tuple[PruningPlan, dict]:
-    """Prune ``model`` in place by weight magnitude; returns the plan and a log."""
-    adapter = get_adapter(model)
-    costs, budget, seq_len = _budget(adapter, sample, config)
+def magnitude(model: nn.Module | ModelAdapter, data: TaskData, config: MagnitudeConfig) -> tuple[PruningPlan, dict]:
+    """The plan keeping the units of largest weight norm under the budget, and a log; ``model``
+    (or its view) is left unchanged; ``data.sample`` only sets the FLOPs length."""
+    adapter = view_of(model)
+    costs, budget, seq_len = _budget(adapter, data.sample, config)
     result = knapsack_search(magnitude_scores(adapter, config.power), costs, budget)
-    return _apply(model, adapter, result, config, seq_len, "magnitude")
+    return _plan(adapter, result, config, seq_len, "magnitude")
 
 
-def random_prune(model: nn.Module, sample: Any, kind: str, config: RandomConfig) -> tuple[PruningPlan, dict]:
-    """Prune ``model`` in place, keeping units in a seeded random order; returns the plan and a log."""
-    adapter = get_adapter(model)
-    costs, budget, seq_len = _budget(adapter, sample, config)
+def random_prune(model: nn.Module | ModelAdapter, data: TaskData, config: RandomConfig) -> tuple[PruningPlan, dict]:
+    """The plan keeping units in a seeded random order while the budget allows, and a log."""
+    adapter = view_of(model)
+    costs, budget, seq_len = _budget(adapter, data.sample, config)
     result = prefix_search(random_scores(adapter, config.seed), costs, budget)
-    return _apply(model, adapter, result, config, seq_len, "random")
+    return _plan(adapter, result, config, seq_len, "random")
 
 
 def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
@@ -118,14 +120,13 @@ def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
     return costs, config.keep * total_cost(costs, full_widths(adapter)), seq_len
 
 
-def _apply(model, adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:
+def _plan(adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for (kind, layer), units in result.keep.items():
         if kind == "attn":
             plan.layers[layer].heads = units.tolist()
         else:
             plan.layers[layer].neurons = units.tolist()
-    apply_plan(model, plan)
     logger.info("%s: kept cost %.4g of budget %.4g", name, result.cost, result.budget)
     return plan, {
         "config": asdict(config),

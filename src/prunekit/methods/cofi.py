@@ -28,12 +28,13 @@ and resume. The model is reached only through the adapter, the gates only throug
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,20 +44,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..accounting import count_flops, count_prunable_params, full_flops, full_prunable_params, unit_costs
-from ..adapters import ModelAdapter, get_adapter
+from ..adapters import ModelAdapter, get_adapter, view_of
+from ..data.task_data import TaskData, TrainingData
 from ..errors import ConfigError
 from ..l0 import CofiGates, GateValues
 from ..losses import distill_loss, teacher_targets
 from ..masks import GateHolder, apply_gates
-from ..surgery import (
-    LayerPlan,
-    PruningPlan,
-    narrow_hidden,
-    prune_heads,
-    prune_neurons,
-    remove_sublayer,
-    slice_linear,
-)
+from ..surgery import LayerPlan, PruningPlan, apply_plan, slice_linear
 
 logger = logging.getLogger(__name__)
 
@@ -262,16 +256,15 @@ def layer_distill_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: S
 
 
 # ---- surgery ----------------------------------------------------------------------------------------
-def prune_with_gates(model: nn.Module, values: GateValues, transform: nn.Linear | None = None
-                     ) -> tuple[PruningPlan, nn.Linear | None]:
-    """Fold deterministic gate values into ``model``'s weights and remove what they close, in place.
+def gate_plan(model: nn.Module | ModelAdapter, values: GateValues) -> PruningPlan:
+    """The plan that folds deterministic gate values into ``model``'s weights and removes what they
+    close (applied by :func:`prunekit.surgery.apply_plan`, the one surgery path).
 
     Layer gates scale the output projection and its bias (what the gated model computes); head and
-    neuron values are folded by surgery; a sublayer that is off is removed (the identity); hidden
-    dims whose gate is 0 are cut everywhere (their kept values are exactly 1). Returns the plan
-    and ``transform`` narrowed to the kept hidden dims.
+    neuron values are folded as unit scales; a sublayer that is off is removed (the identity);
+    hidden dims whose gate is 0 are cut everywhere (their kept values are exactly 1).
     """
-    adapter = get_adapter(model)
+    adapter = view_of(model)
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for layer in range(adapter.num_layers):
         step = plan.layers[layer]
@@ -280,50 +273,33 @@ def prune_with_gates(model: nn.Module, values: GateValues, transform: nn.Linear 
             if units is None:
                 continue  # no gates here (already removed or empty)
             if not on:
-                remove_sublayer(adapter, layer, kind)
                 if kind == "attn":
                     step.attention_removed = True
                 else:
                     step.ffn_removed = True
                 continue
-            parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
-            linear = parts.out if kind == "attn" else parts.down
-            scales = units.detach().to(linear.weight.device)
-            if gate is not None:
-                with torch.no_grad():
-                    linear.weight.mul_(gate.to(linear.weight))
-                    if linear.bias is not None:
-                        linear.bias.mul_(gate.to(linear.bias))
-            keep = torch.nonzero(scales).flatten()
-            record = (scales * (gate if gate is not None else 1.0)).tolist()
+            scales = units.detach()
+            keep = torch.nonzero(scales).flatten().tolist()
+            gate = gate.detach() if gate is not None else None
             if kind == "attn":
-                prune_heads(adapter, layer, keep, scales=scales)
-                step.heads, step.head_scales = keep.tolist(), [record[i] for i in keep.tolist()]
+                step.heads, step.head_scales, step.attention_gate = keep, scales, gate
             else:
-                prune_neurons(adapter, layer, keep, scales=scales)
-                step.neurons, step.neuron_scales = keep.tolist(), [record[i] for i in keep.tolist()]
+                step.neurons, step.neuron_scales, step.ffn_gate = keep, scales, gate
     if values.hidden is not None:
         keep = torch.nonzero(values.hidden).flatten().cpu()
         if keep.numel() < values.hidden.numel():
-            narrow_hidden(adapter, keep)
             plan.hidden = keep.tolist()
-            if transform is not None:
-                transform = slice_linear(transform, keep, dim=1)
-    return plan, transform
+    return plan
+
+
+def narrow_transform(transform: nn.Linear | None, plan: PruningPlan) -> nn.Linear | None:
+    """W_layer narrowed to the plan's kept hidden dims (its inputs are the student's hidden states)."""
+    if transform is None or plan.hidden is None:
+        return transform
+    return slice_linear(transform, torch.as_tensor(plan.hidden), dim=1)
 
 
 # ---- training ----------------------------------------------------------------------------------------
-@dataclass
-class TaskData:
-    """What training needs from the task: features, a collate function, a dev scorer."""
-
-    features: list[dict[str, Any]]
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
-    evaluate: Callable[[nn.Module], dict[str, float]]
-    main_metric: str
-    kind: str  # "classification", "regression" or "qa" (prunekit.losses)
-
-
 class _Run:
     """One CoFi run's mutable state: the stage, step counters, the Lagrange multipliers and the
     best state so far. Saved as JSON (plus tensors) in every checkpoint."""
@@ -347,28 +323,46 @@ class _Run:
         return run
 
 
-def cofi(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: TaskData,
-    config: CofiConfig,
-    seq_len: float,
-    device: torch.device | str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-) -> tuple[nn.Module, PruningPlan, dict[str, Any]]:
-    """Prune ``student`` (a copy of the teacher, or another initialisation) by CoFi, then fine-tune
-    it; returns the physically pruned model, the plan and a log.
+def cofi(model: nn.Module | ModelAdapter, data: TaskData, config: CofiConfig) -> tuple[PruningPlan, dict[str, Any]]:
+    """CoFi's plan for ``model`` (the teacher, left unchanged) and a log.
 
-    ``checkpoint_dir`` receives a checkpoint every ``save_steps`` steps and at the end of each stage;
-    with ``resume`` the run continues from the checkpoint found there (same config and data).
+    The student, a copy of ``data.student_init`` or of the teacher, is trained with gates, cut by
+    the gate plan (:func:`gate_plan`, applied by :func:`prunekit.surgery.apply_plan`), then
+    fine-tuned. Since every weight is trained, the returned plan carries, besides the kept units,
+    removals, hidden dims and gates, the trained weights of the pruned student
+    (``plan.weights``): ``apply_plan(teacher, plan)`` rebuilds it.
+
+    ``data`` holds the training features and dev scorer (``data.training``, from
+    :func:`prunekit.data.build_training_data`), the FLOPs length ``seq_len`` and the device;
+    ``data.checkpoint_dir`` receives a checkpoint every ``save_steps`` steps and at the end of each
+    stage; with ``data.resume`` the run continues from the checkpoint found there (same config and
+    data).
     """
+    teacher = view_of(model).model
+    student = copy.deepcopy(data.student_init if data.student_init is not None else teacher)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    try:
+        plan, log = _cofi(teacher, student, data.training, config, data.seq_len, data.device, data.checkpoint_dir,
+                          data.resume)
+    finally:  # the teacher is frozen while it teaches; the caller's flags come back
+        for p, flag in zip(teacher.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    return plan, log
+
+
+def _cofi(teacher: nn.Module, student: nn.Module, data: TrainingData, config: CofiConfig, seq_len: float,
+          device: torch.device | str | None, checkpoint_dir: str | Path | None, resume: bool
+          ) -> tuple[PruningPlan, dict[str, Any]]:
     from accelerate import Accelerator  # training only; keeps `import prunekit` light
 
     if config.save_steps and checkpoint_dir is None:
         raise ConfigError("save_steps needs a checkpoint folder (checkpoint_dir / --checkpoint-dir)")
     if resume and (checkpoint_dir is None or not (Path(checkpoint_dir) / STATE_FILE).is_file()):
         raise ConfigError(f"nothing to resume: no {STATE_FILE} in {checkpoint_dir}; run without --resume first")
+    if data is None:
+        raise ConfigError("CoFi trains: it needs the task's training data (TaskData.training)")
+    if seq_len is None:
+        raise ConfigError("CoFi needs the FLOPs sequence length (TaskData.seq_len)")
     cpu = device is not None and torch.device(device).type == "cpu"
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
@@ -411,7 +405,9 @@ def cofi(
                 wrapper.holder.values = values
                 gated_out = _first_output(student(**check))
         wrapper.holder.values = None
-        plan, transform = prune_with_gates(student, values, transform)
+        plan = gate_plan(adapter, values)
+        apply_plan(adapter, plan)
+        transform = narrow_transform(transform, plan)
         with torch.no_grad():
             pruned_out = _first_output(student(**check))
         log["surgery_max_abs_diff"] = float((gated_out - pruned_out).abs().max())
@@ -426,14 +422,14 @@ def cofi(
                 (Path(checkpoint_dir) / "finetune" / "prune_log.json").write_text(json.dumps(log))
         resume_finetune = False
     else:
-        from ..io import load_pruned
+        from ..io import load_plan, load_pruned
 
         folder = Path(checkpoint_dir) / "finetune"
         student = load_pruned(folder / "model")
         transform = _identity(get_adapter(student).hidden_size) if config.distill == "layer" else None
         wrapper = CofiStudent(student, None, transform)
         _load_tensors(wrapper, folder)
-        plan = PruningPlan.from_dict(json.loads((folder / "plan.json").read_text()))
+        plan = load_plan(folder)
         log.update(json.loads((folder / "prune_log.json").read_text()))
         resume_finetune = True
 
@@ -448,7 +444,20 @@ def cofi(
     log["achieved_param_sparsity"] = 1.0 - count_prunable_params(model) / full_prunable_params(model)
     log["achieved_flops_kept"] = count_flops(model, seq_len) / full_flops(model, seq_len)
     log["train_seconds"] = time.perf_counter() - started
-    return model, plan, log
+    # Every weight was trained: the plan carries the pruned student's, so it replays on the teacher.
+    plan.weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    return plan, log
+
+
+def cofi_report_fields(config: CofiConfig, log: dict[str, Any]) -> dict[str, Any]:
+    """CoFi's lines of the prune report: its budget and the sparsity it reached."""
+    return {
+        "keep_params": config.keep_params,
+        "prunable_params_kept": 1.0 - log["achieved_param_sparsity"],
+        "target_sparsity": config.target_sparsity,
+        "achieved_sparsity": (log["achieved_param_sparsity"] if config.target_kind == "params"
+                              else 1.0 - log["achieved_flops_kept"]),
+    }
 
 
 def _identity(width: int) -> nn.Linear:
@@ -463,7 +472,7 @@ def _first_output(outputs: Any) -> torch.Tensor:
     return outputs.logits if hasattr(outputs, "logits") else torch.cat([outputs.start_logits, outputs.end_logits], -1)
 
 
-def _surgery_check_batch(data: TaskData, device: torch.device) -> dict[str, torch.Tensor]:
+def _surgery_check_batch(data: TrainingData, device: torch.device) -> dict[str, torch.Tensor]:
     batch = data.collate(data.features[: min(8, len(data.features))])
     return {k: v.to(device) for k, v in batch.items() if k not in LABEL_KEYS}
 
@@ -491,7 +500,7 @@ def _model_parameters(wrapper: CofiStudent, freeze_embeddings: bool) -> list[nn.
     return params
 
 
-def _train_stage(accelerator, wrapper: CofiStudent, teacher: nn.Module, data: TaskData, config: CofiConfig,
+def _train_stage(accelerator, wrapper: CofiStudent, teacher: nn.Module, data: TrainingData, config: CofiConfig,
                  run: _Run, sizer: SizeModel | None, teacher_layers: Sequence[int],
                  checkpoint_dir: str | Path | None, resume: bool) -> None:
     """One training stage: pruning (``sizer`` given: gates + Lagrangian) or fine-tuning."""
@@ -678,13 +687,13 @@ def _save_checkpoint(accelerator, student: CofiStudent, run: _Run, checkpoint_di
     folder = Path(checkpoint_dir) / run.stage
     folder.mkdir(parents=True, exist_ok=True)
     if run.stage == "finetune" and (new_stage or not (folder / "model").is_dir()):
-        from ..io import as_pruned_model
+        from ..io import as_pruned_model, save_plan
 
         model = as_pruned_model(student.model)
         shutil.rmtree(folder / "model", ignore_errors=True)
         model.save_pretrained(folder / "model")
         if plan is not None:
-            (folder / "plan.json").write_text(json.dumps(plan.to_dict()))
+            save_plan(plan, folder)
     torch.save(_tensors(student), folder / "tensors.pt")
     if not new_stage:
         accelerator.save_state(str(folder / "accelerate"))
@@ -706,49 +715,3 @@ def _load_training_state(accelerator, checkpoint_dir: str | Path, stage: str, ex
     with torch.no_grad():
         for name, tensor in extra.items():
             tensor.copy_(saved[name].to(tensor.device))
-
-
-def build_task_data(task: Any, tokenizer: Any, source: Any, config: CofiConfig,
-                    device: torch.device | str | None = None) -> TaskData:
-    """Training features of the task's train split and a scorer on its dev split.
-
-    Args:
-        source: the task's data (GLUE folder, file or hub name; SQuAD file, folder or a pair of
-            example lists ``(train, dev)``).
-    """
-    from ..data.dispatch import load_examples
-    from ..data.glue import collate, tokenize_examples
-    from ..data.squad import collate_qa, prepare_features
-    from ..evaluate import evaluate_squad, predict
-    from ..metrics.glue import compute_metrics
-    from ..tasks import get_task
-
-    spec = get_task(task)
-    train_source, dev_source = source if isinstance(source, tuple) else (source, source)
-    train = load_examples(spec, train_source, "train")
-    dev = load_examples(spec, dev_source, "dev")
-    if config.max_train_samples is not None:
-        train = train[: config.max_train_samples]
-    if config.max_eval_samples is not None:
-        dev = dev[: config.max_eval_samples]
-    max_length = config.max_length or spec.max_length
-    pad_id = tokenizer.pad_token_id
-    if spec.kind == "squad":
-        stride = config.doc_stride if config.doc_stride is not None else spec.doc_stride
-        features = prepare_features(train, tokenizer, max_length, stride, for_training=True)
-
-        def score(model: nn.Module) -> dict[str, float]:
-            return evaluate_squad(model, tokenizer, spec, dev, max_length=max_length, doc_stride=stride,
-                                  device=device)
-
-        return TaskData(features, lambda batch: collate_qa(batch, pad_id), score, spec.main_metric, "qa")
-    features = tokenize_examples(spec, tokenizer, train, max_length=max_length)
-    dev_features = tokenize_examples(spec, tokenizer, dev, max_length=max_length)
-    labels = [f["label"] for f in dev_features]
-
-    def score(model: nn.Module) -> dict[str, float]:
-        return compute_metrics(spec, predict(model, spec, dev_features, pad_id, device=device), labels)
-
-    kind = "regression" if spec.is_regression else "classification"
-    return TaskData(features, lambda batch: collate(batch, pad_id, regression=spec.is_regression), score,
-                    spec.main_metric, kind)

@@ -50,7 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..accounting import UnitCosts, check_budget, unit_costs
-from ..adapters import ModelAdapter, SublayerKind, get_adapter
+from ..adapters import ModelAdapter, SublayerKind, get_adapter, view_of
+from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS, distill_loss, teacher_targets
@@ -119,33 +120,42 @@ class _Candidates:
     owners: list[tuple[int, SublayerKind]] = field(default_factory=list)
 
 
-def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
-           prepared: KpruneCalibration | None = None) -> tuple[PruningPlan, dict]:
-    """Prune ``model`` in place with Kprune; returns the plan (kept units per layer) and a log.
+def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> tuple[PruningPlan, dict]:
+    """Kprune's plan for ``model`` (the teacher, left unchanged) and a log.
+
+    Kprune cuts as it goes: each sublayer's decision and re-fit depend on the cuts below it, so it
+    prunes a working copy of the teacher (the student) step by step, beside the teacher itself.
+    The plan records every step's kept units and the re-fitted output-projection weight of each
+    sublayer; each sublayer is cut and re-fitted once, from the teacher's own weights of that
+    sublayer, so ``apply_plan(teacher, plan)`` replays the run exactly.
 
     Args:
-        model: a fine-tuned model with a supported adapter; it is the teacher and becomes the student.
-        sample: a calibration sample with ``batches`` (dicts of tensors on the model's device),
-            ``num_sequences``, ``num_tokens`` and ``mean_length``.
-        kind: "classification", "regression" or "qa" (which distillation loss, spec §1.4).
-        prepared: ``kprune_prepare(model, sample, kind, config)`` of this model and sample, to reuse
-            across budgets; computed here when not given.
+        model: a fine-tuned model (or its view) with a supported adapter.
+        data: ``data.kind`` ("classification", "regression" or "qa": which distillation loss,
+            spec §1.4) and ``data.sample``, a calibration sample with ``batches`` (dicts of tensors
+            on the model's device), ``num_sequences``, ``num_tokens`` and ``mean_length``;
+            ``data.prepared``, ``kprune_prepare(model, data, config)`` of this model and sample to
+            reuse across budgets (computed here when None).
     """
+    sample, kind, prepared = data.sample, data.kind, data.prepared
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
     _check_mask_special(sample, kind, config)
-    adapter = get_adapter(model)
-    teacher = copy.deepcopy(model).eval()
-    t_adapter = get_adapter(teacher)
+    t_adapter = view_of(model)
+    teacher = t_adapter.model
+    # The only copy: the student, cut step by step; the teacher runs beside it unchanged.
+    student_model = copy.deepcopy(teacher)
+    adapter = get_adapter(student_model)
     seq_len = config.seq_len or sample.mean_length
     costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
     budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron for c in costs)
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
-    student, t_runner = LayerRunner(model, adapter), LayerRunner(teacher, t_adapter)
+    student, t_runner = LayerRunner(student_model, adapter), LayerRunner(teacher, t_adapter)
 
     steps: list[dict] = []
-    with frozen_for_masks(model):
+    out_weights: dict[tuple[int, SublayerKind], torch.Tensor] = {}
+    with frozen_for_masks(student_model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
             prepared = _calibrate(adapter, student, sample, kind, config)
@@ -170,13 +180,15 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
                 teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
-                step = _prune_sublayer(
+                step, out_weight = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
                     teacher_residuals[sub], kind, config, sample, costs, budget,
                     stats=first_stats if (layer, sub) == (0, "attn") else None,
                 )
                 if (layer, sub) == (0, "attn"):
                     first_stats = None
+                if out_weight is not None:
+                    out_weights[(layer, sub)] = out_weight
                 budget -= step["kept_cost"]
                 step["seconds"] = round(time.perf_counter() - start, 3)
                 steps.append(step)
@@ -189,20 +201,21 @@ def kprune(model: nn.Module, sample: Any, kind: str, config: KpruneConfig,
                 s_hidden = [student.run_layer(layer, h, b) for h, b in zip(s_hidden, batches, strict=True)]
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
+        layer_plan, key = plan.layers[step["layer"]], (step["layer"], step["sublayer"])
         if step["sublayer"] == "attn":
-            plan.layers[step["layer"]].heads = step["kept_units"]
+            layer_plan.heads, layer_plan.attention_out_weight = step["kept_units"], out_weights.get(key)
         else:
-            plan.layers[step["layer"]].neurons = step["kept_units"]
+            layer_plan.neurons, layer_plan.ffn_out_weight = step["kept_units"], out_weights.get(key)
     return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
 
 
-def kprune_prepare(model: nn.Module, sample: Any, kind: str, config: KpruneConfig) -> KpruneCalibration:
+def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> KpruneCalibration:
     """The budget-independent start of Kprune on the unpruned ``model`` (left unchanged): the teacher
-    pass and the first knowledge pass. Pass it to ``kprune(..., prepared=...)`` for each budget."""
-    _check_mask_special(sample, kind, config)
-    adapter = get_adapter(model)
-    with frozen_for_masks(model):
-        return _calibrate(adapter, LayerRunner(model, adapter), sample, kind, config)
+    pass and the first knowledge pass. Pass it as ``data.prepared`` to each budget's ``kprune``."""
+    _check_mask_special(data.sample, data.kind, config)
+    adapter = view_of(model)
+    with frozen_for_masks(adapter.model):
+        return _calibrate(adapter, LayerRunner(adapter.model, adapter), data.sample, data.kind, config)
 
 
 def _loss_settings(config: KpruneConfig) -> tuple:
@@ -277,11 +290,14 @@ def _prune_sublayer(
     costs: list[UnitCosts],
     budget: float,
     stats: dict | None = None,
-) -> dict:
+) -> tuple[dict, torch.Tensor | None]:
+    """Measure, search and cut one sublayer of the student; returns the log step and the
+    re-fitted output-projection weight (None: the sliced weights were kept)."""
     parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
     step: dict[str, Any] = {"layer": layer, "sublayer": sub}
     if parts is None:  # already empty (the model came in pruned)
-        return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "kept_cost": 0.0, "tuning": None}
+        return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "kept_cost": 0.0,
+                       "tuning": None}, None
     if stats is None:  # (the first pass comes measured from the calibration)
         stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual,
                                    kind, config)
@@ -305,7 +321,7 @@ def _prune_sublayer(
         "kept_flops": float(keep.numel() * unit_flops),
         "kept_cost": float(keep.numel() * unit_cost),
         "tuning": tuning,
-    }
+    }, out_weight
 
 
 def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config):

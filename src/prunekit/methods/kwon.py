@@ -43,14 +43,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..accounting import check_budget
-from ..adapters import ModelAdapter, get_adapter
+from ..adapters import ModelAdapter, view_of
+from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS
 from ..lut import sublayer_costs
 from ..masks import apply_masks, frozen_for_masks, full_masks
 from ..search import SublayerId, full_widths, knapsack_search, total_cost
-from ..surgery import LayerPlan, PruningPlan, apply_plan
+from ..surgery import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -108,25 +109,26 @@ class FisherGradients:
         return scores
 
 
-def kwon(model: nn.Module, sample: Any, kind: str, config: KwonConfig,
-         prepared: FisherGradients | None = None) -> tuple[PruningPlan, dict]:
-    """Prune ``model`` in place with Kwon et al.'s method; returns the plan and a log.
+def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[PruningPlan, dict]:
+    """Kwon et al.'s plan for ``model`` (left unchanged: masks only, as hooks) and a log.
 
     Args:
-        model: a fine-tuned model with a supported adapter.
-        sample: a calibration sample whose batches carry labels (``labels``, or ``start_positions``
-            and ``end_positions`` for QA), plus ``num_sequences`` and ``mean_length``.
-        kind: "classification", "regression" or "qa".
-        prepared: Fisher gradients from :func:`kwon_fisher` on this model and sample, to reuse
-            across budgets; computed here when not given.
+        model: a fine-tuned model (or its view) with a supported adapter.
+        data: ``data.kind`` ("classification", "regression" or "qa") and ``data.sample``, a
+            calibration sample whose batches carry labels (``labels``, or ``start_positions`` and
+            ``end_positions`` for QA), plus ``num_sequences`` and ``mean_length``;
+            ``data.prepared``, Fisher gradients from :func:`kwon_fisher` on this model and sample
+            to reuse across budgets (computed here when None).
     """
+    sample, kind, prepared = data.sample, data.kind, data.prepared
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
-    adapter = get_adapter(model)
+    adapter = view_of(model)
+    model = adapter.model
     seq_len = config.seq_len or sample.mean_length
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
     full = total_cost(costs, full_widths(adapter))
-    fisher = prepared if prepared is not None else kwon_fisher(model, sample, kind, config)
+    fisher = prepared if prepared is not None else _fisher(adapter, sample)
     _check_fisher(fisher, adapter, sample)
     scores = fisher.scores()
 
@@ -145,7 +147,6 @@ def kwon(model: nn.Module, sample: Any, kind: str, config: KwonConfig,
     if config.tuning:
         scales, tuning = _tune_masks(model, adapter, sample, kind, kept, assistant.keep, config)
     plan = _plan(adapter, kept, scales)
-    apply_plan(model, plan)
     log = {
         "config": asdict(config),
         "seq_len": seq_len,
@@ -171,10 +172,15 @@ def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return model(**model_inputs(batch), **labels).loss
 
 
-def kwon_fisher(model: nn.Module, sample: Any, kind: str, config: KwonConfig | None = None) -> FisherGradients:
-    """Step 1, reusable across budgets: per-batch gradients of the task loss with respect to an
-    all-ones mask on every head (H,) and FFN neuron (d_ff,) of every layer."""
-    adapter = get_adapter(model)
+def kwon_fisher(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig | None = None
+                ) -> FisherGradients:
+    """Step 1, reusable across budgets (``data.prepared``): per-batch gradients of the task loss
+    with respect to an all-ones mask on every head (H,) and FFN neuron (d_ff,) of every layer."""
+    return _fisher(view_of(model), data.sample)
+
+
+def _fisher(adapter: ModelAdapter, sample: Any) -> FisherGradients:
+    model = adapter.model
     start = time.perf_counter()
     head_masks, neuron_masks = full_masks(adapter, requires_grad=True)
     heads: dict[int, list[torch.Tensor]] = {layer: [] for layer in head_masks}
@@ -443,7 +449,6 @@ def _plan(adapter: ModelAdapter, kept: dict[SublayerId, torch.Tensor], scales: d
             size = parts.num_heads if kind == "attn" else parts.width
             full_scale = torch.ones(size, dtype=torch.float64)
             full_scale[units] = scales[(kind, layer)].double()
-            full_scale = full_scale.tolist()
         if kind == "attn":
             step.heads, step.head_scales = units.tolist(), full_scale
         else:
