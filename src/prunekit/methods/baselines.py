@@ -74,7 +74,10 @@ def magnitude_scores(adapter: ModelAdapter, power: float = 2.0) -> dict[Sublayer
     for layer in range(adapter.num_layers):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         if attn is not None:
-            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in (attn.query, attn.key, attn.value))  # (H·d_h,)
+            # A head's own rows: Q, and K and V where each query head has its own (a shared
+            # key/value head belongs to its group, not to one query head).
+            own = (attn.query,) if adapter.grouped_kv else (attn.query, attn.key, attn.value)
+            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in own)  # (H·d_h,)
             sq = sq + attn.out.weight.detach().double().pow(2).sum(0)
             scores[("attn", layer)] = sq.view(attn.num_heads, attn.head_dim).sum(1).pow(power / 2).cpu()  # (H,)
         if ffn is not None:

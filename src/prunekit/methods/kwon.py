@@ -26,7 +26,10 @@ Kept as the reference does it: per-batch (not per-example) gradients (P8); the t
 model at √C as the tuning target; no tuning of the first layer's attention; for sequence-level heads
 (classification, regression) the last layer is fitted on the first ([CLS]) token only; the MHA
 system has an extra all-ones column, a shared offset whose coefficient is dropped (a constant added
-to every entry of the residual sum is removed by the LayerNorm that follows).
+to every entry of the residual sum is removed by the LayerNorm that follows). That offset is used
+only where the family states such a LayerNorm (``BlockFacts.offset_absorbed``: post-norm LayerNorm);
+after an RMSNorm or in a pre-norm block a constant is not removed, so the system has no offset column.
+The target subtracts the output bias only where the output projection has one.
 """
 
 from __future__ import annotations
@@ -333,7 +336,8 @@ def _tune_sublayer(runner, adapter, layer, sub, hidden, batches, rows, residuals
     out = parts.out if sub == "attn" else parts.down
     unit_size = parts.head_dim if sub == "attn" else 1
     stats = _normal_equations(runner, adapter, layer, sub, out, hidden, batches, rows, residuals[sub], masks)
-    gram, cross = _unit_system(stats, out.weight.detach(), units, unit_size, offset=(sub == "attn"))
+    offset = sub == "attn" and adapter.facts.offset_absorbed
+    gram, cross = _unit_system(stats, out.weight.detach(), units, unit_size, offset=offset)
     x, info = _solve(gram, cross, stats["y_sq"], units.numel(), config)
     step |= info
     if x is not None:
