@@ -567,7 +567,7 @@ def _like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
 def _narrow_parameter(module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
     """Replace ``module.<name>`` by its entries ``index`` along ``dim``: a copy on the same device
     and dtype with the same requires_grad."""
-    old = getattr(module, name)
+    old = getattr(module, name, None)  # an RMSNorm has no bias at all
     if old is None:
         return
     new = old.detach().index_select(dim, index.to(old.device)).clone()
