@@ -125,6 +125,7 @@ class LlamaTestAdapter(ModelAdapter):
         "base": LlamaModel,
     }
     grouped_kv = True
+    pooled_token = "last"  # LlamaForSequenceClassification pools the last non-padding token
 
     @property
     def facts(self) -> BlockFacts:

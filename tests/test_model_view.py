@@ -9,6 +9,8 @@ placements (Llama: X + b or X; BERT: LN(X + b))."""
 from __future__ import annotations
 
 import copy
+import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -333,3 +335,61 @@ def test_bert_family_keeps_one_key_value_head_per_query_head(make_model):
                              num_kv_heads=2)
     with pytest.raises(ValueError, match="its own key/value head"):
         adapter.set_attention(0, grouped)
+
+
+# ---- the methods read the family's facts -------------------------------------------------------------
+def llama_sample(num_batches: int = 3, seed: int = 0) -> SimpleNamespace:
+    """Right-padded labelled batches for the sequence classifier."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in range(num_batches):
+        lengths = torch.tensor([4 + (b * 5 + i * 3) % 9 for i in range(4)])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        ids = torch.randint(1, VOCAB, mask.shape, generator=gen).masked_fill(mask == 0, 0)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)})
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return SimpleNamespace(batches=batches, num_sequences=4 * num_batches, num_tokens=tokens,
+                           mean_length=tokens / (4 * num_batches))
+
+
+def test_kwon_on_the_test_family(monkeypatch):
+    """Kwon et al. end to end on grouped heads, RMSNorm, pre-norm, no biases: no offset column in
+    the least squares (a constant is not removed by any norm here), the last real token fitted in
+    the last layer, the result is its plan's masked model, and the counted FLOPs meet the budget."""
+    kwon_module = importlib.import_module("prunekit.methods.kwon")  # the package exports the function
+
+    model = build_llama("sequence_classification", seed=7)
+    teacher = copy.deepcopy(model)
+    sample = llama_sample()
+    offsets, real = [], kwon_module._unit_system
+    monkeypatch.setattr(kwon_module, "_unit_system", lambda *a, **k: offsets.append(k["offset"]) or real(*a, **k))
+    plan, log = kwon_module.kwon(model, sample, "classification", kwon_module.KwonConfig(keep_flops=0.6))
+    assert offsets and not any(offsets)
+    assert any(step["status"] == "tuned" for step in log["tuning"])
+    rows = kwon_module._rows(sample.batches[0], True, "last")
+    assert rows.sum(1).tolist() == [1] * 4
+    assert rows.float().argmax(1).tolist() == (sample.batches[0]["attention_mask"].sum(1) - 1).tolist()
+    batch = llama_batch(7)
+    torch.testing.assert_close(outputs(model, batch), masked(teacher, plan, batch), atol=ATOL, rtol=0)
+    seq_len = log["seq_len"]
+    assert count_flops(model, seq_len) <= 0.6 * full_flops(teacher, seq_len)
+
+
+@pytest.mark.parametrize("method", ["kprune", "magnitude"])
+def test_other_methods_meet_the_budget_on_the_test_family(method):
+    """Kprune and magnitude prune grouped heads (key/value heads reserved in full, see
+    accounting.kv_head_flops) and meet the FLOPs budget as counted."""
+    from prunekit.methods.baselines import MagnitudeConfig, magnitude
+    from prunekit.methods.kprune import KpruneConfig, kprune
+
+    model = build_llama("sequence_classification", seed=8)
+    teacher = copy.deepcopy(model)
+    sample = llama_sample(seed=8)
+    if method == "kprune":
+        _, log = kprune(model, sample, "classification", KpruneConfig(keep_flops=0.5))
+    else:
+        _, log = magnitude(model, sample, "classification", MagnitudeConfig(keep_flops=0.5))
+    seq_len = log["seq_len"]
+    assert get_adapter(model).is_pruned()
+    assert 0.3 * full_flops(teacher, seq_len) < count_flops(model, seq_len) <= 0.5 * full_flops(teacher, seq_len)
+    assert torch.isfinite(outputs(model, llama_batch(8))).all()

@@ -66,6 +66,17 @@ def attention_flops(shape: LayerShape, cost: UnitCosts) -> float:
     return flops
 
 
+def kv_head_flops(costs: list[UnitCosts], adapter: ModelAdapter) -> float:
+    """The cost of every key/value head of the unpruned architecture, given per-layer unit costs;
+    0 for families whose query heads own their key/value heads (counted in ``head``).
+
+    Methods whose search prices query heads and neurons only (not yet key/value groups) reserve it
+    out of their budget: the key/value heads they keep can then cost no more than all of them do,
+    so the counted FLOPs still meet the budget (a method that drops whole groups only saves more).
+    """
+    return sum(adapter.full_num_kv_heads * cost.kv_head for cost in costs)
+
+
 def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
     """Per layer: kept heads and neurons and their FLOPs at ``seq_len``; a removed sublayer has 0
     units and is flagged (``attention_removed`` / ``ffn_removed``, only when set)."""

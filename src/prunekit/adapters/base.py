@@ -206,6 +206,9 @@ class ModelAdapter(ABC):
     # every query head has its own key and value head, removed with it (BERT); a pruning unit
     # "head" then costs its q, k and v rows. True: key/value heads are units of their own.
     grouped_kv: ClassVar[bool] = False
+    # The token a sequence-level head (classification, regression) reads: "first" ([CLS], BERT)
+    # or "last" (the last non-padding token, decoders).
+    pooled_token: ClassVar[Literal["first", "last"]] = "first"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

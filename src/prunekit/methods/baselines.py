@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import check_budget
+from ..accounting import check_budget, kv_head_flops
 from ..adapters import ModelAdapter, get_adapter
 from ..errors import ConfigError
-from ..lut import sublayer_costs
+from ..lut import per_unit_costs, sublayer_costs
 from ..search import SearchResult, SublayerId, full_widths, knapsack_search, prefix_search, total_cost
 from ..surgery import LayerPlan, PruningPlan, apply_plan
 
@@ -118,7 +118,9 @@ def random_prune(model: nn.Module, sample: Any, kind: str, config: RandomConfig)
 def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
     seq_len = config.seq_len or sample.mean_length
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    return costs, config.keep * total_cost(costs, full_widths(adapter)), seq_len
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
+    return costs, config.keep * (total_cost(costs, full_widths(adapter)) + kv) - kv, seq_len
 
 
 def _apply(model, adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:
