@@ -55,8 +55,9 @@ class MappedKvAttention(nn.Module):
         self.attention_dropout, self.is_causal = source.attention_dropout, source.is_causal
         self.num_key_value_groups = 1  # the gather below gives every query head its own k/v
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = source.q_proj, source.k_proj, source.v_proj, source.o_proj
-        self.register_buffer("kv_index", torch.tensor(kv_map, dtype=torch.long, device=source.q_proj.weight.device),
-                             persistent=False)
+        # A plain tuple, not a buffer: from_pretrained builds modules on the meta device and would
+        # leave a non-persistent buffer there; the index is made on the keys' device per call.
+        self.kv_map = tuple(int(k) for k in kv_map)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -68,7 +69,8 @@ class MappedKvAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:  # the cache holds the H_kv heads; the gather happens after it
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)  # (B, H, S, d_h)
+        index = torch.as_tensor(self.kv_map, dtype=torch.long, device=key.device)
+        key, value = key.index_select(1, index), value.index_select(1, index)  # (B, H, S, d_h)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(self, query, key, value, attention_mask,
                                     dropout=0.0 if not self.training else self.attention_dropout,
@@ -173,7 +175,7 @@ class LlamaTestAdapter(ModelAdapter):
             return None
         d_h = sa.head_dim
         num_heads, num_kv = sa.q_proj.out_features // d_h, sa.k_proj.out_features // d_h
-        kv_map = tuple(sa.kv_index.tolist()) if isinstance(sa, MappedKvAttention) else None
+        kv_map = sa.kv_map if isinstance(sa, MappedKvAttention) else None
         return AttentionParts(query=sa.q_proj, key=sa.k_proj, value=sa.v_proj, out=sa.o_proj,
                               num_heads=num_heads, head_dim=d_h, num_kv_heads=num_kv, kv_map=kv_map)
 

@@ -393,3 +393,32 @@ def test_other_methods_meet_the_budget_on_the_test_family(method):
     assert get_adapter(model).is_pruned()
     assert 0.3 * full_flops(teacher, seq_len) < count_flops(model, seq_len) <= 0.5 * full_flops(teacher, seq_len)
     assert torch.isfinite(outputs(model, llama_batch(8))).all()
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "sequence_classification"])
+def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
+    """A family is its adapter: once registered (and its pruned classes made), a pruned model with
+    per-layer query heads, key/value heads (uneven groups included), FFN widths, an emptied and a
+    removed sublayer and a narrowed, tied residual stream saves and reloads bit-identically."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from prunekit.io import load_pruned, register_pruned_classes, save_pruned
+    from prunekit.surgery import narrow_hidden
+
+    register_pruned_classes("llama", LlamaTestAdapter)
+    model = build_llama(head, seed=10)
+    pruned = apply_plan(copy.deepcopy(model), hard_plan(1))
+    adapter = get_adapter(pruned)
+    remove_sublayer(adapter, 2, "ffn")
+    narrow_hidden(adapter, [i for i in range(D) if i % 5])
+    batch = llama_batch(10)
+    expected = outputs(pruned, batch)
+    save_pruned(pruned, tmp_path / "out")
+    shapes = get_adapter(pruned).layer_shapes()
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    for reloaded in (load_pruned(tmp_path / "out"), auto.from_pretrained(tmp_path / "out").eval()):
+        assert type(reloaded).__name__.startswith("Pruned")
+        assert get_adapter(reloaded).layer_shapes() == shapes
+        assert get_adapter(reloaded).hidden_size == D - 8
+        assert get_adapter(reloaded).tied_embeddings == (head == "causal_lm")
+        assert torch.equal(outputs(reloaded, batch), expected)

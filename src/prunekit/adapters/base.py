@@ -484,6 +484,14 @@ class ModelAdapter(ABC):
                                  f"{self.hidden_size} dimensions; it can only be narrowed")
             # An explicit CPU index: from_pretrained builds models under a meta-device context.
             self.narrow_hidden(torch.arange(hidden_size, device="cpu"))
+        elif hidden_size is not None:
+            # The residual stream already has this width: transformers' generic task heads build
+            # their base model through AutoModel, whose pruned class resized it; the head linears
+            # made after it still read the full width.
+            tables = [table.weight for table in self._embedding_tables()]
+            for linear in self._head_input_linears():
+                if linear.in_features != hidden_size and not any(linear.weight is w for w in tables):
+                    _narrow_linear_input(linear, torch.arange(hidden_size, device="cpu"))
         for layer, shape in enumerate(shapes):
             for kind, removed in (("attn", shape.attention_removed), ("ffn", shape.ffn_removed)):
                 if removed:
