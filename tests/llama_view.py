@@ -212,6 +212,11 @@ class LlamaTestAdapter(ModelAdapter):
                 return [getattr(self.model, name)]
         return []
 
+    def call_layer(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
+        cos_sin = self.model.base_model.rotary_emb(hidden, position_ids=positions)
+        return block(hidden, position_embeddings=cos_sin, position_ids=positions)  # causal, unpadded
+
     def sublayer_module(self, layer: int, kind: SublayerKind) -> nn.Module:
         # The layer calls input_layernorm(X) and post_attention_layernorm(Y) positionally: their
         # inputs are the sublayers' residual inputs.

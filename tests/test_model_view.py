@@ -422,3 +422,28 @@ def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
         assert get_adapter(reloaded).hidden_size == D - 8
         assert get_adapter(reloaded).tied_embeddings == (head == "causal_lm")
         assert torch.equal(outputs(reloaded, batch), expected)
+
+
+def test_greedy_generation_with_and_without_the_cache():
+    """The pruned causal LM (per-layer key/value heads, uneven groups, emptied sublayers) generates
+    the masked model's greedy tokens, with and without the key/value cache."""
+    model = build_llama("causal_lm", seed=11)
+    plan = hard_plan(1)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    cached = pruned.generate(prompt, use_cache=True, **options)
+    assert torch.equal(cached, pruned.generate(prompt, use_cache=False, **options))
+    head_masks, neuron_masks = plan.masks(model)
+    with apply_masks(get_adapter(model), head_masks, neuron_masks):
+        assert torch.equal(cached, model.generate(prompt, use_cache=True, **options))
+
+
+def test_latency_table_times_a_decoder_layer():
+    """The latency table calls one layer through the adapter, so a decoder layer (which needs its
+    rotary position embeddings) is timed too; n query heads kept = the first n."""
+    from prunekit.lut import measure_latency_table
+
+    table = measure_latency_table(build_llama(), batch_size=2, seq_len=8, neuron_step=16, warmup=0, repeats=1)
+    assert table.attn_units == list(range(H + 1)) and table.ffn_units == [0, 16, 32, 37]
+    assert table.head_dim == D_H and len(table.attn_ms) == H + 1

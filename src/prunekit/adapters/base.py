@@ -27,6 +27,17 @@ computes norm(X + f(X)), with "pre" X + f(norm(X)):
 
 Independently of the sublayers, the residual stream (the hidden size d) may be *narrowed* to a
 subset of its dimensions (CoFi's hidden pruning); the head size d_h never changes.
+
+A new family is one subclass of :class:`ModelAdapter` in its own file and one entry in
+``prunekit.adapters.ADAPTERS``. It states ``facts`` (``BlockFacts``), ``grouped_kv``,
+``pooled_token``, the full widths (``full_hidden_size``, ``head_dim``, ``full_num_heads``,
+``full_num_kv_heads``, ``full_intermediate_size``) and ``tied_embeddings``; it finds the modules
+(``layers``, ``attention``, ``ffn``, the norms, the embedding tables, the head's input linears,
+``sublayer_module``) and puts narrower ones back (``set_attention`` with per-layer query and
+key/value head counts and the key/value map, ``set_ffn``, the empty and removed forms), setting
+whatever per-layer attributes the Hugging Face modules read. Masks, surgery, accounting,
+save/load and the methods then work unchanged; ``tests/llama_view.py`` is such an adapter
+(pre-norm, RMSNorm, no biases, gated FFN, grouped key/value heads), used by the tests.
 """
 
 from __future__ import annotations
@@ -322,6 +333,12 @@ class ModelAdapter(ABC):
         """The linears after the encoder whose input is the residual stream (pooler, task head);
         only their input columns follow a hidden narrowing, their outputs keep their width."""
         ...
+
+    def call_layer(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """Run one layer module on its input hidden states (B, T, d) alone, outside the model's
+        forward (latency tables time it this way), with whatever else the family's layer needs
+        (decoders: rotary position embeddings); no padding mask."""
+        return block(hidden)
 
     @abstractmethod
     def sublayer_module(self, layer: int, kind: SublayerKind) -> nn.Module:
