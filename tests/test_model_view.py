@@ -319,6 +319,10 @@ def test_gates_equal_gate_surgery_with_hidden_dims_in_pre_norm():
     with apply_gates(get_adapter(model), holder):
         holder.values = values
         expected = outputs(model, batch)
+        with torch.no_grad():
+            states = model(**batch, output_hidden_states=True).hidden_states
+    # The residual stream (what layer distillation reads) is 0 in the closed dims, from the embeddings on.
+    assert all(torch.equal(h[..., hidden == 0], torch.zeros_like(h[..., hidden == 0])) for h in states)
     pruned = copy.deepcopy(model)
     plan, _ = prune_with_gates(pruned, values)
     adapter = get_adapter(pruned)

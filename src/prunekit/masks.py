@@ -171,7 +171,8 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
     pitfall 1). The embeddings are scaled by the hidden gates before and after their norm.
     Pre-norm: an off sublayer adds 0 to X, which already is the identity; every norm (before each
     sublayer and after the last layer) normalises over the kept dims only and zeroes the others,
-    so nothing reads the closed dims of the residual stream, as in the narrowed model.
+    and the embeddings are scaled by the hidden gates, so the residual stream is 0 in the closed
+    dims (its hidden states, which layer distillation reads, are the narrowed model's, zero-padded).
     """
     handles = []
     facts = adapter.facts
@@ -225,6 +226,12 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
 
         return hook
 
+    def gate_embedding(module, args, output):
+        values = holder.values
+        if values is None or values.hidden is None:
+            return None
+        return output * values.hidden.to(output.dtype)  # (B, T, d); a sum of tables stays gated
+
     def gate_pre_norm(module, args, output):
         values = holder.values
         if values is None or values.hidden is None:
@@ -237,6 +244,9 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
             handles.append(embedding_norm.register_forward_hook(gate_layer_norm(None, -1, False)))
         if final_norm is not None:
             handles.append(final_norm.register_forward_hook(gate_pre_norm))
+        if not post:
+            for table in adapter.embedding_tables():
+                handles.append(table.register_forward_hook(gate_embedding))
         for layer in range(adapter.num_layers):
             for kind in ("attn", "ffn"):
                 if adapter.is_removed(layer, kind):

@@ -323,6 +323,10 @@ class ModelAdapter(ABC):
         modules = [*self._embedding_tables(), *([norm] if norm is not None else [])]
         return [p for module in modules for p in module.parameters()]
 
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """Every embedding table summed into the residual stream, the word embeddings first."""
+        return self._embedding_tables()
+
     @abstractmethod
     def _embedding_tables(self) -> list[nn.Embedding]:
         """Every embedding table summed into the residual stream, the word embeddings first."""
