@@ -27,7 +27,7 @@ from prunekit.accounting import (
 )
 from prunekit.adapters import AttentionParts, BlockFacts, LayerShape, get_adapter
 from prunekit.l0 import GateValues
-from prunekit.masks import GateHolder, apply_gates, apply_masks
+from prunekit.masks import GateHolder, apply_gates, apply_masks, expand_group_mask
 from prunekit.methods.cofi import prune_with_gates
 from prunekit.surgery import (
     LayerPlan,
@@ -177,6 +177,26 @@ def test_whole_key_value_groups_with_their_query_heads():
     assert pruned.model.layers[1].self_attn.num_key_value_groups == 3  # Llama's own module, per layer
     with pytest.raises(ValueError, match="key/value groups"):
         prune_kv_groups(get_adapter(pruned), 1, [1])  # only group 0 is left
+
+
+def test_a_group_mask_is_its_query_heads_mask():
+    """Masking key/value group 0 of layer 0 (through its query heads) is pruning that group; the
+    group mask is differentiable, so a method can score groups by its gradient."""
+    model = build_llama(seed=12)
+    adapter = get_adapter(model)
+    parts = adapter.attention(0)
+    group = torch.tensor([0.0, 1.0], requires_grad=True)
+    head_mask = expand_group_mask(group, parts)
+    assert head_mask.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    batch = llama_batch(12)
+    with apply_masks(adapter, {0: head_mask}):
+        masked_out = model(**batch).logits
+    masked_out.sum().backward()
+    assert group.grad is not None and group.grad.abs().sum() > 0
+    pruned = copy.deepcopy(model)
+    prune_kv_groups(get_adapter(pruned), 0, [1])
+    torch.testing.assert_close(outputs(pruned, batch), masked_out.detach()[batch["attention_mask"].bool()],
+                               atol=ATOL, rtol=0)
 
 
 def layer_io(model, layer: int, batch) -> tuple[torch.Tensor, torch.Tensor]:

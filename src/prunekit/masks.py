@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
+from .adapters import AttentionParts, ModelAdapter
 
 
 def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -36,6 +36,14 @@ def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch
         f"a head mask must have {num_heads} entries (one per head) or {num_heads * head_dim} "
         f"(one per head dimension), got {mask.numel()}"
     )
+
+
+def expand_group_mask(mask: torch.Tensor, parts: AttentionParts) -> torch.Tensor:
+    """A per-key/value-group mask (H_kv,) as the per-query-head mask (H,) it amounts to: each query
+    head takes its group's value (differentiable; multiply by a head mask to combine the two)."""
+    if mask.shape != (parts.num_kv_heads,):
+        raise ValueError(f"a key/value group mask must have shape ({parts.num_kv_heads},), got {tuple(mask.shape)}")
+    return mask[torch.as_tensor(parts.kv_map, device=mask.device)]  # (H,)
 
 
 def _scale_input(column_mask: torch.Tensor):
