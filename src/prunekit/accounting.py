@@ -5,15 +5,19 @@ Costs are per sequence of length s. Per attention head (d hidden, d_h head size)
 
     MACs = 3·s·d·d_h   (Q, K, V)  +  2·s²·d_h   (QKᵀ and attention × V)  +  s·d_h·d   (output)
 
-and per FFN neuron ``2·s·d`` MACs (FFN-in row and FFN-out column; 3·s·d with a gate). FLOPs are
+when every query head has its own key and value head (the family's ``grouped_kv`` is False: BERT).
+Under grouped-query attention a query head costs ``s·d·d_h + 2·s²·d_h + s·d_h·d`` and each kept
+key/value head ``2·s·d·d_h`` (its K and V rows), counted once however many query heads read it.
+Per FFN neuron ``2·s·d`` MACs (FFN-in row and FFN-out column; 3·s·d with a gate). FLOPs are
 2 × MACs, as Kprune counts them. Embeddings, pooler, task head, LayerNorm, softmax, activations,
 bias and residual adds are left out, so "FLOPs kept" is relative to the prunable encoder compute,
 as in both papers. d is the model's current residual width (narrowed by CoFi, or the config's);
 the unpruned reference (:func:`full_flops`) always uses the config's. A removed sublayer costs 0.
 
-Parameters: :func:`count_params` counts every parameter; :func:`count_prunable_params` counts what
-CoFi's sparsity is measured against (cofi.md §8 pitfall 15, the L0 module's convention): the weights
-and biases of the q/k/v/out and FFN linears only, no LayerNorms, embeddings, pooler or head.
+Parameters: :func:`count_params` counts every parameter (a tied output head once); :func:`count_prunable_params`
+counts what CoFi's sparsity is measured against (cofi.md §8 pitfall 15, the L0 module's convention): the
+weights and biases of the q/k/v/out and FFN linears only (biases where the family has them), no norms,
+embeddings, pooler or head.
 """
 
 from __future__ import annotations
@@ -22,29 +26,55 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import ModelAdapter, get_adapter
+from .adapters import LayerShape, ModelAdapter, get_adapter
 from .errors import ConfigError
 
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """FLOPs of one head and one neuron of a layer at sequence length ``seq_len``."""
+    """FLOPs of one (query) head, one key/value head and one neuron of a layer at ``seq_len``.
+
+    ``kv_head`` is 0 for families whose query heads each own their key/value head: ``head`` then
+    includes its K and V rows, since they go with it.
+    """
 
     head: float
     neuron: float
+    kv_head: float = 0.0
 
 
 def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float, hidden_size: int | None = None) -> UnitCosts:
-    """Per-head and per-neuron FLOPs of ``layer`` (the same for every unit of a type) at residual
-    width ``hidden_size``: by default the model's current one, so a narrowed model's units are
-    cheaper; :func:`full_flops` passes the unpruned width."""
+    """Per-head, per-key/value-head and per-neuron FLOPs of ``layer`` (the same for every unit of a
+    type) at residual width ``hidden_size``: by default the model's current one, so a narrowed
+    model's units are cheaper; :func:`full_flops` passes the unpruned width."""
     s, d_h = float(seq_len), adapter.head_dim
     d = adapter.hidden_size if hidden_size is None else hidden_size
-    head_macs = 3 * s * d * d_h + 2 * s * s * d_h + s * d_h * d
-    ffn = adapter.ffn(layer)
-    gated = ffn is not None and ffn.gate is not None
-    neuron_macs = (3 if gated else 2) * s * d
-    return UnitCosts(head=2 * head_macs, neuron=2 * neuron_macs)
+    neuron_macs = (3 if adapter.facts.gated_ffn else 2) * s * d
+    if not adapter.grouped_kv:
+        head_macs = 3 * s * d * d_h + 2 * s * s * d_h + s * d_h * d
+        return UnitCosts(head=2 * head_macs, neuron=2 * neuron_macs)
+    head_macs = s * d * d_h + 2 * s * s * d_h + s * d_h * d
+    return UnitCosts(head=2 * head_macs, neuron=2 * neuron_macs, kv_head=2 * (2 * s * d * d_h))
+
+
+def attention_flops(shape: LayerShape, cost: UnitCosts) -> float:
+    """FLOPs of an attention sublayer of ``shape``: its query heads and, under grouped-query
+    attention, its key/value heads."""
+    flops = shape.num_heads * cost.head
+    if shape.num_kv_heads:
+        flops += shape.num_kv_heads * cost.kv_head
+    return flops
+
+
+def kv_head_flops(costs: list[UnitCosts], adapter: ModelAdapter) -> float:
+    """The cost of every key/value head of the unpruned architecture, given per-layer unit costs;
+    0 for families whose query heads own their key/value heads (counted in ``head``).
+
+    Methods whose search prices query heads and neurons only (not yet key/value groups) reserve it
+    out of their budget: the key/value heads they keep can then cost no more than all of them do,
+    so the counted FLOPs still meet the budget (a method that drops whole groups only saves more).
+    """
+    return sum(adapter.full_num_kv_heads * cost.kv_head for cost in costs)
 
 
 def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
@@ -57,7 +87,7 @@ def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
         row = {
             "heads": shape.num_heads,
             "neurons": shape.intermediate_size,
-            "attn_flops": shape.num_heads * cost.head,
+            "attn_flops": attention_flops(shape, cost),
             "ffn_flops": shape.intermediate_size * cost.neuron,
         }
         if shape.attention_removed:
@@ -82,10 +112,11 @@ def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
     """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config, at
     the config's hidden size), so "FLOPs kept" compares against the teacher also after narrowing."""
     adapter = get_adapter(model)
+    full = adapter.full_layer_shape()
     total = 0.0
     for layer in range(adapter.num_layers):
         cost = unit_costs(adapter, layer, seq_len, hidden_size=adapter.full_hidden_size)
-        total += adapter.full_num_heads * cost.head + adapter.full_intermediate_size * cost.neuron
+        total += attention_flops(full, cost) + full.intermediate_size * cost.neuron
     return total
 
 
@@ -114,21 +145,28 @@ def count_prunable_params(model: nn.Module) -> int:
             linears += [ffn.up, ffn.down] + ([ffn.gate] if ffn.gate is not None else [])
         total += sum(p.numel() for linear in linears for p in linear.parameters())
         for kind, parts in (("attn", attn), ("ffn", ffn)):
-            if parts is None and not adapter.is_removed(layer, kind):
-                total += adapter.sublayer_bias(layer, kind).numel()
+            bias = adapter.sublayer_bias(layer, kind) if parts is None else None
+            if bias is not None:  # an emptied sublayer's kept output bias
+                total += bias.numel()
     return total
 
 
 def full_prunable_params(model: nn.Module) -> int:
-    """:func:`count_prunable_params` of the unpruned architecture, from the config's widths:
-    per layer 3·(d·H·d_h + H·d_h) + H·d_h·d + d for attention and 2·d·d_ff + d_ff + d for the FFN
-    (with H·d_h = d: L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff); 85,017,600 for BERT-base)."""
+    """:func:`count_prunable_params` of the unpruned architecture, from the config's widths and the
+    family's facts: per layer d·H·d_h (Q) + 2·d·H_kv·d_h (K, V) + H·d_h·d (out) and d·d_ff per FFN
+    matrix (up, down, and the gate of a gated FFN), plus each projection's bias where the family
+    has one (BERT: 3·(d·H·d_h + H·d_h) + H·d_h·d + d and 2·d·d_ff + d_ff + d; with H·d_h = d,
+    L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff), 85,017,600 for BERT-base)."""
     adapter = get_adapter(model)
+    facts = adapter.facts
     d, d_ff = adapter.full_hidden_size, adapter.full_intermediate_size
     width = adapter.full_num_heads * adapter.head_dim  # H·d_h
-    attention = 3 * (d * width + width) + width * d + d
-    ffn = 2 * d * d_ff + d_ff + d
-    return adapter.num_layers * (attention + ffn)
+    kv_width = adapter.full_num_kv_heads * adapter.head_dim  # H_kv·d_h
+    outputs = {"query": width, "key": kv_width, "value": kv_width, "out": d, "up": d_ff, "gate": d_ff, "down": d}
+    ffn_matrices = ("up", "gate", "down") if facts.gated_ffn else ("up", "down")
+    weights = d * width + 2 * d * kv_width + width * d + len(ffn_matrices) * d * d_ff
+    biases = sum(outputs[name] for name in ("query", "key", "value", "out", *ffn_matrices) if facts.has_bias(name))
+    return adapter.num_layers * (weights + biases)
 
 
 def check_budget(keep_flops: float, keep_latency: float | None, lut: str | None, seq_len: float | None) -> None:

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -43,9 +44,11 @@ from .surgery import PruningPlan
 
 logger = logging.getLogger(__name__)
 
+# By the task-head names of ``ModelAdapter.model_classes``.
 AUTO_CLASSES = {
     "sequence_classification": AutoModelForSequenceClassification,
     "question_answering": AutoModelForQuestionAnswering,
+    "causal_lm": AutoModelForCausalLM,
     "base": AutoModel,
 }
 
@@ -92,10 +95,11 @@ def _pruned_model_class(base_model: type, config_class: type) -> type:
     return type(f"Pruned{base_model.__name__}", (base_model,), namespace)
 
 
-def _register() -> dict[type, type]:
-    """Create and register the pruned classes of every adapter; returns {HF class: pruned class}."""
+def _register(adapters: dict[str, type] | None = None) -> dict[type, type]:
+    """Create and register the pruned classes of the given adapters ({family: adapter}, default
+    every registered one); returns {HF class: pruned class}."""
     pruned: dict[type, type] = {}
-    for family, adapter in ADAPTERS.items():
+    for family, adapter in (ADAPTERS if adapters is None else adapters).items():
         config_class = None
         for head, model_class in adapter.model_classes.items():
             if config_class is None:
@@ -108,6 +112,12 @@ def _register() -> dict[type, type]:
 
 
 PRUNED_CLASSES: dict[type, type] = _register()
+
+
+def register_pruned_classes(family: str, adapter: type) -> None:
+    """Make the pruned classes of a family whose adapter was added to ``ADAPTERS`` after prunekit
+    was imported (a test family, a plugin), so its pruned models save and reload."""
+    PRUNED_CLASSES.update(_register({family: adapter}))
 
 
 def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -319,6 +329,8 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None) -> P
             head = "question_answering"
         elif "SequenceClassification" in name:
             head = "sequence_classification"
+        elif "CausalLM" in name:
+            head = "causal_lm"
     return load_model(folder, head=head, device=device)
 
 

@@ -219,7 +219,7 @@ def measure_latency_table(
         prune_heads(probe_adapter, 0, range(heads))
         prune_neurons(probe_adapter, 0, range(neurons))
         block = layers[0]
-        return _median_ms(lambda: block(hidden), device, warmup, repeats)
+        return _median_ms(lambda: probe_adapter.call_layer(block, hidden), device, warmup, repeats)
 
     threads_before = torch.get_num_threads()
     threads = threads or threads_before

@@ -8,7 +8,9 @@ Shapes:
 - attention mask of layer l: (H,) per head, or (H * d_h,) per head dimension (Kprune, spec §1.4);
 - FFN mask of layer l: (d_ff,).
 Values are real numbers, so tuned scales (Kwon et al.) are masks too; surgery folds them into the
-weights (spec P15).
+weights (spec P15). Heads are query heads: under grouped-query attention each still owns its d_h
+columns of the output projection, and a key/value group is masked by masking all of its query heads.
+A gated FFN is masked the same way: the down projection's input is act(gate(x)) * up(x).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
+from .adapters import AttentionParts, ModelAdapter
 
 
 def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -34,6 +36,14 @@ def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch
         f"a head mask must have {num_heads} entries (one per head) or {num_heads * head_dim} "
         f"(one per head dimension), got {mask.numel()}"
     )
+
+
+def expand_group_mask(mask: torch.Tensor, parts: AttentionParts) -> torch.Tensor:
+    """A per-key/value-group mask (H_kv,) as the per-query-head mask (H,) it amounts to: each query
+    head takes its group's value (differentiable; multiply by a head mask to combine the two)."""
+    if mask.shape != (parts.num_kv_heads,):
+        raise ValueError(f"a key/value group mask must have shape ({parts.num_kv_heads},), got {tuple(mask.shape)}")
+    return mask[torch.as_tensor(parts.kv_map, device=mask.device)]  # (H,)
 
 
 def _scale_input(column_mask: torch.Tensor):
@@ -127,23 +137,30 @@ class GateHolder:
         self.values = None
 
 
-def masked_layer_norm(x: torch.Tensor, layer_norm: nn.LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the dimensions whose gate is non-zero only, output scaled by the gates.
+def masked_layer_norm(x: torch.Tensor, layer_norm: nn.Module, hidden: torch.Tensor, kind: str = "layernorm",
+                      eps: float | None = None) -> torch.Tensor:
+    """A LayerNorm (``kind`` "layernorm") or RMSNorm ("rmsnorm") over the dimensions whose gate is
+    non-zero only, output scaled by the gates; ``eps`` defaults to the module's ``eps``.
 
     The statistics are a mean over the kept dimensions (a weighted mean with a static shape, so
     no data-dependent indexing), which makes the gated model equal to the narrowed one whose
-    LayerNorm only has those dimensions (cofi.md §1, §8 pitfall 3).
+    norm only has those dimensions (cofi.md §1, §8 pitfall 3).
     """
+    eps = layer_norm.eps if eps is None else eps
     keep = (hidden != 0).to(torch.float32)  # (d,)
     count = keep.sum().clamp_min(1.0)
     x32 = x.float()  # (B, T, d); statistics in float32 also under autocast
-    mean = (x32 * keep).sum(-1, keepdim=True) / count  # (B, T, 1)
-    centred = (x32 - mean) * keep
-    var = centred.pow(2).sum(-1, keepdim=True) / count
-    y = centred * torch.rsqrt(var + layer_norm.eps)
-    if layer_norm.weight is not None:
+    if kind == "rmsnorm":
+        kept = x32 * keep
+        y = kept * torch.rsqrt(kept.pow(2).sum(-1, keepdim=True) / count + eps)  # no centring
+    else:
+        mean = (x32 * keep).sum(-1, keepdim=True) / count  # (B, T, 1)
+        centred = (x32 - mean) * keep
+        var = centred.pow(2).sum(-1, keepdim=True) / count
+        y = centred * torch.rsqrt(var + eps)
+    if getattr(layer_norm, "weight", None) is not None:
         y = y * layer_norm.weight.float()
-    if layer_norm.bias is not None:
+    if getattr(layer_norm, "bias", None) is not None:
         y = y + layer_norm.bias.float()
     return (y * hidden.float()).to(x.dtype)
 
@@ -154,13 +171,20 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
 
     Per layer: head gates scale each head's context before the output projection; the attention
     layer gate and the hidden gates scale the projection's output (bias included); FFN neuron
-    gates scale the FFN activations, the FFN layer gate and hidden gates the FFN output. The
-    LayerNorm after a sublayer normalises over kept hidden dims only, or is skipped entirely when
-    the sublayer is off (its layer gate or all of its units are 0), so the sublayer is then the
-    identity, exactly what removing it physically gives (§8 pitfall 1). The embeddings are scaled
-    by the hidden gates before and after their LayerNorm.
+    gates scale the FFN activations, the FFN layer gate and hidden gates the FFN output.
+
+    Post-norm (``facts.norm_placement``): the norm after a sublayer normalises over kept hidden
+    dims only, or is skipped entirely when the sublayer is off (its layer gate or all of its units
+    are 0), so the sublayer is then the identity, exactly what removing it physically gives (§8
+    pitfall 1). The embeddings are scaled by the hidden gates before and after their norm.
+    Pre-norm: an off sublayer adds 0 to X, which already is the identity; every norm (before each
+    sublayer and after the last layer) normalises over the kept dims only and zeroes the others,
+    and the embeddings are scaled by the hidden gates, so the residual stream is 0 in the closed
+    dims (its hidden states, which layer distillation reads, are the narrowed model's, zero-padded).
     """
     handles = []
+    facts = adapter.facts
+    post = facts.norm_placement == "post"
 
     def gate_input(kind: str, layer: int, parts):
         def hook(module, args):
@@ -206,12 +230,31 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
                 return None
             if kind is None:  # embeddings: nothing upstream has applied the hidden gates yet
                 x = x * values.hidden.to(x.dtype)
-            return masked_layer_norm(x, module, values.hidden)
+            return masked_layer_norm(x, module, values.hidden, facts.norm_kind, adapter.norm_eps(module))
 
         return hook
 
+    def gate_embedding(module, args, output):
+        values = holder.values
+        if values is None or values.hidden is None:
+            return None
+        return output * values.hidden.to(output.dtype)  # (B, T, d); a sum of tables stays gated
+
+    def gate_pre_norm(module, args, output):
+        values = holder.values
+        if values is None or values.hidden is None:
+            return None
+        return masked_layer_norm(args[0], module, values.hidden, facts.norm_kind, adapter.norm_eps(module))
+
     try:
-        handles.append(adapter.embedding_layer_norm().register_forward_hook(gate_layer_norm(None, -1, False)))
+        embedding_norm, final_norm = adapter.embedding_layer_norm(), adapter.final_norm()
+        if embedding_norm is not None:
+            handles.append(embedding_norm.register_forward_hook(gate_layer_norm(None, -1, False)))
+        if final_norm is not None:
+            handles.append(final_norm.register_forward_hook(gate_pre_norm))
+        if not post:
+            for table in adapter.embedding_tables():
+                handles.append(table.register_forward_hook(gate_embedding))
         for layer in range(adapter.num_layers):
             for kind in ("attn", "ffn"):
                 if adapter.is_removed(layer, kind):
@@ -221,8 +264,11 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
                     linear = parts.out if kind == "attn" else parts.down
                     handles.append(linear.register_forward_pre_hook(gate_input(kind, layer, parts)))
                     handles.append(linear.register_forward_hook(gate_output(kind, layer)))
-                norm = adapter.sublayer_layer_norm(layer, kind)
-                handles.append(norm.register_forward_hook(gate_layer_norm(kind, layer, parts is not None)))
+                if post:
+                    norm = adapter.sublayer_layer_norm(layer, kind)
+                    handles.append(norm.register_forward_hook(gate_layer_norm(kind, layer, parts is not None)))
+                elif parts is not None:  # an emptied pre-norm sublayer has no norm left
+                    handles.append(adapter.sublayer_layer_norm(layer, kind).register_forward_hook(gate_pre_norm))
         yield holder
     finally:
         for handle in handles:

@@ -2,7 +2,12 @@
 
 Invariant (tested): the physically pruned model computes what the masked model computes. Real-valued
 mask scales are folded into the output projection's columns before slicing (spec P15); a sublayer
-pruned to zero units takes the adapter's explicit LN(X + b_out) path (spec P4), never an empty matmul.
+pruned to zero units takes the adapter's explicit bias-only path (spec P4: post-norm norm(X + b_out),
+pre-norm X + b_out, or X without an output bias), never an empty matmul.
+
+Heads are query heads. Under grouped-query attention a key/value head stays while at least one
+query head of its group does and goes with the last one (exact: no kept query head reads it);
+:func:`prune_kv_groups` removes whole groups with their query heads.
 
 CoFi adds two coarser structures (cofi.md §7, §8): a *removed* sublayer is the identity (out = X,
 its LayerNorm skipped too, unlike an emptied one), and the residual stream can be *narrowed* to a
@@ -77,6 +82,8 @@ def prune_heads(
     """Keep only heads ``keep`` of ``layer``'s attention.
 
     Args:
+        keep: kept query heads (indices into the layer's current ones). The key/value heads kept
+            are those read by a kept query head, renumbered in order.
         scales: optional real mask values, (H,) per head or (H*d_h,) per dimension, over the
             layer's current heads; folded into the output projection before slicing.
         out_weight: optional new output-projection weight (d, len(keep) * d_h) for the kept heads,
@@ -96,19 +103,50 @@ def prune_heads(
         with torch.no_grad():
             out.weight.mul_(column_scale.to(out.weight))  # (d, H*d_h) * (H*d_h,)
     if heads.numel() == 0:
-        adapter.set_empty_attention(layer, out.bias.detach().clone())
+        adapter.set_empty_attention(layer, out.bias.detach().clone() if out.bias is not None else None)
         return
-    columns = (heads[:, None] * parts.head_dim + torch.arange(parts.head_dim)).reshape(-1)  # (h_kept * d_h,)
+    columns = _head_columns(heads, parts.head_dim)  # (h_kept * d_h,)
+    kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
     new = AttentionParts(
         query=slice_linear(parts.query, columns, dim=0),
-        key=slice_linear(parts.key, columns, dim=0),
-        value=slice_linear(parts.value, columns, dim=0),
+        key=slice_linear(parts.key, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
+        value=slice_linear(parts.value, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
         out=slice_linear(out, columns, dim=1),
         num_heads=heads.numel(),
         head_dim=parts.head_dim,
+        num_kv_heads=len(kept_kv),
+        kv_map=tuple(kept_kv.index(parts.kv_map[h]) for h in heads.tolist()),
     )
     _replacement(out_weight, new.out, (new.out.out_features, columns.numel()), what)
     adapter.set_attention(layer, new)
+
+
+def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows (of q, or k/v) or columns (of out) of ``heads``, head by head: (len(heads) * d_h,)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def heads_of_groups(adapter: ModelAdapter, layer: int, groups: Sequence[int] | torch.Tensor) -> list[int]:
+    """The query heads of ``layer`` that read the key/value heads ``groups`` (sorted)."""
+    parts = adapter.attention(layer)
+    if parts is None:
+        if len(groups):
+            raise ValueError(f"layer {layer}: no attention heads left, so no key/value groups to keep")
+        return []
+    kept = set(_check_index(groups, parts.num_kv_heads, f"layer {layer} key/value groups").tolist())
+    return [head for head, kv in enumerate(parts.kv_map) if kv in kept]
+
+
+def prune_kv_groups(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only the key/value groups ``keep`` of ``layer``, each whole: its key/value head and
+    every query head reading it; ``scales`` and ``out_weight`` as in :func:`prune_heads`."""
+    prune_heads(adapter, layer, heads_of_groups(adapter, layer, keep), scales=scales, out_weight=out_weight)
 
 
 def prune_neurons(
@@ -135,7 +173,7 @@ def prune_neurons(
         with torch.no_grad():
             down.weight.mul_(scales.detach().to(down.weight))  # (d, d_ff) * (d_ff,)
     if neurons.numel() == 0:
-        adapter.set_empty_ffn(layer, down.bias.detach().clone())
+        adapter.set_empty_ffn(layer, down.bias.detach().clone() if down.bias is not None else None)
         return
     new = FfnParts(
         up=slice_linear(parts.up, neurons, dim=0),
@@ -148,7 +186,7 @@ def prune_neurons(
 
 def remove_sublayer(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> None:
     """Remove sublayer ``kind`` ("attn" or "ffn") of ``layer``: it becomes the identity, out = X
-    with no bias and no LayerNorm (CoFi's z_MHA / z_FFN = 0, cofi.md §8 pitfall 1). Works on a
+    with no bias and no norm, in either norm placement (CoFi's z_MHA / z_FFN = 0, cofi.md §8 pitfall 1). Works on a
     full, narrowed or emptied sublayer; removing a removed one is a no-op."""
     if not 0 <= layer < adapter.num_layers:
         raise ValueError(f"layer {layer} does not exist; the model has {adapter.num_layers} layers")

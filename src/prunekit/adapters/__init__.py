@@ -10,7 +10,17 @@ import difflib
 from torch import nn
 
 from ..errors import ModelError
-from .base import AttentionParts, FfnParts, LayerShape, ModelAdapter, SublayerKind
+from .base import (
+    PROJECTIONS,
+    AttentionParts,
+    BlockFacts,
+    FfnParts,
+    LayerShape,
+    ModelAdapter,
+    NormKind,
+    NormPlacement,
+    SublayerKind,
+)
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .roberta import RobertaAdapter
@@ -58,10 +68,14 @@ def view_of(model: nn.Module | ModelAdapter) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "PROJECTIONS",
     "AttentionParts",
+    "BlockFacts",
     "FfnParts",
     "LayerShape",
     "ModelAdapter",
+    "NormKind",
+    "NormPlacement",
     "SublayerKind",
     "base_model_type",
     "get_adapter",

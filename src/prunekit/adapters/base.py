@@ -9,14 +9,35 @@ masks, surgery, accounting and save/load are written once against this protocol 
 Sublayers are numbered as in the specs: sublayer ``j = 2 * l`` is the attention (MHA) sublayer
 of layer ``l`` and ``j = 2 * l + 1`` its FFN sublayer.
 
-A sublayer is in one of four states:
+The adapter also *states* the facts of its family that the core must not assume (``BlockFacts``,
+``ModelAdapter.facts``): where each norm sits and its kind, which projections have a bias, whether
+the FFN is gated, whether the input embedding is tied to the output head; and per layer the head
+geometry (``AttentionParts``): query heads, key/value heads, the head size d_h (a number of its own,
+not hidden / heads) and which key/value head each query head reads (its key/value group).
 
-- full or narrowed: some heads / neurons, computes LN(X + sublayer(X));
-- *empty* (Kprune, spec P4): no units left but its output bias kept, computes LN(X + b_out);
-- *removed* (CoFi, cofi.md §8 pitfall 1): the sublayer and its LayerNorm are gone, out = X.
+A sublayer f with residual input X is in one of four states; with ``norm_placement`` "post" a layer
+computes norm(X + f(X)), with "pre" X + f(norm(X)):
+
+- full or narrowed: some heads / neurons;
+- *empty* (Kprune, spec P4): no units left, the output bias b_out kept where the family has one.
+  It computes exactly what the masked model computes with every unit's mask at 0: post-norm
+  norm(X + b_out), pre-norm X + b_out (X when the output projection has no bias);
+- *removed* (CoFi, cofi.md §8 pitfall 1): the sublayer and its norm are gone, out = X in both
+  placements.
 
 Independently of the sublayers, the residual stream (the hidden size d) may be *narrowed* to a
 subset of its dimensions (CoFi's hidden pruning); the head size d_h never changes.
+
+A new family is one subclass of :class:`ModelAdapter` in its own file and one entry in
+``prunekit.adapters.ADAPTERS``. It states ``facts`` (``BlockFacts``), ``grouped_kv``,
+``pooled_token``, the full widths (``full_hidden_size``, ``head_dim``, ``full_num_heads``,
+``full_num_kv_heads``, ``full_intermediate_size``) and ``tied_embeddings``; it finds the modules
+(``layers``, ``attention``, ``ffn``, the norms, the embedding tables, the head's input linears,
+``sublayer_module``) and puts narrower ones back (``set_attention`` with per-layer query and
+key/value head counts and the key/value map, ``set_ffn``, the empty and removed forms), setting
+whatever per-layer attributes the Hugging Face modules read. Masks, surgery, accounting,
+save/load and the methods then work unchanged; ``tests/llama_view.py`` is such an adapter
+(pre-norm, RMSNorm, no biases, gated FFN, grouped key/value heads), used by the tests.
 """
 
 from __future__ import annotations
@@ -29,14 +50,62 @@ import torch
 from torch import nn
 
 SublayerKind = Literal["attn", "ffn"]
+NormPlacement = Literal["pre", "post"]
+NormKind = Literal["layernorm", "rmsnorm"]
+# The projections a family may give a bias: q/k/v/out of attention, up/gate/down of the FFN.
+PROJECTIONS = ("query", "key", "value", "out", "up", "gate", "down")
+
+
+@dataclass(frozen=True)
+class BlockFacts:
+    """What every block of a family computes, as its adapter states it (the core never assumes).
+
+    - ``norm_placement``: "post", X <- norm(X + f(X)) (BERT); "pre", X <- X + f(norm(X)) (Llama),
+      with one more norm after the last layer (``ModelAdapter.final_norm``).
+    - ``norm_kind``: "layernorm" (mean and variance, weight and bias) or "rmsnorm" (root mean square,
+      weight only). Only a LayerNorm after the residual sum removes a constant added to it.
+    - ``biases``: the projections (names from ``PROJECTIONS``) that carry a bias.
+    - ``gated_ffn``: the FFN computes down(act(gate(x)) * up(x)) rather than down(act(up(x))).
+    """
+
+    norm_placement: NormPlacement
+    norm_kind: NormKind
+    biases: frozenset[str]
+    gated_ffn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm_placement not in ("pre", "post"):
+            raise ValueError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
+        if self.norm_kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm_kind must be 'layernorm' or 'rmsnorm', got {self.norm_kind!r}")
+        unknown = set(self.biases) - set(PROJECTIONS)
+        if unknown or (not self.gated_ffn and "gate" in self.biases):
+            raise ValueError(f"biases must name projections among {PROJECTIONS} (gate only for a gated FFN), "
+                             f"got {sorted(self.biases)}")
+
+    def has_bias(self, projection: str) -> bool:
+        return projection in self.biases
+
+    @property
+    def offset_absorbed(self) -> bool:
+        """Whether a constant added to every entry of a sublayer's residual sum leaves the model's
+        output unchanged: true only when a LayerNorm (which subtracts the mean) normalises that sum."""
+        return self.norm_placement == "post" and self.norm_kind == "layernorm"
+
+
+POST_LAYERNORM_ALL_BIASES = BlockFacts("post", "layernorm", frozenset({"query", "key", "value", "out", "up", "down"}))
 
 
 @dataclass
 class AttentionParts:
     """The linears of one attention sublayer and its head geometry.
 
-    ``query``/``key``/``value`` map d -> H * d_h; ``out`` maps H * d_h -> d. Rows of q/k/v and
-    columns of ``out`` are grouped by head: head h owns ``[h * d_h, (h + 1) * d_h)``.
+    ``query`` maps d -> H * d_h and ``out`` H * d_h -> d, grouped by query head: head h owns rows
+    (of q) and columns (of out) ``[h * d_h, (h + 1) * d_h)``. ``key``/``value`` map d -> H_kv * d_h,
+    grouped by key/value head the same way. Query head h reads key/value head ``kv_map[h]``; the
+    query heads reading one key/value head are its *group* (``groups``). Defaults: H_kv = H with
+    each query head its own group (multi-head attention, BERT); with fewer key/value heads,
+    contiguous groups of H / H_kv query heads, as Llama's ``repeat_kv`` builds them.
     """
 
     query: nn.Linear
@@ -45,10 +114,37 @@ class AttentionParts:
     out: nn.Linear
     num_heads: int
     head_dim: int
+    num_kv_heads: int | None = None  # None: as many as query heads
+    kv_map: tuple[int, ...] | None = None  # per query head, its key/value head; None: contiguous groups
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.kv_map is None:
+            if self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads:
+                raise ValueError(f"{self.num_heads} query heads cannot be split into {self.num_kv_heads} equal "
+                                 "key/value groups; give kv_map")
+            size = self.num_heads // self.num_kv_heads
+            self.kv_map = tuple(h // size for h in range(self.num_heads))
+        self.kv_map = tuple(int(k) for k in self.kv_map)
+        if len(self.kv_map) != self.num_heads or set(self.kv_map) != set(range(self.num_kv_heads)):
+            raise ValueError(f"kv_map must give each of the {self.num_heads} query heads one of the "
+                             f"{self.num_kv_heads} key/value heads, and use each; got {self.kv_map}")
 
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def groups(self) -> list[list[int]]:
+        """Per key/value head, the query heads that read it (sorted)."""
+        groups: list[list[int]] = [[] for _ in range(self.num_kv_heads)]
+        for head, kv in enumerate(self.kv_map):
+            groups[kv].append(head)
+        return groups
 
 
 @dataclass
@@ -68,29 +164,42 @@ class FfnParts:
 class LayerShape:
     """Per-layer widths of a (possibly pruned) model; what the saved config records.
 
-    A removed sublayer (out = X, LayerNorm skipped) has 0 units and its flag set; an *empty* one
-    (0 units, LN(X + b_out)) has 0 units and no flag.
+    A removed sublayer (out = X, norm skipped) has 0 units and its flag set; an *empty* one
+    (0 units, bias only) has 0 units and no flag. ``num_kv_heads`` and ``kv_map`` (see
+    ``AttentionParts``) are recorded only for families whose key/value heads can be shared by
+    several query heads (``ModelAdapter.grouped_kv``); None for the others, whose key/value heads
+    are their query heads.
     """
 
     num_heads: int
     intermediate_size: int
     attention_removed: bool = False
     ffn_removed: bool = False
+    num_kv_heads: int | None = None
+    kv_map: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.attention_removed and self.num_heads:
             raise ValueError(f"a removed attention sublayer has no heads, got num_heads={self.num_heads}")
         if self.ffn_removed and self.intermediate_size:
             raise ValueError(f"a removed FFN sublayer has no neurons, got intermediate_size={self.intermediate_size}")
+        if self.kv_map is not None:
+            object.__setattr__(self, "kv_map", tuple(int(k) for k in self.kv_map))  # JSON gives lists
+            if len(self.kv_map) != self.num_heads:
+                raise ValueError(f"kv_map has {len(self.kv_map)} entries for {self.num_heads} query heads")
 
-    def to_dict(self) -> dict[str, int | bool]:
-        # The flags only when set, so configs of models without removals read as before and
-        # configs written before the flags existed load unchanged.
-        data: dict[str, int | bool] = {"num_heads": self.num_heads, "intermediate_size": self.intermediate_size}
+    def to_dict(self) -> dict[str, Any]:
+        # The flags and key/value fields only when set, so configs of models without removals or
+        # grouped heads read as before and configs written before they existed load unchanged.
+        data: dict[str, Any] = {"num_heads": self.num_heads, "intermediate_size": self.intermediate_size}
         if self.attention_removed:
             data["attention_removed"] = True
         if self.ffn_removed:
             data["ffn_removed"] = True
+        if self.num_kv_heads is not None:
+            data["num_kv_heads"] = self.num_kv_heads
+        if self.kv_map is not None:
+            data["kv_map"] = list(self.kv_map)
         return data
 
 
@@ -104,6 +213,13 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     # Hugging Face classes this adapter accepts, by task head ("sequence_classification", ...).
     model_classes: ClassVar[dict[str, type[nn.Module]]] = {}
+    # Whether several query heads may share one key/value head (grouped-query attention). False:
+    # every query head has its own key and value head, removed with it (BERT); a pruning unit
+    # "head" then costs its q, k and v rows. True: key/value heads are units of their own.
+    grouped_kv: ClassVar[bool] = False
+    # The token a sequence-level head (classification, regression) reads: "first" ([CLS], BERT)
+    # or "last" (the last non-padding token, decoders).
+    pooled_token: ClassVar[Literal["first", "last"]] = "first"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -127,15 +243,33 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
+    def facts(self) -> BlockFacts:
+        """Norm placement and kind, biases and FFN kind of this family (and config)."""
+        ...
+
+    @property
+    @abstractmethod
     def head_dim(self) -> int:
-        """d_h = full hidden size / full heads: fixed by the architecture, unchanged by any pruning."""
+        """d_h, as the family defines it (BERT: hidden / heads; others state it in the config):
+        fixed by the architecture, unchanged by any pruning."""
         ...
 
     @property
     @abstractmethod
     def full_num_heads(self) -> int:
-        """Heads per layer in the unpruned architecture (the config's value)."""
+        """Query heads per layer in the unpruned architecture (the config's value)."""
         ...
+
+    @property
+    def full_num_kv_heads(self) -> int:
+        """Key/value heads per layer in the unpruned architecture; the query heads' count unless
+        the family groups them (``grouped_kv``)."""
+        return self.full_num_heads
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the output head's weight is the input embedding table itself (one parameter)."""
+        return False
 
     @property
     @abstractmethod
@@ -163,20 +297,35 @@ class ModelAdapter(ABC):
         ...
 
     @abstractmethod
-    def embedding_layer_norm(self) -> nn.LayerNorm:
-        """The LayerNorm applied to the summed embeddings (CoFi gates the hidden dims around it)."""
+    def embedding_layer_norm(self) -> nn.Module | None:
+        """The norm applied to the summed embeddings (CoFi gates the hidden dims around it), or
+        None where the family has none (pre-norm decoders)."""
         ...
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last layer (pre-norm families), or None."""
+        return None
 
     @abstractmethod
-    def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.LayerNorm:
-        """The LayerNorm applied to X + sublayer(X) right after sublayer ``kind`` of ``layer``, also
-        for an empty sublayer; ValueError for a removed one, which has none."""
+    def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.Module:
+        """The norm of sublayer ``kind`` of ``layer``: post-norm, the one applied to X + f(X) right
+        after it, also for an empty sublayer; pre-norm, the one applied to X before it (an empty
+        pre-norm sublayer has none: ValueError). ValueError for a removed sublayer."""
         ...
 
+    def norm_eps(self, norm: nn.Module) -> float:
+        """The epsilon of one of this family's norm modules (``eps`` of ``nn.LayerNorm``)."""
+        return norm.eps
+
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """The embedding tables' and embedding LayerNorm's parameters (CoFi never trains them)."""
-        modules = [*self._embedding_tables(), self.embedding_layer_norm()]
+        """The embedding tables' and embedding norm's parameters (CoFi never trains them)."""
+        norm = self.embedding_layer_norm()
+        modules = [*self._embedding_tables(), *([norm] if norm is not None else [])]
         return [p for module in modules for p in module.parameters()]
+
+    def embedding_tables(self) -> list[nn.Embedding]:
+        """Every embedding table summed into the residual stream, the word embeddings first."""
+        return self._embedding_tables()
 
     @abstractmethod
     def _embedding_tables(self) -> list[nn.Embedding]:
@@ -189,6 +338,12 @@ class ModelAdapter(ABC):
         only their input columns follow a hidden narrowing, their outputs keep their width."""
         ...
 
+    def call_layer(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """Run one layer module on its input hidden states (B, T, d) alone, outside the model's
+        forward (latency tables time it this way), with whatever else the family's layer needs
+        (decoders: rotary position embeddings); no padding mask."""
+        return block(hidden)
+
     @abstractmethod
     def sublayer_module(self, layer: int, kind: SublayerKind) -> nn.Module:
         """The module whose first positional input is the sublayer's residual input X_j."""
@@ -196,14 +351,14 @@ class ModelAdapter(ABC):
 
     def sublayer_bias(self, layer: int, kind: SublayerKind) -> torch.Tensor | None:
         """The output-projection bias b_j (also for an emptied sublayer, which keeps it); None for
-        a removed sublayer, which adds nothing to the residual."""
+        a removed sublayer, which adds nothing to the residual, and where the family has no bias."""
         if self.is_removed(layer, kind):
             return None
         parts = self.attention(layer) if kind == "attn" else self.ffn(layer)
         if parts is not None:
             linear = parts.out if kind == "attn" else parts.down
             return linear.bias
-        return self._empty_module(layer, kind).bias
+        return getattr(self._empty_module(layer, kind), "bias", None)
 
     # ---- rebuilding -------------------------------------------------------------------------
     @abstractmethod
@@ -212,8 +367,9 @@ class ModelAdapter(ABC):
         ...
 
     @abstractmethod
-    def set_empty_attention(self, layer: int, bias: torch.Tensor) -> None:
-        """Replace the attention sublayer by the explicit zero-head path, LN(X + b) (spec P4)."""
+    def set_empty_attention(self, layer: int, bias: torch.Tensor | None) -> None:
+        """Replace the attention sublayer by the explicit zero-head path (spec P4): post-norm
+        norm(X + b), pre-norm X + b; ``bias`` None (a family without an output bias): X + 0."""
         ...
 
     @abstractmethod
@@ -221,7 +377,8 @@ class ModelAdapter(ABC):
         ...
 
     @abstractmethod
-    def set_empty_ffn(self, layer: int, bias: torch.Tensor) -> None:
+    def set_empty_ffn(self, layer: int, bias: torch.Tensor | None) -> None:
+        """The FFN's zero-neuron path, as :meth:`set_empty_attention`."""
         ...
 
     @abstractmethod
@@ -261,9 +418,15 @@ class ModelAdapter(ABC):
         """
         if keep.dim() != 1 or keep.numel() == 0:
             raise ValueError(f"narrow_hidden needs a non-empty 1-D index, got shape {tuple(keep.shape)}")
-        for table in self._embedding_tables():
+        tables = self._embedding_tables()
+        heads = self._head_input_linears()
+        # A tied output head shares the word embeddings' Parameter: narrowed once, then re-tied.
+        tied = [(linear, table) for linear in heads for table in tables if linear.weight is table.weight]
+        for table in tables:
             _narrow_embedding(table, keep)
-        _narrow_layer_norm(self.embedding_layer_norm(), keep)
+        for norm in (self.embedding_layer_norm(), self.final_norm()):
+            if norm is not None:
+                _narrow_norm(norm, keep)
         for layer in range(self.num_layers):
             for kind in ("attn", "ffn"):
                 if self.is_removed(layer, kind):
@@ -280,24 +443,44 @@ class ModelAdapter(ABC):
                         if linear is not None:
                             _narrow_linear_input(linear, keep)
                     _narrow_linear_output(parts.down, keep)
-                _narrow_layer_norm(self.sublayer_layer_norm(layer, kind), keep)
-        for linear in self._head_input_linears():
+                if parts is not None or self.facts.norm_placement == "post":
+                    _narrow_norm(self.sublayer_layer_norm(layer, kind), keep)
+        for linear in heads:
+            if any(linear is tied_linear for tied_linear, _ in tied):
+                continue
             _narrow_linear_input(linear, keep)
+        for linear, table in tied:
+            linear.weight = table.weight
+            linear.in_features = keep.numel()
 
     # ---- shapes -----------------------------------------------------------------------------
     def layer_shapes(self) -> list[LayerShape]:
         shapes = []
         for layer in range(self.num_layers):
             attn, ffn = self.attention(layer), self.ffn(layer)
+            kv: dict[str, Any] = {}
+            if self.grouped_kv:
+                kv = {"num_kv_heads": attn.num_kv_heads if attn is not None else 0,
+                      "kv_map": attn.kv_map if attn is not None else ()}
             shapes.append(
                 LayerShape(
                     num_heads=attn.num_heads if attn is not None else 0,
                     intermediate_size=ffn.width if ffn is not None else 0,
                     attention_removed=self.is_removed(layer, "attn"),
                     ffn_removed=self.is_removed(layer, "ffn"),
+                    **kv,
                 )
             )
         return shapes
+
+    def full_layer_shape(self) -> LayerShape:
+        """The shape of every layer of the unpruned architecture."""
+        kv: dict[str, Any] = {}
+        if self.grouped_kv:
+            size = self.full_num_heads // self.full_num_kv_heads
+            kv = {"num_kv_heads": self.full_num_kv_heads,
+                  "kv_map": tuple(h // size for h in range(self.full_num_heads))}
+        return LayerShape(self.full_num_heads, self.full_intermediate_size, **kv)
 
     def pruned_config_updates(self) -> dict[str, Any]:
         """Config values a saved pruned form of this model must change so that it reloads (none
@@ -305,7 +488,7 @@ class ModelAdapter(ABC):
         return {}
 
     def is_pruned(self) -> bool:
-        full = LayerShape(self.full_num_heads, self.full_intermediate_size)
+        full = self.full_layer_shape()
         return self.hidden_size != self.full_hidden_size or any(shape != full for shape in self.layer_shapes())
 
     def resize(self, shapes: list[LayerShape], hidden_size: int | None = None) -> None:
@@ -322,6 +505,14 @@ class ModelAdapter(ABC):
                                  f"{self.hidden_size} dimensions; it can only be narrowed")
             # An explicit CPU index: from_pretrained builds models under a meta-device context.
             self.narrow_hidden(torch.arange(hidden_size, device="cpu"))
+        elif hidden_size is not None:
+            # The residual stream already has this width: transformers' generic task heads build
+            # their base model through AutoModel, whose pruned class resized it; the head linears
+            # made after it still read the full width.
+            tables = [table.weight for table in self._embedding_tables()]
+            for linear in self._head_input_linears():
+                if linear.in_features != hidden_size and not any(linear.weight is w for w in tables):
+                    _narrow_linear_input(linear, torch.arange(hidden_size, device="cpu"))
         for layer, shape in enumerate(shapes):
             for kind, removed in (("attn", shape.attention_removed), ("ffn", shape.ffn_removed)):
                 if removed:
@@ -330,26 +521,32 @@ class ModelAdapter(ABC):
                     raise ValueError(f"layer {layer}: the {_KIND_NAMES[kind]} sublayer was removed; "
                                      "it cannot be rebuilt at a width")
             attn = self.attention(layer)
-            if attn is not None and shape.num_heads != attn.num_heads:
+            kv_changed = attn is not None and shape.kv_map is not None and shape.kv_map != attn.kv_map
+            if attn is not None and (shape.num_heads != attn.num_heads or kv_changed):
                 if shape.num_heads == 0:
-                    self.set_empty_attention(layer, attn.out.bias.detach().clone())
+                    self.set_empty_attention(layer, _bias_copy(attn.out))
                 else:
                     width = shape.num_heads * attn.head_dim
+                    # Without recorded key/value heads (non-grouped families), one per query head.
+                    num_kv = shape.num_kv_heads if shape.kv_map is not None else shape.num_heads
+                    kv_width = num_kv * attn.head_dim
                     self.set_attention(
                         layer,
                         AttentionParts(
                             query=_like(attn.query, attn.query.in_features, width),
-                            key=_like(attn.key, attn.key.in_features, width),
-                            value=_like(attn.value, attn.value.in_features, width),
+                            key=_like(attn.key, attn.key.in_features, kv_width),
+                            value=_like(attn.value, attn.value.in_features, kv_width),
                             out=_like(attn.out, width, attn.out.out_features),
                             num_heads=shape.num_heads,
                             head_dim=attn.head_dim,
+                            num_kv_heads=num_kv,
+                            kv_map=shape.kv_map,
                         ),
                     )
             ffn = self.ffn(layer)
             if ffn is not None and shape.intermediate_size != ffn.width:
                 if shape.intermediate_size == 0:
-                    self.set_empty_ffn(layer, ffn.down.bias.detach().clone())
+                    self.set_empty_ffn(layer, _bias_copy(ffn.down))
                 else:
                     n = shape.intermediate_size
                     self.set_ffn(
@@ -368,6 +565,19 @@ _KIND_NAMES = {"attn": "attention", "ffn": "FFN"}
 def removed_error(layer: int, kind: SublayerKind, what: str) -> ValueError:
     """The error for asking a removed sublayer for something only a present one has."""
     return ValueError(f"layer {layer}: the {_KIND_NAMES[kind]} sublayer was removed, so it has no {what}")
+
+
+def require_own_kv_heads(layer: int, parts: AttentionParts) -> None:
+    """For families without grouped key/value heads: each query head must keep its own k/v head."""
+    if parts.num_kv_heads != parts.num_heads or parts.kv_map != tuple(range(parts.num_heads)):
+        raise ValueError(f"layer {layer}: this family gives every query head its own key/value head; got "
+                         f"{parts.num_kv_heads} key/value heads for {parts.num_heads} query heads "
+                         f"(kv_map {parts.kv_map})")
+
+
+def _bias_copy(linear: nn.Linear) -> torch.Tensor | None:
+    """A detached copy of ``linear``'s bias (what an emptied sublayer keeps), None without one."""
+    return linear.bias.detach().clone() if linear.bias is not None else None
 
 
 def _like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -389,7 +599,7 @@ def _like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
 def _narrow_parameter(module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
     """Replace ``module.<name>`` by its entries ``index`` along ``dim``: a copy on the same device
     and dtype with the same requires_grad."""
-    old = getattr(module, name)
+    old = getattr(module, name, None)  # an RMSNorm has no bias at all
     if old is None:
         return
     new = old.detach().index_select(dim, index.to(old.device)).clone()
@@ -401,11 +611,12 @@ def _narrow_embedding(table: nn.Embedding, keep: torch.Tensor) -> None:
     table.embedding_dim = keep.numel()
 
 
-def _narrow_layer_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
-    # normalized_shape drives F.layer_norm: the statistics are then over the kept dims only.
+def _narrow_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    """A LayerNorm or RMSNorm over the kept dims only: its statistics then cover those alone."""
     _narrow_parameter(norm, "weight", keep, 0)  # (d',)
-    _narrow_parameter(norm, "bias", keep, 0)
-    norm.normalized_shape = (keep.numel(),)
+    _narrow_parameter(norm, "bias", keep, 0)  # LayerNorm only
+    if hasattr(norm, "normalized_shape"):  # drives F.layer_norm / F.rms_norm
+        norm.normalized_shape = (keep.numel(),)
 
 
 def _narrow_linear_input(linear: nn.Linear, keep: torch.Tensor) -> None:

@@ -22,7 +22,16 @@ import torch
 from torch import nn
 from transformers import BertForQuestionAnswering, BertForSequenceClassification, BertModel
 
-from .base import AttentionParts, FfnParts, ModelAdapter, SublayerKind, removed_error
+from .base import (
+    POST_LAYERNORM_ALL_BIASES,
+    AttentionParts,
+    BlockFacts,
+    FfnParts,
+    ModelAdapter,
+    SublayerKind,
+    removed_error,
+    require_own_kv_heads,
+)
 
 
 class EmptyBertAttention(nn.Module):
@@ -79,6 +88,12 @@ class BertAdapter(ModelAdapter):
         "question_answering": BertForQuestionAnswering,
         "base": BertModel,
     }
+
+    @property
+    def facts(self) -> BlockFacts:
+        # LN(X + f(X)) with nn.LayerNorm, a bias on every linear, a plain GELU FFN; the
+        # embeddings are not tied to any head prunekit accepts.
+        return POST_LAYERNORM_ALL_BIASES
 
     @property
     def full_hidden_size(self) -> int:
@@ -163,6 +178,7 @@ class BertAdapter(ModelAdapter):
         block = self.layers()[layer].attention
         if isinstance(block, EmptyBertAttention):
             raise ValueError(f"layer {layer} has no attention heads left; it cannot be given new heads")
+        require_own_kv_heads(layer, parts)
         sa = block.self
         sa.query, sa.key, sa.value = parts.query, parts.key, parts.value
         block.output.dense = parts.out

@@ -29,7 +29,16 @@ from transformers import (
     DistilBertModel,
 )
 
-from .base import AttentionParts, FfnParts, ModelAdapter, SublayerKind, removed_error
+from .base import (
+    POST_LAYERNORM_ALL_BIASES,
+    AttentionParts,
+    BlockFacts,
+    FfnParts,
+    ModelAdapter,
+    SublayerKind,
+    removed_error,
+    require_own_kv_heads,
+)
 
 
 class EmptyDistilBertAttention(nn.Module):
@@ -78,6 +87,12 @@ class DistilBertAdapter(ModelAdapter):
         "question_answering": DistilBertForQuestionAnswering,
         "base": DistilBertModel,
     }
+
+    @property
+    def facts(self) -> BlockFacts:
+        # LN(X + f(X)) with nn.LayerNorm, a bias on every linear, a plain GELU FFN; the
+        # embeddings are not tied to any head prunekit accepts.
+        return POST_LAYERNORM_ALL_BIASES
 
     @property
     def full_hidden_size(self) -> int:
@@ -165,6 +180,7 @@ class DistilBertAdapter(ModelAdapter):
         sa = self.layers()[layer].attention
         if isinstance(sa, EmptyDistilBertAttention):
             raise ValueError(f"layer {layer} has no attention heads left; it cannot be given new heads")
+        require_own_kv_heads(layer, parts)
         sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin = parts.query, parts.key, parts.value, parts.out
         sa.n_heads = parts.num_heads
 

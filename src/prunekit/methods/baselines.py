@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import check_budget
+from ..accounting import check_budget, kv_head_flops
 from ..adapters import ModelAdapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
-from ..lut import sublayer_costs
+from ..lut import per_unit_costs, sublayer_costs
 from ..search import SearchResult, SublayerId, full_widths, knapsack_search, prefix_search, total_cost
 from ..surgery import LayerPlan, PruningPlan
 
@@ -75,7 +75,10 @@ def magnitude_scores(adapter: ModelAdapter, power: float = 2.0) -> dict[Sublayer
     for layer in range(adapter.num_layers):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         if attn is not None:
-            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in (attn.query, attn.key, attn.value))  # (H·d_h,)
+            # A head's own rows: Q, and K and V where each query head has its own (a shared
+            # key/value head belongs to its group, not to one query head).
+            own = (attn.query,) if adapter.grouped_kv else (attn.query, attn.key, attn.value)
+            sq = sum(lin.weight.detach().double().pow(2).sum(1) for lin in own)  # (H·d_h,)
             sq = sq + attn.out.weight.detach().double().pow(2).sum(0)
             scores[("attn", layer)] = sq.view(attn.num_heads, attn.head_dim).sum(1).pow(power / 2).cpu()  # (H,)
         if ffn is not None:
@@ -117,7 +120,9 @@ def random_prune(model: nn.Module | ModelAdapter, data: TaskData, config: Random
 def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
     seq_len = config.seq_len or sample.mean_length
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    return costs, config.keep * total_cost(costs, full_widths(adapter)), seq_len
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
+    return costs, config.keep * (total_cost(costs, full_widths(adapter)) + kv) - kv, seq_len
 
 
 def _plan(adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..accounting import count_flops, count_prunable_params, full_flops, full_prunable_params, unit_costs
 from ..adapters import ModelAdapter, get_adapter, view_of
 from ..data.task_data import TaskData, TrainingData
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..l0 import CofiGates, GateValues
 from ..losses import distill_loss, teacher_targets
 from ..masks import GateHolder, apply_gates
@@ -146,13 +146,21 @@ class SizeModel:
     def __init__(self, adapter: ModelAdapter, kind: str, seq_len: float) -> None:
         self.kind = kind
         self.hidden = adapter.hidden_size
+        if adapter.grouped_kv:
+            raise ModelError(f"CoFi gates query heads only; {adapter.family} shares key/value heads between "
+                             "query heads, which its size model and gates do not cover yet")
+        facts = adapter.facts
         if kind == "params":
             # (fixed, per kept hidden dim): a head owns 4·d_h weights per hidden dim (Q, K, V rows,
-            # O columns) and its 3·d_h Q/K/V biases; a neuron 2 weights per hidden dim and its FFN-in
-            # bias. The spec's formula drops the biases; with them a fully open model counts ~0 sparsity.
+            # O columns) and d_h biases for each of Q, K, V that has one; a neuron 2 weights per
+            # hidden dim (3 with a gate) and its FFN-in (and gate) bias where there is one. The
+            # spec's formula drops the biases; with them a fully open model counts ~0 sparsity.
+            head_biases = sum(facts.has_bias(name) for name in ("query", "key", "value"))
+            ffn_in = ("up", "gate") if facts.gated_ffn else ("up",)
+            neuron_biases = sum(facts.has_bias(name) for name in ffn_in)
             self.full = float(full_prunable_params(adapter.model))
-            self.head = [(3.0 * adapter.head_dim, 4.0 * adapter.head_dim)] * adapter.num_layers
-            self.neuron = [(1.0, 2.0)] * adapter.num_layers
+            self.head = [(float(head_biases * adapter.head_dim), float(4 * adapter.head_dim))] * adapter.num_layers
+            self.neuron = [(float(neuron_biases), float(len(ffn_in) + 1))] * adapter.num_layers
         else:
             self.full = full_flops(adapter.model, seq_len)
             self.head, self.neuron = [], []

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import UnitCosts, check_budget, unit_costs
+from ..accounting import UnitCosts, check_budget, kv_head_flops, unit_costs
 from ..adapters import ModelAdapter, SublayerKind, get_adapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
@@ -148,7 +148,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     adapter = get_adapter(student_model)
     seq_len = config.seq_len or sample.mean_length
     costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
-    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron for c in costs)
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = kv_head_flops(costs, adapter)
+    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron
+                               + adapter.full_num_kv_heads * c.kv_head for c in costs) - kv
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
     student, t_runner = LayerRunner(student_model, adapter), LayerRunner(teacher, t_adapter)

@@ -24,9 +24,13 @@ Differences from the reference code, from spec §7:
 - P15: the masks are folded into the weights; the reference only ever returned masks.
 Kept as the reference does it: per-batch (not per-example) gradients (P8); the teacher-assistant
 model at √C as the tuning target; no tuning of the first layer's attention; for sequence-level heads
-(classification, regression) the last layer is fitted on the first ([CLS]) token only; the MHA
+(classification, regression) the last layer is fitted on the token the head reads only (the first,
+[CLS], or the last non-padding one, as the adapter's ``pooled_token`` says); the MHA
 system has an extra all-ones column, a shared offset whose coefficient is dropped (a constant added
-to every entry of the residual sum is removed by the LayerNorm that follows).
+to every entry of the residual sum is removed by the LayerNorm that follows). That offset is used
+only where the family states such a LayerNorm (``BlockFacts.offset_absorbed``: post-norm LayerNorm);
+after an RMSNorm or in a pre-norm block a constant is not removed, so the system has no offset column.
+The target subtracts the output bias only where the output projection has one.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import check_budget
+from ..accounting import check_budget, kv_head_flops
 from ..adapters import ModelAdapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS
-from ..lut import sublayer_costs
+from ..lut import per_unit_costs, sublayer_costs
 from ..masks import apply_masks, frozen_for_masks, full_masks
 from ..search import SublayerId, full_widths, knapsack_search, total_cost
 from ..surgery import LayerPlan, PruningPlan
@@ -127,15 +131,17 @@ def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) ->
     model = adapter.model
     seq_len = config.seq_len or sample.mean_length
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    full = total_cost(costs, full_widths(adapter))
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
+    full = total_cost(costs, full_widths(adapter)) + kv
     fisher = prepared if prepared is not None else _fisher(adapter, sample)
     _check_fisher(fisher, adapter, sample)
     scores = fisher.scores()
 
     start = time.perf_counter()
-    target = knapsack_search(scores, costs, config.keep * full)
+    target = knapsack_search(scores, costs, config.keep * full - kv)
     teacher_keep = config.teacher_keep or math.sqrt(config.keep)
-    assistant = knapsack_search(scores, costs, teacher_keep * full)
+    assistant = knapsack_search(scores, costs, teacher_keep * full - kv)
     search_seconds = time.perf_counter() - start
     logger.info("kwon: search kept %d heads and %d neurons (cost %.4g of budget %.4g); teacher-assistant at %.3f",
                 *_totals(target.keep), target.cost, target.budget, teacher_keep)
@@ -265,12 +271,18 @@ def _binary_masks(adapter: ModelAdapter, kept: dict[SublayerId, torch.Tensor]
     return heads, neurons
 
 
-def _rows(batch: dict[str, torch.Tensor], first_token_only: bool) -> torch.Tensor:
-    """(B, T) bool: the token rows a layer is fitted on (non-padding, or [CLS] only)."""
+def _rows(batch: dict[str, torch.Tensor], pooled_only: bool, pooled_token: str = "first") -> torch.Tensor:
+    """(B, T) bool: the token rows a layer is fitted on (non-padding, or only the token a sequence
+    head reads: the first, [CLS], or the last non-padding one, for left or right padding)."""
     mask = batch["attention_mask"].bool()
-    if first_token_only:
+    if pooled_only:
+        if pooled_token == "last":
+            positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            index = (mask * positions).argmax(1)  # (B,) the last position whose mask is 1
+        else:
+            index = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         mask = torch.zeros_like(mask)
-        mask[:, 0] = True
+        mask[torch.arange(mask.shape[0], device=mask.device), index] = True
     return mask
 
 
@@ -292,7 +304,7 @@ def _tune_masks(model, adapter, sample, kind, kept, assistant, config) -> tuple[
         t_hidden, s_hidden = hidden, hidden
         last = adapter.num_layers - 1
         for layer in tqdm(range(adapter.num_layers), desc="kwon: mask tuning", leave=False):
-            rows = [_rows(b, first_token_only=(kind != "qa" and layer == last)) for b in batches]
+            rows = [_rows(b, kind != "qa" and layer == last, adapter.pooled_token) for b in batches]
             with apply_masks(adapter, *teacher_masks):
                 residuals, t_hidden = _teacher_layer(runner, adapter, layer, t_hidden, batches, rows)
             for sub in ("attn", "ffn"):
@@ -339,7 +351,8 @@ def _tune_sublayer(runner, adapter, layer, sub, hidden, batches, rows, residuals
     out = parts.out if sub == "attn" else parts.down
     unit_size = parts.head_dim if sub == "attn" else 1
     stats = _normal_equations(runner, adapter, layer, sub, out, hidden, batches, rows, residuals[sub], masks)
-    gram, cross = _unit_system(stats, out.weight.detach(), units, unit_size, offset=(sub == "attn"))
+    offset = sub == "attn" and adapter.facts.offset_absorbed
+    gram, cross = _unit_system(stats, out.weight.detach(), units, unit_size, offset=offset)
     x, info = _solve(gram, cross, stats["y_sq"], units.numel(), config)
     step |= info
     if x is not None:
