@@ -180,6 +180,20 @@ def test_whole_key_value_groups_with_their_query_heads():
         prune_kv_groups(get_adapter(pruned), 1, [1])  # only group 0 is left
 
 
+def test_a_plan_keeps_key_value_groups_whole_or_in_part():
+    """``LayerPlan.kv_groups`` through the one surgery path: group 1 whole in layer 1, group 0 with
+    only query head 1 in layer 2; heads outside the kept groups are refused."""
+    model = build_llama()
+    batch = llama_batch(3)
+    by_groups = PruningPlan(layers=[LayerPlan(), LayerPlan(kv_groups=[1]), LayerPlan(kv_groups=[0], heads=[1])])
+    by_heads = PruningPlan(layers=[LayerPlan(), LayerPlan(heads=[3, 4, 5]), LayerPlan(heads=[1])])
+    pruned = apply_plan(copy.deepcopy(model), PruningPlan.from_dict(by_groups.to_dict()))
+    torch.testing.assert_close(outputs(pruned, batch), masked(model, by_heads, batch), atol=ATOL, rtol=0)
+    assert [get_adapter(pruned).attention(i).num_kv_heads for i in range(LAYERS)] == [2, 1, 1]
+    with pytest.raises(ValueError, match=r"heads \[0\] lie outside the kept key/value groups \[1\]"):
+        apply_plan(copy.deepcopy(model), PruningPlan(layers=[LayerPlan(kv_groups=[1], heads=[0, 3])]))
+
+
 def test_a_group_mask_is_its_query_heads_mask():
     """Masking key/value group 0 of layer 0 (through its query heads) is pruning that group; the
     group mask is differentiable, so a method can score groups by its gradient."""

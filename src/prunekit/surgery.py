@@ -224,7 +224,9 @@ class LayerPlan:
     - ``attention_gate``, ``ffn_gate`` (scalars): CoFi's sublayer gates z_MHA / z_FFN, which
       scale the output projection's weight and bias before the unit scales are folded.
     - ``kv_groups``: kept key/value groups, for families whose query heads share key/value heads
-      (none of today's families has them; a plan that sets them is refused).
+      (``ModelAdapter.grouped_kv``): each kept whole, with every query head reading it, unless
+      ``heads`` names a subset of those query heads; a group none of whose query heads is kept goes.
+      A plan that sets them for a family without groups is refused.
     """
 
     heads: list[int] | None = None
@@ -371,6 +373,19 @@ def _apply_gate(linear: nn.Module, gate: torch.Tensor | None) -> None:
             linear.bias.mul_(gate.to(linear.bias))
 
 
+def _kept_heads(adapter: ModelAdapter, layer: int, step: LayerPlan) -> list[int] | None:
+    """The query heads a layer keeps: ``heads``, within the kept key/value groups when given."""
+    if step.kv_groups is None:
+        return step.heads
+    in_groups = heads_of_groups(adapter, layer, step.kv_groups)
+    if step.heads is None:
+        return in_groups
+    outside = sorted(set(step.heads) - set(in_groups))
+    if outside:
+        raise ValueError(f"layer {layer}: heads {outside} lie outside the kept key/value groups {step.kv_groups}")
+    return sorted(step.heads)
+
+
 def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
     """Physically prune ``model`` (or the model of a view) in place as ``plan`` says; returns the
     model. The one surgery path: every method's result is applied here.
@@ -382,7 +397,7 @@ def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
     adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
     if len(plan.layers) > adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
-    if any(step.kv_groups is not None for step in plan.layers):
+    if not adapter.grouped_kv and any(step.kv_groups is not None for step in plan.layers):
         raise ValueError("the plan keeps key/value groups, but this model family has none (its heads each have their own)")
     if plan.hidden is not None:  # checked first, so a bad index leaves the model untouched
         hidden = _check_index(plan.hidden, adapter.hidden_size, "hidden dimensions")
@@ -391,8 +406,9 @@ def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
     for layer, step in enumerate(plan.layers):
         if step.attention_gate is not None and adapter.attention(layer) is not None:
             _apply_gate(adapter.attention(layer).out, step.attention_gate)
-        if step.heads is not None:
-            prune_heads(adapter, layer, step.heads, scales=_tensor(step.head_scales),
+        heads = _kept_heads(adapter, layer, step)
+        if heads is not None:
+            prune_heads(adapter, layer, heads, scales=_tensor(step.head_scales),
                         out_weight=_tensor(step.attention_out_weight))
         if step.ffn_gate is not None and adapter.ffn(layer) is not None:
             _apply_gate(adapter.ffn(layer).down, step.ffn_gate)
