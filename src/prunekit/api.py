@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import preflight
 from .accounting import count_flops, count_params, full_flops
 from .adapters import get_adapter
 from .bench import measure_latency
@@ -95,6 +96,7 @@ def budgets_from(keep_flops: float | Sequence[float] | None = None,
         if not 0.0 < value < 1.0:
             what = {"flops": "FLOPs", "latency": "latency", "params": "prunable parameters"}[kind]
             raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
+    preflight.check_distinct_budgets(kind, values)
     return [(kind, float(value)) for value in values]
 
 
@@ -123,11 +125,16 @@ def _configs(spec: Any, budgets: list[Budget], seed: int, options: dict[str, Any
 def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec) -> tuple[nn.Module, Any]:
     """The teacher as a model the caller's object is safe from (a folder is loaded, a model copied)."""
     if isinstance(model, str | Path):
-        tokenizer = tokenizer or load_tokenizer(model)
         teacher = load_model(model, head=task.head)
+        tokenizer = tokenizer or load_tokenizer(model)
     else:
+        preflight.check_not_meta(model)
         teacher = copy.deepcopy(model)
+    if isinstance(tokenizer, str | Path):
+        tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     get_adapter(teacher)  # unsupported architectures fail here, before any work
+    preflight.check_head_fits_task(teacher.config, task)
+    preflight.check_seq_len(teacher.config, task.max_length, f"task {task.name}'s max_length")
     return teacher, tokenizer
 
 
@@ -169,7 +176,7 @@ def prune(
     Args:
         model: a model or a model folder (loaded with the task's head). A given model is copied,
             never changed.
-        tokenizer: its tokenizer (loaded from the folder when ``model`` is a path).
+        tokenizer: its tokenizer, or a tokenizer folder (default: loaded from the model folder).
         data: the task's data source (GLUE folder, CSV/JSONL, hub name; SQuAD JSON file or folder,
             or a list of SQuAD examples) or a ready ``CalibrationSample``.
         keep_flops: fraction of the encoder FLOPs kept, in (0, 1); 0.5 when no budget is given.
@@ -219,9 +226,12 @@ def prune_many(
         return _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
                                   method_options)
     budgets = budgets_from(keep_flops, keep_latency)
+    preflight.check_sample_size(num_tokens, num_sequences)
+    preflight.check_lut_used(budgets[0][0], method_options)
     configs = _configs(spec, budgets, seed, _with_task_seq_len(spec, task, method_options))
     device = resolve_device(device)
     teacher, tokenizer = _teacher(model, tokenizer, task)
+    preflight.check_seq_len(teacher.config, method_options.get("seq_len"), "seq_len")
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
     if isinstance(data, CalibrationSample):
@@ -290,6 +300,8 @@ def prune_many(
             "versions": library_versions(),
             "method_log": log,
         }
+        if warning := preflight.warn_if_all_pruned(model, f"keep_{budget_kind} {keep:g}"):
+            report["warnings"] = [warning]
         if budget_kind == "latency":
             costs = sublayer_costs(adapter, seq_len, config.lut)
             full = total_cost(costs, full_widths(adapter))
@@ -317,6 +329,7 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
     budgets = budgets_from(keep_flops, keep_latency, options.pop("keep_params", None))
     if budgets[0][0] == "latency":
         raise ConfigError(f"method {spec.name!r} takes keep_params or keep_flops, not a latency budget")
+    preflight.check_lut_used(budgets[0][0], options)
     if data is None or isinstance(data, CalibrationSample):
         raise ConfigError(f"method {spec.name!r} trains: pass the task's data (train and dev splits), "
                           "not a calibration sample")
@@ -326,6 +339,8 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
     teacher, tokenizer = _teacher(model, tokenizer, task)
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to tokenize the training data")
+    preflight.check_seq_len(teacher.config, options.get("max_length"), "max_length")
+    preflight.check_seq_len(teacher.config, options.get("seq_len"), "seq_len")
     if isinstance(student_init, str | Path):
         student_init = load_model(student_init, head=task.head)
     configs = [spec.make_config(**{f"keep_{kind}": keep}, seed=seed, **options) for kind, keep in budgets]
@@ -360,6 +375,8 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
             "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "device": str(device), "versions": library_versions(), "method_log": log,
         }  # fmt: skip
+        if warning := preflight.warn_if_all_pruned(pruned, f"keep_{kind} {keep:g}"):
+            report["warnings"] = [warning]
         logger.info("pruned in %.1f s: FLOPs kept %.4f, prunable params kept %.4f", seconds, report["flops_kept"],
                     report["prunable_params_kept"])
         pruned.to("cpu" if device.type == "cpu" else device)
@@ -427,12 +444,20 @@ def prune_and_save_many(
 
 def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens, num_sequences, seed, device,
                     overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, method_options):
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    tokenizer = method_options.pop("tokenizer", None)  # a tokenizer folder, when the model's has none
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, overwrite, inputs)
     task = get_task(task)
-    tokenizer = load_tokenizer(model_dir)
+    preflight.check_device(device)
     teacher = load_model(model_dir, head=task.head)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task)
+    if run_eval:
+        preflight.check_split(task, data, "dev")  # before pruning, not after it
+    if run_bench:
+        preflight.check_positive("bench_batch_size", bench_batch_size)
+        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
     method_options = {k: v for k, v in method_options.items() if k != "keep_params"}  # it is in `budgets`
     budget_options = {f"keep_{budgets[0][0]}": [keep for _, keep in budgets]}  # keep_flops, _latency or _params
     results = prune_many(teacher, tokenizer, data, task=task, method=method, num_tokens=num_tokens,

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import preflight
 from .accounting import count_flops, count_params, full_flops
 from .api import budget_name, prune_many
 from .bench import measure_latency
@@ -64,6 +65,7 @@ def compare(
     save_models: bool = False,
     overwrite: bool = False,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prune ``model_dir`` with each method at each budget and compare the results.
 
@@ -77,11 +79,14 @@ def compare(
         run_bench: time every pruned model against the teacher at (bench_batch_size, bench_seq_len).
         max_eval_examples: evaluate on the first N dev examples only (quick checks).
         method_options: per-method options, e.g. ``{"kwon": {"damp": 1.0}}``.
+        tokenizer: a tokenizer folder, when the model folder has none.
     Returns:
         The content of compare.json.
     """
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     out_dir = check_output_dir(out_dir, overwrite, inputs)
+    preflight.check_distinct_budgets("flops", list(keep_flops))
+    preflight.check_sample_size(num_tokens, num_sequences)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
     if metric not in task_spec.metrics:
@@ -98,8 +103,11 @@ def compare(
 
     from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
-    tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task_spec.head).to(device)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task_spec)
+    if run_bench:
+        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
     if num_tokens is None and num_sequences is None:
         num_tokens = 100_000
     sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
