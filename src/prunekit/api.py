@@ -375,6 +375,9 @@ def _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_late
             "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "device": str(device), "versions": library_versions(), "method_log": log,
         }  # fmt: skip
+        # The budget asked for and what the saved model keeps (CoFi projects onto it, cofi_target).
+        report["target_keep"] = keep
+        report["achieved_keep"] = report["prunable_params_kept"] if kind == "params" else log["achieved_flops_kept"]
         if warning := preflight.warn_if_all_pruned(pruned, f"keep_{kind} {keep:g}"):
             report["warnings"] = [warning]
         logger.info("pruned in %.1f s: FLOPs kept %.4f, prunable params kept %.4f", seconds, report["flops_kept"],
@@ -481,6 +484,7 @@ def _prune_and_save(model_dir, out_dirs, data, budgets, task, method, num_tokens
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[bench_batch_size],
                                       seq_lens=[bench_seq_len], device=device)
             result.report["latency"] = latency
+        result.report.setdefault("teacher", str(model_dir))
         result.save(out, overwrite=overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation

@@ -238,7 +238,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget, keep_params=args.keep_params)]
     for report, folder in zip(reports, folders, strict=True):
         _print_table(summary_rows(report))
-        print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, "
+        achieved = ""
+        if report.get("achieved_keep") is not None:
+            achieved = (f"keep_{report['budget']['kind']} target {report['target_keep']:.4f}, "
+                        f"achieved {report['achieved_keep']:.4f}, ")
+        print(f"pruned model written to {folder} ({achieved}FLOPs kept {report['flops_kept']:.4f}, "
               f"pruning took {report['prune_seconds']:.1f} s)")
     return 0
 

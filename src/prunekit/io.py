@@ -38,6 +38,7 @@ from transformers import (
 
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
+from .folder_files import add_remote_code, write_readme
 from .outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 from .preflight import check_config_dict, check_tokenizer, check_tokenizer_files
 
@@ -156,6 +157,8 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        add_remote_code(tmp)  # loads in plain transformers with trust_remote_code=True
+        write_readme(tmp, report)
         if extra is not None:
             extra(tmp)
     logger.info("saved pruned model to %s", out_dir)

@@ -48,6 +48,7 @@ from ..errors import ConfigError
 from ..l0 import CofiGates, GateValues
 from ..losses import distill_loss, teacher_targets
 from ..masks import GateHolder, apply_gates
+from ..preflight import check_cofi_schedule
 from ..surgery import (
     LayerPlan,
     PruningPlan,
@@ -57,6 +58,7 @@ from ..surgery import (
     remove_sublayer,
     slice_linear,
 )
+from .cofi_target import project_to_target
 
 logger = logging.getLogger(__name__)
 
@@ -388,6 +390,7 @@ def cofi(
     started = time.perf_counter()
 
     if run.stage == "prune":
+        check_cofi_schedule(config, len(data.features), accelerator.num_processes)
         shapes = adapter.layer_shapes()
         gates = CofiGates([s.num_heads for s in shapes], [s.intermediate_size for s in shapes], adapter.hidden_size,
                           prune_hidden=config.prune_hidden, prune_layers=config.prune_layers,
@@ -405,6 +408,9 @@ def cofi(
             values = gates.deterministic()
             log["expected_sparsity"] = float(sizer.expected_sparsity(gates))
             log["deterministic_sparsity"] = sizer.sparsity(values)
+            # The saved model meets the budget even when training ends off target (cofi.md §8.5).
+            values, log["target_projection"] = project_to_target(gates, values, sizer, adapter,
+                                                                 config.target_sparsity, config.sparsity_epsilon)
             log["gates"] = _gate_summary(values)
             check = _surgery_check_batch(data, accelerator.device)
             with torch.no_grad():
