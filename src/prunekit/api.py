@@ -134,7 +134,6 @@ def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec) -> t
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     get_adapter(teacher)  # unsupported architectures fail here, before any work
     preflight.check_head_fits_task(teacher.config, task)
-    preflight.check_seq_len(teacher.config, task.max_length, f"task {task.name}'s max_length")
     return teacher, tokenizer
 
 
@@ -222,7 +221,11 @@ def prune_many(
     """
     spec = get_method(method)
     task = get_task(task)
+    preflight.check_positive("batch_size", batch_size)
+    preflight.check_positive("seed", seed, minimum=0)
     if spec.training:
+        if batch_size is not None:  # the training batch size; never dropped silently
+            method_options = {**method_options, "batch_size": batch_size}
         return _prune_by_training(spec, model, tokenizer, data, task, keep_flops, keep_latency, seed, device,
                                   method_options)
     budgets = budgets_from(keep_flops, keep_latency)

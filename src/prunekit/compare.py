@@ -95,6 +95,8 @@ def compare(
     unknown = sorted(set(method_options) - set(methods))
     if unknown:
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
+    if not methods:
+        raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
     specs = [get_method(name) for name in methods]
     budgets = sorted({float(keep) for keep in keep_flops}, reverse=True)
     if not budgets:
