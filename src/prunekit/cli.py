@@ -310,10 +310,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_lut(args: argparse.Namespace) -> int:
     from .io import load_pruned
     from .lut import measure_latency_table
-    from .preflight import check_writable_file
+    from .preflight import check_seq_len, check_writable_file
 
     check_writable_file(args.out, "--out")
-    table = measure_latency_table(load_pruned(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
+    model = load_pruned(args.model)
+    check_seq_len(model.config, args.seq_len, "--seq-len")
+    table = measure_latency_table(model, batch_size=args.batch_size, seq_len=args.seq_len,
                                   device=_device(args), neuron_step=args.neuron_step, warmup=args.warmup,
                                   repeats=args.repeats, threads=args.threads, seed=args.seed)
     table.save(args.out)

@@ -53,8 +53,8 @@ def _head(config: dict[str, Any]) -> str:
     return "sequence_classification" if "SequenceClassification" in names else "base"
 
 
-def readme_text(folder: Path, config: dict[str, Any], report: dict[str, Any] | None) -> str:
-    """A short README.md for a saved folder: what, from what, how to load."""
+def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
+    """A short README.md for a saved folder called ``name``: what, from what, how to load."""
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
@@ -91,9 +91,10 @@ def readme_text(folder: Path, config: dict[str, Any], report: dict[str, Any] | N
                      f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", "",
                      "The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
                      "heads or neurons; a removed sublayer is the identity).", ""]
-    return "\n".join(lines).replace("PATH", str(folder.name))
+    return "\n".join(lines).replace("PATH", name)
 
 
-def write_readme(folder: Path, report: dict[str, Any] | None) -> None:
+def write_readme(folder: Path, report: dict[str, Any] | None, name: str) -> None:
+    """Write README.md into ``folder`` (a temporary folder that becomes ``name``)."""
     config = json.loads((folder / "config.json").read_text())
-    (folder / README).write_text(readme_text(folder, config, report))
+    (folder / README).write_text(readme_text(name, config, report))

@@ -158,7 +158,7 @@ def save_pruned(
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         add_remote_code(tmp)  # loads in plain transformers with trust_remote_code=True
-        write_readme(tmp, report)
+        write_readme(tmp, report, Path(out_dir).name)
         if extra is not None:
             extra(tmp)
     logger.info("saved pruned model to %s", out_dir)

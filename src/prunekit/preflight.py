@@ -286,7 +286,8 @@ def check_writable_file(path: str | Path | None, flag: str = "--json") -> None:
         return
     target = Path(path).expanduser()
     if target.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {target / 'metrics.json'}")
+        example = target / ("lut.json" if flag == "--out" else "metrics.json")
+        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {example}")
     if target.exists():
         if not os.access(target, os.W_OK):
             raise ConfigError(f"{flag} {path} is not writable; choose another file")
