@@ -251,3 +251,15 @@ def test_cofi_on_a_short_valid_schedule_meets_keep_params(ws, capsys):
 
     model = load_pruned(ws["out"])
     assert count_prunable_params(model) / full_prunable_params(model) == pytest.approx(report["achieved_keep"])
+
+
+def test_finetune_refuses_a_folder_without_a_tokenizer_and_takes_one_given(ws, capsys):
+    folder = _no_tokenizer(ws)
+    argv = ["finetune", "--model", folder, "--task", "sst2", "--data", ws["data"], "--out", ws["out"], "--epochs", "1",
+            "--batch-size", "16", "--max-train-samples", "16", "--device", "cpu"]  # fmt: skip
+    status, _, err = run(capsys, argv)
+    assert_clean_error(status, err, "finetune", "no tokenizer files", "--tokenizer")
+    assert_no_output(ws["out"])
+    status, _, err = run(capsys, [*argv, "--tokenizer", ws["teacher"]])
+    assert status == 0, err
+    assert (ws["out"] / "tokenizer.json").is_file() or (ws["out"] / "vocab.txt").is_file()
