@@ -117,8 +117,6 @@ def _load_json_file(path: Path, version_2: bool) -> list[dict]:
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
             "Fix the file, or re-download the official SQuAD JSON."
         ) from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}); SQuAD files are UTF-8 JSON.") from exc
 
     if not isinstance(raw, dict) or "data" not in raw:
         raise DataError(
