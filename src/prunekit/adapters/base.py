@@ -36,7 +36,7 @@ A new family is one subclass of :class:`ModelAdapter` in its own file and one en
 ``sublayer_module``) and puts narrower ones back (``set_attention`` with per-layer query and
 key/value head counts and the key/value map, ``set_ffn``, the empty and removed forms), setting
 whatever per-layer attributes the Hugging Face modules read. Masks, surgery, accounting,
-save/load and the methods then work unchanged; ``tests/llama_view.py`` is such an adapter
+save/load and the methods then work unchanged; ``prunekit.adapters.llama`` is such an adapter
 (pre-norm, RMSNorm, no biases, gated FFN, grouped key/value heads), used by the tests.
 """
 
