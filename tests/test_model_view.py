@@ -28,9 +28,9 @@ from prunekit.adapters import AttentionParts, BlockFacts, LayerShape, get_adapte
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.data import TaskData
 from prunekit.l0 import GateValues
-from prunekit.remote_code.modeling_prunekit_decoder import MappedKvAttention
 from prunekit.masks import GateHolder, apply_gates, apply_masks, expand_group_mask
 from prunekit.methods.cofi import gate_plan
+from prunekit.remote_code.modeling_prunekit_decoder import MappedKvAttention
 from prunekit.surgery import (
     LayerPlan,
     PruningPlan,
