@@ -34,7 +34,9 @@ from __future__ import annotations
 import torch
 import transformers
 from torch import nn
+from transformers import AutoModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 
@@ -199,10 +201,9 @@ def _narrow_weight(module: nn.Module, shape: tuple[int, ...]) -> None:
 
 
 def _narrow_hidden(model: nn.Module, width: int) -> None:
-    """The residual stream at ``width`` dimensions everywhere it is read or written."""
+    """The residual stream at ``width`` dimensions everywhere the base model reads or writes it."""
     base = model.base_model
     embed = base.embed_tokens
-    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is embed.weight
     _narrow_weight(embed, (embed.num_embeddings, width))
     embed.embedding_dim = width
     for norm in [base.norm, *(n for b in base.layers for n in (b.input_layernorm, b.post_attention_layernorm))]:
@@ -214,26 +215,42 @@ def _narrow_hidden(model: nn.Module, width: int) -> None:
             old = getattr(parent, name)
             setattr(parent, name, _linear(old, width, old.out_features) if is_input else
                     _linear(old, old.in_features, width))
+
+
+def _narrow_heads(model: nn.Module, width: int) -> None:
+    """The task head's input at ``width``; a tied output head shares the embedding table."""
+    embed = model.base_model.embed_tokens
     for name in ("lm_head", "score"):
         head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            if tied and name == "lm_head":
-                head.weight, head.in_features = embed.weight, width
-            else:
-                setattr(model, name, _linear(head, width, head.out_features))
+        if not isinstance(head, nn.Linear) or head.in_features == width:
+            continue
+        if name == "lm_head" and getattr(model.config, "tie_word_embeddings", False):
+            head.weight, head.in_features = embed.weight, width
+        else:
+            setattr(model, name, _linear(head, width, head.out_features))
 
 
 def build_pruned(model: nn.Module, config) -> None:
-    """Allocate every layer of ``model`` (built at the config's full widths) at its pruned widths."""
+    """Allocate every layer of ``model`` (built at the config's full widths) at its pruned widths.
+    A base model built already (the generic task heads build theirs through AutoModel, whose
+    pruned class is registered below) is left as it is; only the head then follows."""
+    width = getattr(config, "prunekit_hidden_size", None)
+    if not getattr(model.base_model, "_prunekit_built", False):
+        _build_base(model.base_model, config)
+    if width is not None:
+        _narrow_heads(model, width)
+
+
+def _build_base(base: nn.Module, config) -> None:
     layers = getattr(config, "prunekit_layers", None) or []
     if not isinstance(layers, list):
         raise ValueError("prunekit_layers in config.json must be a list with one entry per layer")
-    blocks = model.base_model.layers
+    blocks = base.layers
     if layers and len(layers) != len(blocks):
         raise ValueError(f"prunekit_layers lists {len(layers)} layers but the model has {len(blocks)}")
     width = getattr(config, "prunekit_hidden_size", None)
     if width is not None and width != config.hidden_size:
-        _narrow_hidden(model, width)
+        _narrow_hidden(base, width)
     for block, shape in zip(blocks, layers, strict=False):
         sa, mlp = block.self_attn, block.mlp
         d, d_h = sa.q_proj.in_features, sa.head_dim
@@ -253,6 +270,7 @@ def build_pruned(model: nn.Module, config) -> None:
             empty_mlp(block, _zeros(mlp.down_proj, d))
         else:
             install_mlp(block, _linear(mlp.gate_proj, d, n), _linear(mlp.up_proj, d, n), _linear(mlp.down_proj, n, d))
+    base._prunekit_built = True
 
 
 # ---- the classes named in auto_map, made from the family's transformers classes ------------------
@@ -279,6 +297,11 @@ def pruned_model_class(base: type) -> type:
     name = "Pruned" + base.__name__
     if name not in _CLASSES:
         def __init__(self, config, *args, **kwargs):
+            # The generic heads (LlamaForSequenceClassification, ...) build their base model with
+            # AutoModel.from_config: it must find the pruned base class here, not ask for remote code.
+            base_model = MODEL_MAPPING[base.config_class]
+            if base_model is not base:
+                AutoModel.register(type(config), pruned_model_class(base_model), exist_ok=True)
             base.__init__(self, config, *args, **kwargs)
             build_pruned(self, config)
 
