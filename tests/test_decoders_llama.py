@@ -311,6 +311,104 @@ def test_flops_and_parameters_equal_a_hand_count():
 
 
 # ---- --uniform ---------------------------------------------------------------------------------
+STOCK_LOADER = r"""
+import json, sys
+sys.modules["prunekit"] = None  # not importable in this process
+import torch
+import transformers
+results = {}
+for name, (folder, auto, batch_file) in json.loads(sys.argv[1]).items():
+    model = getattr(transformers, auto).from_pretrained(folder).eval()  # no remote code
+    batch = torch.load(batch_file)
+    with torch.no_grad():
+        out = model(**batch).logits
+    results[name] = {"out": out[batch["attention_mask"].bool()] if out.dim() == 3 else out,
+                     "class": type(model).__name__, "module": type(model).__module__}
+torch.save(results, sys.argv[2])
+"""
+
+
+def test_uniform_folders_are_stock_classes(tmp_path):
+    """A method's non-uniform plan, equalised within its cost, prunes every layer to the same
+    query heads, key/value groups and FFN width; the folder is the family's stock class (no
+    prunekit keys, no auto_map, no code files) and plain transformers without prunekit loads it
+    with the pruned model's outputs."""
+    from prunekit.accounting import unit_costs
+    from prunekit.uniform import uniform_plan
+
+    jobs, expected = {}, {}
+    for family, head in CASES:
+        name = f"{family}-{head}"
+        model = build(family, head, seed=6, layers=4)
+        plan = random_plan(6, layers=4)
+        uniform, log = uniform_plan(get_adapter(model), plan, seq_len=16.0)
+        pruned = apply_plan(copy.deepcopy(model), uniform)
+        shapes = get_adapter(pruned).layer_shapes()
+        assert len(set(shapes)) == 1 and shapes[0].num_heads == log["query_heads"] >= 1, name
+        assert shapes[0].num_kv_heads == log["kv_groups"] and shapes[0].intermediate_size == log["neurons"] >= 1
+        cost = unit_costs(get_adapter(model), 0, 16.0)
+        spent = 4 * (shapes[0].num_heads * cost.head + shapes[0].num_kv_heads * cost.kv_head
+                     + shapes[0].intermediate_size * cost.neuron)
+        assert spent == log["uniform_cost"] <= log["plan_cost"] and not log["over_budget"], name
+        assert count_flops(pruned, 16.0) <= count_flops(apply_plan(copy.deepcopy(model), plan), 16.0) + 1e-6
+        batch = batch_of(6)
+        torch.testing.assert_close(outputs(pruned, batch), masked(model, uniform, batch), atol=ATOL, rtol=0)
+        folder = save_pruned(pruned, tmp_path / name, uniform=True)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == family and config["architectures"] == [PREFIX[family] + HEADS[head]]
+        assert not [key for key in config if key.startswith("prunekit") or key == "auto_map"], name
+        assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (
+            shapes[0].num_heads, shapes[0].num_kv_heads, shapes[0].intermediate_size)
+        assert not list(folder.glob("*.py")) and "no prunekit and no remote code" in (folder / "README.md").read_text()
+        torch.save(batch, tmp_path / f"{name}.pt")
+        expected[name] = outputs(pruned, batch)
+        auto = "AutoModelForCausalLM" if head == "causal_lm" else "AutoModelForSequenceClassification"
+        jobs[name] = (str(folder), auto, str(tmp_path / f"{name}.pt"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1")
+    (tmp_path / "load.py").write_text(STOCK_LOADER)
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "load.py"), json.dumps(jobs), str(tmp_path / "o.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = torch.load(tmp_path / "o.pt")
+    for name, want in expected.items():
+        family, head = name.split("-")
+        assert loaded[name]["class"] == PREFIX[family] + HEADS[head] and loaded[name]["module"].startswith("transformers")
+        torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
+
+
+def test_uniform_keeps_the_methods_units_first():
+    """Where the method kept at least as many units as the uniform width, the uniform layer keeps
+    a subset of them; its re-fitted weights stay only where the kept set did not change."""
+    from prunekit.uniform import uniform_plan
+
+    model = build("llama", seed=8)
+    refit = torch.randn(D, 3 * D_H)
+    plan = PruningPlan(layers=[LayerPlan(heads=[0, 1, 3], neurons=list(range(20)), attention_out_weight=refit),
+                               LayerPlan(heads=[0, 1, 3], neurons=list(range(10, 30))),
+                               LayerPlan(heads=[0, 1, 3], neurons=list(range(5, 25)))])
+    uniform, log = uniform_plan(get_adapter(model), plan, seq_len=None)
+    # Per layer the plan spends 3 query + 2 key/value heads (2·d·d_h parameters each) and 20
+    # neurons (3·d each); the largest uniform attention within that is 4 heads' worth, (2, 1) or
+    # (1, 3); the head left over pays for 2·d·d_h / 3·d = 8 more neurons.
+    assert (log["kv_groups"], log["query_heads_per_group"]) in {(2, 1), (1, 3)}
+    assert log["neurons"] == 20 + (2 * D * D_H) // (3 * D) == 28
+    for step, before in zip(uniform.layers, plan.layers, strict=True):
+        assert set(before.neurons) <= set(step.neurons) and len(step.neurons) == 28
+        if log["kv_groups"] == 1:
+            assert step.heads == [0, 1, 2] or set(step.heads) <= {0, 1, 3}
+    same = uniform.layers[0].heads == [0, 1, 3]
+    assert (uniform.layers[0].attention_out_weight is not None) == same
+    assert log["refits_dropped"] == (0 if same else 1)
+
+
+def test_uniform_refuses_a_model_whose_layers_differ(tmp_path):
+    pruned = apply_plan(build("qwen3"), random_plan(0))
+    with pytest.raises(prunekit.ConfigError, match="--uniform needs every layer"):
+        save_pruned(pruned, tmp_path / "out", uniform=True)
+    assert not (tmp_path / "out").exists()
+
+
 # ---- errors ------------------------------------------------------------------------------------
 def _tiny(config_class, model_class, **kw):
     torch.manual_seed(0)

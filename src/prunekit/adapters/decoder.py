@@ -181,6 +181,22 @@ class LlamaLayoutAdapter(ModelAdapter):
         runtime.remove_mlp(self.layers()[layer])
 
     # ---- uniform shapes: a stock config ----------------------------------------------------------
+    def stock_config_class(self) -> type:
+        """The family's own config class (LlamaConfig, ...), also for a pruned model's config."""
+        return next(iter(self.model_classes.values())).config_class
+
+    def uniform_heads_allowed(self, num_heads: int, num_kv_heads: int) -> bool:
+        """Whether the stock config accepts layers of ``num_heads`` query heads in ``num_kv_heads``
+        equal groups (Llama's, for one, wants the hidden size a multiple of the query heads)."""
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            return False
+        try:
+            self.stock_config_class()(hidden_size=self.full_hidden_size, num_attention_heads=num_heads,
+                                      num_key_value_heads=num_kv_heads, head_dim=self.head_dim)
+        except (ValueError, TypeError):
+            return False
+        return True
+
     def uniform_config_updates(self) -> dict[str, Any] | None:
         """The stock config values of a model whose every layer has the same query heads, key/value
         heads (equal contiguous groups), FFN width, at least one of each and the full residual
