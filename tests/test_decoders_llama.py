@@ -402,6 +402,34 @@ def test_uniform_keeps_the_methods_units_first():
     assert log["refits_dropped"] == (0 if same else 1)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "kprune"])
+def test_prune_with_uniform_writes_a_stock_folder(method, tokenizer, sst2_dir, tmp_path):
+    """The pipeline: PruneOptions.uniform equalises the method's plan (logged under "uniform"), the
+    budget is still met, and the saved folder is a stock LlamaForSequenceClassification."""
+    from prunekit.accounting import full_flops
+    from prunekit.api import prune
+
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=D, intermediate_size=D_FF, num_hidden_layers=3,
+                         num_attention_heads=H, num_key_value_heads=H_KV, head_dim=D_H, pad_token_id=0, num_labels=2,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForSequenceClassification(config).eval()
+    result = prune(teacher, tokenizer, sst2_dir, task="sst2", method=method, keep_flops=0.6, num_tokens=300,
+                   uniform=True)
+    log = result.report["method_log"]["uniform"]
+    shapes = get_adapter(result.model).layer_shapes()
+    assert len(set(shapes)) == 1 and shapes[0].num_heads == log["query_heads"]
+    seq_len = result.report["flops_seq_len"]
+    assert count_flops(result.model, seq_len) <= 0.6 * full_flops(teacher, seq_len) + 1e-6
+    folder = result.save(tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and "auto_map" not in config
+    stock = transformers.LlamaForSequenceClassification.from_pretrained(folder).eval()
+    batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    assert torch.equal(outputs(stock, batch), outputs(result.model, batch))
+
+
 def test_uniform_refuses_a_model_whose_layers_differ(tmp_path):
     pruned = apply_plan(build("qwen3"), random_plan(0))
     with pytest.raises(prunekit.ConfigError, match="--uniform needs every layer"):
