@@ -45,7 +45,10 @@ HEADS = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClas
 
 def build(family: str, head: str = "causal_lm", seed: int = 0, layers: int = LAYERS):
     extra = {
-        "llama": {"attention_bias": True, "mlp_bias": True},  # every bias Llama can have
+        # Every bias Llama can have, and Llama 3.x's rotary scaling.
+        "llama": {"attention_bias": True, "mlp_bias": True, "rope_parameters": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0}},
         "mistral": {"sliding_window": 6},  # shorter than the test sequences: the window matters
         "qwen2": {},  # q/k/v biases by construction
         "qwen3": {"attention_bias": False},

@@ -48,8 +48,7 @@ class LlamaLayoutAdapter(ModelAdapter):
 
     grouped_kv = True
     pooled_token = "last"  # the *ForSequenceClassification heads pool the last non-padding token
-    # The code a saved folder carries to load without prunekit (prunekit.folder_files).
-    remote_code: ClassVar[str | None] = REMOTE_CODE_FILE
+    remote_code: ClassVar[str | None] = REMOTE_CODE_FILE  # loads without prunekit (folder_files)
 
     @property
     def facts(self) -> BlockFacts:
