@@ -289,6 +289,20 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
                 assert torch.equal(got, ref), name
 
 
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("num_kv_heads", 5, "num_kv_heads 5"),
+    ("kv_map", [0, 0, 7], "kv_map [0, 0, 7]"),
+])
+def test_a_folder_with_broken_key_value_fields_is_refused_in_one_line(tmp_path, key, value, words):
+    folder = save_pruned(apply_plan(build("llama"), random_plan(0)), tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    config["prunekit_layers"][0][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(prunekit.ModelError, match="prunekit_layers") as info:
+        load_pruned(folder)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
 # ---- accounting --------------------------------------------------------------------------------
 def test_flops_and_parameters_equal_a_hand_count():
     """Qwen2 (biases on q/k/v only) pruned: per layer, q and o cost per query head, k and v per
