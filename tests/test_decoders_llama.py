@@ -447,6 +447,25 @@ def test_prune_with_uniform_writes_a_stock_folder(method, tokenizer, sst2_dir, t
     assert torch.equal(outputs(stock, batch), outputs(result.model, batch))
 
 
+def test_cli_prune_uniform(tokenizer, sst2_dir, tmp_path):
+    """`prunekit prune --uniform` writes a stock folder (here a Llama classifier on SST-2)."""
+    from prunekit.cli import main
+
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=D, intermediate_size=D_FF, num_hidden_layers=2,
+                         num_attention_heads=H, num_key_value_heads=H_KV, head_dim=D_H, pad_token_id=0, num_labels=2,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    status = main(["prune", "--model", str(tmp_path / "teacher"), "--task", "sst2", "--data", str(sst2_dir),
+                   "--method", "magnitude", "--keep-flops", "0.5", "--out", str(tmp_path / "out"), "--uniform",
+                   "--no-eval", "--no-bench"])
+    assert status == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"] and saved["model_type"] == "llama"
+    assert saved["num_attention_heads"] < H and "prunekit_layers" not in saved
+
+
 def test_uniform_refuses_a_model_whose_layers_differ(tmp_path):
     pruned = apply_plan(build("qwen3"), random_plan(0))
     with pytest.raises(prunekit.ConfigError, match="--uniform needs every layer"):
