@@ -515,3 +515,8 @@ def test_llama_wiki_gqa_prunes_saves_and_reloads(tmp_path):
     reloaded = load_pruned(folder)
     assert torch.equal(outputs(reloaded, batch), outputs(pruned, batch))
     assert AutoModelForCausalLM.from_pretrained(folder).config.prunekit_layers == reloaded.config.prunekit_layers
+    # Its uniform form: only attention shapes LlamaConfig accepts (hidden 256 a multiple of the heads).
+    from prunekit.uniform import uniform_plan
+
+    _, log = uniform_plan(get_adapter(model), plan, seq_len=128.0)
+    assert 256 % log["query_heads"] == 0 and not log["over_budget"]
