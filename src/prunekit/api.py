@@ -56,6 +56,7 @@ class PruneResult:
     tokenizer: Any
     plan: PruningPlan
     report: dict[str, Any] = field(default_factory=dict)
+    uniform: bool = False  # saved as the family's stock class (PruneOptions.uniform)
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
         """Write the model folder: config.json, model.safetensors, tokenizer files,
@@ -74,7 +75,7 @@ class PruneResult:
             )
 
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
-                           extra=plot, inputs=inputs, plan=self.plan)
+                           extra=plot, inputs=inputs, plan=self.plan, uniform=self.uniform)
 
 
 @dataclass
@@ -98,6 +99,9 @@ class PruneOptions:
             CoFi's ``student_init``, ``checkpoint_dir``, ``resume``).
         overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len: ``prune_and_save`` only:
             replace a folder prunekit wrote, evaluate on dev, time against the teacher.
+        uniform: every layer keeps the same query heads, key/value heads and FFN width (the
+            method's plan is equalised by ``prunekit.uniform.uniform_plan`` within its cost) and
+            the folder is the family's stock class, loading without prunekit (decoders).
     """
 
     task: str | TaskSpec = "sst2"
@@ -117,6 +121,7 @@ class PruneOptions:
     run_bench: bool = True
     bench_batch_size: int = 32
     bench_seq_len: int = 128
+    uniform: bool = False
 
     @classmethod
     def of(cls, options: PruneOptions | str | TaskSpec | None = None, **kwargs: Any) -> PruneOptions:
@@ -365,6 +370,12 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             before = _size(teacher, seq_len, full=True)
             start = time.perf_counter()
             plan, log = spec.run(teacher, task_data, config)
+            if options.uniform:
+                from .uniform import uniform_plan
+
+                # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
+                plan, log["uniform"] = uniform_plan(get_adapter(teacher), plan,
+                                                    None if budget[0] == "params" else seq_len)
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -375,7 +386,8 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
                              device)
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
-            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report))
+            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report,
+                                       uniform=options.uniform))
         return results
     finally:
         teacher.train(was_training)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lut", default=None, help="latency table JSON from `prunekit lut`, for --keep-latency")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--uniform", action="store_true",
+                   help="every layer keeps the same query heads, key/value heads and FFN width; the folder is "
+                        "the family's stock class, loading without prunekit (decoders)")
     p.add_argument("--num-tokens", type=int, default=None,
                    help="calibration sample size in tokens (default: the method's, Kprune 100000)")
     p.add_argument("--num-sequences", type=int, default=None,
@@ -234,7 +237,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
-                  run_bench=not args.no_bench, **options)
+                  run_bench=not args.no_bench, uniform=args.uniform, **options)
     if len(budgets) == 1:
         reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
         folders = [args.out]

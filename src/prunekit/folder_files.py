@@ -19,11 +19,21 @@ REMOTE_FILES = ("configuration_prunekit.py", "modeling_prunekit.py")
 README = "README.md"
 _CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 _AUTO_FOR_HEAD = {"sequence_classification": "AutoModelForSequenceClassification",
-                  "question_answering": "AutoModelForQuestionAnswering", "base": "AutoModel"}
+                  "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM",
+                  "base": "AutoModel"}
 
 
 def auto_map(family: str) -> dict[str, str]:
-    """config.json's ``auto_map`` for a pruned model of ``family`` (bert, roberta, distilbert)."""
+    """config.json's ``auto_map`` for a pruned model of ``family``: the encoders' classes in
+    ``modeling_prunekit.py``, or those of an adapter that names its own remote-code file (the
+    decoders, ``ModelAdapter.remote_code``), one per head the adapter accepts."""
+    adapter = _remote_adapter(family)
+    if adapter is not None:
+        module = Path(adapter.remote_code).stem
+        classes = adapter.model_classes
+        config_class = next(iter(classes.values())).config_class
+        return {"AutoConfig": f"{module}.Prunekit{config_class.__name__}",
+                **{_AUTO_FOR_HEAD[head]: f"{module}.Pruned{cls.__name__}" for head, cls in classes.items()}}
     prefix = _CLASS_PREFIX[family]
     return {
         "AutoConfig": f"configuration_prunekit.Prunekit{prefix}Config",
@@ -38,16 +48,27 @@ def add_remote_code(folder: Path) -> None:
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     family = config.get("prunekit_base_model_type")
-    if family not in _CLASS_PREFIX:
-        return  # not a prunekit config: nothing to map
-    for name in REMOTE_FILES:
+    adapter = _remote_adapter(family)
+    if family not in _CLASS_PREFIX and adapter is None:
+        return  # not a prunekit config (a stock --uniform folder): nothing to map
+    for name in REMOTE_FILES if adapter is None else (adapter.remote_code,):
         shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
     config["auto_map"] = auto_map(family)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _remote_adapter(family: str | None) -> Any:
+    """The adapter of ``family`` when it names its own remote-code file, else None."""
+    from .adapters import ADAPTERS  # here: the adapters import the remote-code modules
+
+    adapter = ADAPTERS.get(family or "")
+    return adapter if getattr(adapter, "remote_code", None) else None
+
+
 def _head(config: dict[str, Any]) -> str:
     names = " ".join(config.get("architectures") or [])
+    if "CausalLM" in names:
+        return "causal_lm"
     if "QuestionAnswering" in names:
         return "question_answering"
     return "sequence_classification" if "SequenceClassification" in names else "base"
@@ -82,11 +103,20 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
     version = (report.get("versions") or {}).get("prunekit")
     what.append("- Written by prunekit" + (f" {version}" if version else "")
                 + "; the full record is in `prune_report.json`." if report else "- Written by prunekit.")
+    if "prunekit_base_model_type" not in config:  # a --uniform folder: the family's stock class
+        architecture = (config.get("architectures") or ["the family's class"])[0]
+        lines += what + ["", "## Loading it", "", f"Every layer has the same widths, so this is a stock "
+                         f"`{architecture}` folder: it loads with no prunekit and no remote code.", "",
+                         "```python", f"from transformers import {auto}",
+                         f'model = {auto}.from_pretrained("PATH")', "```", ""]
+        return "\n".join(lines).replace("PATH", name)
+    adapter = _remote_adapter(config.get("prunekit_base_model_type"))
+    files = (adapter.remote_code,) if adapter is not None else REMOTE_FILES
     lines += what + ["", "## Loading it", "", "```python", "import prunekit",
                      'model = prunekit.load_pruned("PATH")', "", "# or, after `import prunekit`, the Auto class:",
                      f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", "",
                      "Without prunekit installed, plain transformers runs the code saved in this folder "
-                     f"(`{REMOTE_FILES[0]}`, `{REMOTE_FILES[1]}`, which do not import prunekit):", "",
+                     f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
                      "```python", f"from transformers import {auto}",
                      f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", "",
                      "The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "

@@ -151,6 +151,41 @@ def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def as_stock_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a physically pruned model whose every layer has the same query heads, key/value heads
+    (equal groups), FFN width and the full residual width the family's own stock config and class,
+    in place, so that ``save_pretrained`` writes a folder any transformers (and vLLM, llama.cpp's
+    converter) loads as it is. A ConfigError names what is not uniform. Returns the model."""
+    adapter = get_adapter(model)
+    updates_of = getattr(adapter, "uniform_config_updates", None)
+    if updates_of is None:
+        raise ConfigError(f"--uniform is not available for {type(model).__name__}: its family has no stock "
+                          "form of pruned widths; save without --uniform")
+    updates = updates_of()
+    if updates is None:
+        widths = ", ".join(f"{s.num_heads}/{s.num_kv_heads}/{s.intermediate_size}" for s in adapter.layer_shapes())
+        raise ConfigError("--uniform needs every layer to keep the same query heads, key/value heads (equal "
+                          "groups, at least one) and FFN width (at least one) and the full hidden size; got "
+                          f"query/kv/FFN per layer {widths}. Prune with --uniform (PruneOptions.uniform) so the "
+                          "plan is uniform, or save without it")
+    stock_class = next((c for c in PRUNED_CLASSES if type(model) is c or type(model) is PRUNED_CLASSES[c]), None)
+    if stock_class is None:
+        raise ModelError(f"no stock class for {type(model).__name__}")
+    old = model.config
+    fields = old.to_dict()
+    for key in ("model_type", "prunekit_layers", "prunekit_base_model_type", "prunekit_hidden_size",
+                "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields.update(updates, architectures=[stock_class.__name__])
+    new = stock_class.config_class(**fields)
+    new._attn_implementation = old._attn_implementation
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+    model.__class__ = stock_class
+    return model
+
+
 def save_pruned(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -160,13 +195,19 @@ def save_pruned(
     extra: Callable[[Path], None] | None = None,
     inputs: Iterable[str | Path | None] = (),
     plan: PruningPlan | None = None,
+    uniform: bool = False,
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer, ``prune_report.json`` and the plan
     (``plan.json`` + ``plan.safetensors``, when given) atomically; ``extra(folder)`` may add files
     (plots) before the folder is moved into place. ``inputs`` are the run's input paths, which the
-    output may not touch (see :mod:`prunekit.outdir`)."""
+    output may not touch (see :mod:`prunekit.outdir`). ``uniform``: the model's layers all have
+    the same widths and the folder is the family's stock class (:func:`as_stock_model`), which
+    loads with no prunekit and no remote code; a ConfigError if they differ."""
     # Always re-derive the config: a reloaded pruned model may have been pruned again since.
-    as_pruned_model(model)
+    if uniform:
+        as_stock_model(model)
+    else:
+        as_pruned_model(model)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

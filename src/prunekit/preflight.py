@@ -218,8 +218,9 @@ def check_config_dict(folder: Path, config: Any) -> None:
 
 
 def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
-    """``prunekit_layers``: one {num_heads, intermediate_size[, attention_removed, ffn_removed]} per
-    layer, each width between 0 and the config's; ``prunekit_hidden_size`` None or in (0, d]."""
+    """``prunekit_layers``: one {num_heads, intermediate_size[, attention_removed, ffn_removed,
+    num_kv_heads, kv_map]} per layer, each width between 0 and the config's;
+    ``prunekit_hidden_size`` None or in (0, d]."""
     where = f"prunekit_layers in {folder / 'config.json'}"
     layers = config.get("prunekit_layers")
     num_layers = config.get("num_hidden_layers", config.get("n_layers"))
@@ -238,6 +239,7 @@ def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
             unknown = set(layer) - {f.name for f in dataclasses.fields(LayerShape)}
             if unknown:
                 raise ModelError(f"{where}: entry {index} has unknown key(s) {', '.join(sorted(unknown))}")
+            _check_kv_fields(where, index, layer, config.get("num_key_value_heads"))
             for key, limit in (("num_heads", heads), ("intermediate_size", ffn)):
                 value = layer.get(key)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (
@@ -256,6 +258,20 @@ def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
                                  or (isinstance(hidden, int) and narrowed > hidden)):
         raise ModelError(f"prunekit_hidden_size in {folder / 'config.json'} is {narrowed!r}; it must be null or "
                          f"an integer from 1 to {hidden}")
+
+
+def _check_kv_fields(where: str, index: int, layer: Mapping[str, Any], full_kv: Any) -> None:
+    """Grouped-query families: ``num_kv_heads`` from 0 to the config's key/value heads and
+    ``kv_map``, one key/value head per query head, using each of them."""
+    if "num_kv_heads" not in layer and "kv_map" not in layer:
+        return
+    kv, kv_map = layer.get("num_kv_heads"), layer.get("kv_map")
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv < 0 or (isinstance(full_kv, int) and kv > full_kv):
+        raise ModelError(f"{where}: entry {index} has num_kv_heads {kv!r}; it must be an integer from 0 to {full_kv}")
+    if not isinstance(kv_map, list) or len(kv_map) != layer.get("num_heads") or any(
+            isinstance(k, bool) or not isinstance(k, int) for k in kv_map) or set(kv_map) != set(range(kv)):
+        raise ModelError(f"{where}: entry {index} has kv_map {kv_map!r}; it must list, for each of its "
+                         f"{layer.get('num_heads')} query heads, one of its {kv} key/value heads, using each")
 
 
 # ---- data, devices, paths ------------------------------------------------------------------------------
