@@ -115,7 +115,8 @@ def summarize(rows: list[dict]) -> dict:
         anchor = ANCHORS.get(keep)
         stats["anchor"] = anchor
         if anchor is not None:
-            stats["anchor_within_min_max"] = stats["min"] <= anchor <= stats["max"]
+            # anchors.md gives two decimals: compare at that precision
+            stats["anchor_within_min_max"] = round(stats["min"], 2) <= anchor <= round(stats["max"], 2)
             if stats["std"]:
                 stats["anchor_z"] = (anchor - stats["mean"]) / stats["std"]
         out[str(keep)] = stats
@@ -161,7 +162,13 @@ def main() -> None:
     parser.add_argument("--load", default="other engineers' jobs on the same 2 cores",
                         help="what else was running, for the results")
     parser.add_argument("--name", default="kprune_seeds", help="results file stem")
+    parser.add_argument("--report", action="store_true", help="only rewrite the md and summary from the JSON")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write(saved["rows"], saved["meta"], args.name)
+        print((RESULTS / f"{args.name}.md").read_text())
+        return
 
     import torch
 
