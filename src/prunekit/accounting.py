@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import ModelAdapter, get_adapter
+from .adapters import ModelAdapter, view_of
 from .errors import ConfigError
 
 
@@ -47,10 +47,10 @@ def unit_costs(adapter: ModelAdapter, layer: int, seq_len: float, hidden_size: i
     return UnitCosts(head=2 * head_macs, neuron=2 * neuron_macs)
 
 
-def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
+def layer_flops(model: nn.Module | ModelAdapter, seq_len: float) -> list[dict[str, float]]:
     """Per layer: kept heads and neurons and their FLOPs at ``seq_len``; a removed sublayer has 0
     units and is flagged (``attention_removed`` / ``ffn_removed``, only when set)."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     rows = []
     for layer, shape in enumerate(adapter.layer_shapes()):
         cost = unit_costs(adapter, layer, seq_len)
@@ -68,7 +68,7 @@ def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
     return rows
 
 
-def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+def count_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
     """Encoder FLOPs (heads + FFN neurons) of one sequence of length ``seq_len``.
 
     Works for any supported model, pruned or not. ``seq_len`` may be fractional (a mean length).
@@ -78,10 +78,10 @@ def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
     return float(sum(row["attn_flops"] + row["ffn_flops"] for row in layer_flops(model, seq_len)))
 
 
-def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+def full_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
     """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config, at
     the config's hidden size), so "FLOPs kept" compares against the teacher also after narrowing."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     total = 0.0
     for layer in range(adapter.num_layers):
         cost = unit_costs(adapter, layer, seq_len, hidden_size=adapter.full_hidden_size)
@@ -89,21 +89,23 @@ def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
     return total
 
 
-def count_params(model: nn.Module, encoder_only: bool = False) -> int:
+def count_params(model: nn.Module | ModelAdapter, encoder_only: bool = False) -> int:
     """Number of parameters; with ``encoder_only`` only those of the transformer layers."""
     if encoder_only:
-        model = get_adapter(model).layers()
+        model = view_of(model).layers()
+    elif isinstance(model, ModelAdapter):
+        model = model.model
     return sum(p.numel() for p in model.parameters())
 
 
-def count_prunable_params(model: nn.Module) -> int:
+def count_prunable_params(model: nn.Module | ModelAdapter) -> int:
     """Weights and biases of every layer's q/k/v/out and FFN linears, as the model is now.
 
     What CoFi's sparsity is measured against (its L0 module's M, cofi.md §8 pitfall 15): no
     LayerNorms, embeddings, pooler or task head. An emptied sublayer still counts its kept output
     bias (d, it is still added); a removed one counts 0.
     """
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     total = 0
     for layer in range(adapter.num_layers):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
@@ -119,11 +121,11 @@ def count_prunable_params(model: nn.Module) -> int:
     return total
 
 
-def full_prunable_params(model: nn.Module) -> int:
+def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
     """:func:`count_prunable_params` of the unpruned architecture, from the config's widths:
     per layer 3·(d·H·d_h + H·d_h) + H·d_h·d + d for attention and 2·d·d_ff + d_ff + d for the FFN
     (with H·d_h = d: L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff); 85,017,600 for BERT-base)."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     d, d_ff = adapter.full_hidden_size, adapter.full_intermediate_size
     width = adapter.full_num_heads * adapter.head_dim  # H·d_h
     attention = 3 * (d * width + width) + width * d + d

@@ -150,11 +150,11 @@ class SizeModel:
             # (fixed, per kept hidden dim): a head owns 4·d_h weights per hidden dim (Q, K, V rows,
             # O columns) and its 3·d_h Q/K/V biases; a neuron 2 weights per hidden dim and its FFN-in
             # bias. The spec's formula drops the biases; with them a fully open model counts ~0 sparsity.
-            self.full = float(full_prunable_params(adapter.model))
+            self.full = float(full_prunable_params(adapter))
             self.head = [(3.0 * adapter.head_dim, 4.0 * adapter.head_dim)] * adapter.num_layers
             self.neuron = [(1.0, 2.0)] * adapter.num_layers
         else:
-            self.full = full_flops(adapter.model, seq_len)
+            self.full = full_flops(adapter, seq_len)
             self.head, self.neuron = [], []
             for layer in range(adapter.num_layers):
                 at0 = unit_costs(adapter, layer, seq_len, hidden_size=0)
