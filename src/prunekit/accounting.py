@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import LayerShape, ModelAdapter, get_adapter
+from .adapters import LayerShape, ModelAdapter, view_of
 from .errors import ConfigError
 
 
@@ -77,10 +77,10 @@ def kv_head_flops(costs: list[UnitCosts], adapter: ModelAdapter) -> float:
     return sum(adapter.full_num_kv_heads * cost.kv_head for cost in costs)
 
 
-def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
+def layer_flops(model: nn.Module | ModelAdapter, seq_len: float) -> list[dict[str, float]]:
     """Per layer: kept heads and neurons and their FLOPs at ``seq_len``; a removed sublayer has 0
     units and is flagged (``attention_removed`` / ``ffn_removed``, only when set)."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     rows = []
     for layer, shape in enumerate(adapter.layer_shapes()):
         cost = unit_costs(adapter, layer, seq_len)
@@ -98,7 +98,7 @@ def layer_flops(model: nn.Module, seq_len: float) -> list[dict[str, float]]:
     return rows
 
 
-def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+def count_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
     """Encoder FLOPs (heads + FFN neurons) of one sequence of length ``seq_len``.
 
     Works for any supported model, pruned or not. ``seq_len`` may be fractional (a mean length).
@@ -108,10 +108,10 @@ def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
     return float(sum(row["attn_flops"] + row["ffn_flops"] for row in layer_flops(model, seq_len)))
 
 
-def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+def full_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
     """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config, at
     the config's hidden size), so "FLOPs kept" compares against the teacher also after narrowing."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     full = adapter.full_layer_shape()
     total = 0.0
     for layer in range(adapter.num_layers):
@@ -120,21 +120,23 @@ def full_flops(model: nn.Module, seq_len: float = 128.0) -> float:
     return total
 
 
-def count_params(model: nn.Module, encoder_only: bool = False) -> int:
+def count_params(model: nn.Module | ModelAdapter, encoder_only: bool = False) -> int:
     """Number of parameters; with ``encoder_only`` only those of the transformer layers."""
     if encoder_only:
-        model = get_adapter(model).layers()
+        model = view_of(model).layers()
+    elif isinstance(model, ModelAdapter):
+        model = model.model
     return sum(p.numel() for p in model.parameters())
 
 
-def count_prunable_params(model: nn.Module) -> int:
+def count_prunable_params(model: nn.Module | ModelAdapter) -> int:
     """Weights and biases of every layer's q/k/v/out and FFN linears, as the model is now.
 
     What CoFi's sparsity is measured against (its L0 module's M, cofi.md §8 pitfall 15): no
     LayerNorms, embeddings, pooler or task head. An emptied sublayer still counts its kept output
     bias (d, it is still added); a removed one counts 0.
     """
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     total = 0
     for layer in range(adapter.num_layers):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
@@ -151,13 +153,13 @@ def count_prunable_params(model: nn.Module) -> int:
     return total
 
 
-def full_prunable_params(model: nn.Module) -> int:
+def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
     """:func:`count_prunable_params` of the unpruned architecture, from the config's widths and the
     family's facts: per layer d·H·d_h (Q) + 2·d·H_kv·d_h (K, V) + H·d_h·d (out) and d·d_ff per FFN
     matrix (up, down, and the gate of a gated FFN), plus each projection's bias where the family
     has one (BERT: 3·(d·H·d_h + H·d_h) + H·d_h·d + d and 2·d·d_ff + d_ff + d; with H·d_h = d,
     L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff), 85,017,600 for BERT-base)."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)  # a view passed in is not re-derived
     facts = adapter.facts
     d, d_ff = adapter.full_hidden_size, adapter.full_intermediate_size
     width = adapter.full_num_heads * adapter.head_dim  # H·d_h

@@ -236,8 +236,9 @@ def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec, devi
 
 def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, float]:
     """FLOPs (of the unpruned architecture with ``full``) and parameter counts for a report."""
-    flops = full_flops(model, seq_len) if full else count_flops(model, seq_len)
-    return {"flops": flops, "params": count_params(model), "encoder_params": count_params(model, encoder_only=True)}
+    view = get_adapter(model)  # derived once, passed to every count
+    flops = full_flops(view, seq_len) if full else count_flops(view, seq_len)
+    return {"flops": flops, "params": count_params(view), "encoder_params": count_params(view, encoder_only=True)}
 
 
 def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, options: PruneOptions,

@@ -160,11 +160,11 @@ class SizeModel:
             head_biases = sum(facts.has_bias(name) for name in ("query", "key", "value"))
             ffn_in = ("up", "gate") if facts.gated_ffn else ("up",)
             neuron_biases = sum(facts.has_bias(name) for name in ffn_in)
-            self.full = float(full_prunable_params(adapter.model))
+            self.full = float(full_prunable_params(adapter))
             self.head = [(float(head_biases * adapter.head_dim), float(4 * adapter.head_dim))] * adapter.num_layers
             self.neuron = [(float(neuron_biases), float(len(ffn_in) + 1))] * adapter.num_layers
         else:
-            self.full = full_flops(adapter.model, seq_len)
+            self.full = full_flops(adapter, seq_len)
             self.head, self.neuron = [], []
             for layer in range(adapter.num_layers):
                 at0 = unit_costs(adapter, layer, seq_len, hidden_size=0)

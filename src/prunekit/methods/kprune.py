@@ -200,8 +200,12 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                     "heads" if sub == "attn" else "neurons", step["seconds"],
                     "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
                 )
+            teacher_residuals = None  # this layer's targets are spent: freed before the next layer's
+            if layer == 0 and not owned:
+                s_hidden = list(s_hidden)  # a shared calibration's layer inputs stay intact
             with torch.no_grad():
-                s_hidden = [student.run_layer(layer, h, b) for h, b in zip(s_hidden, batches, strict=True)]
+                for i, batch in enumerate(batches):  # in place: one set of hidden states alive, not two
+                    s_hidden[i] = student.run_layer(layer, s_hidden[i], batch)
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
         layer_plan, key = plan.layers[step["layer"]], (step["layer"], step["sublayer"])
