@@ -71,7 +71,14 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of calls per timing")
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--name", default="deploy_glue")
+    parser.add_argument("--accuracy-from", default=None,
+                        help="a previous results JSON: reuse its dev accuracies of the same model folders")
+    parser.add_argument("--render", default=None, help="only rewrite the .md from this results JSON")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(result))
+        return
 
     import torch
 
@@ -89,6 +96,7 @@ def main() -> None:
     models = {"teacher": teacher_dir}
     for folder in (Path(p).resolve() for p in args.pruned.split(",") if p):
         models[f"{read_report(folder)['method']}-{read_report(folder)['keep_flops']}"] = folder
+    previous = json.loads(Path(args.accuracy_from).read_text())["models"] if args.accuracy_from else {}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = os.getloadavg()
 
@@ -109,7 +117,12 @@ def main() -> None:
                             "layers": report["layers"]}
         row["onnx_mb"] = {kind: (path / "model.onnx").stat().st_size / 2**20 for kind, path in onnx_dirs[name].items()}
         row["accuracy"] = {}
-        for kind in RUNTIMES:
+        reused = next((r for r in previous.values() if r["folder"] == str(folder)), None)
+        if reused is not None and args.max_eval_examples is None:
+            row["accuracy"] = reused["accuracy"]
+            row["accuracy_from"] = args.accuracy_from
+            print(f"{name}: dev accuracies from {args.accuracy_from}: {reused['accuracy']}", flush=True)
+        for kind in [] if reused is not None else RUNTIMES:
             model = eager[name] if kind == "eager" else OnnxModel(onnx_dirs[name][kind])
             tok = tokenizer if kind == "eager" else export_tokenizer(onnx_dirs[name][kind])
             metrics = evaluate(model, tok, "sst2", args.data, max_examples=args.max_eval_examples)
@@ -157,7 +170,7 @@ def markdown(result: dict) -> str:
         "# Deployment on the SST-2 teacher: eager PyTorch vs ONNX Runtime fp32 vs ONNX Runtime int8 (deploy_glue)",
         "",
         f"Run {result['started']}. Teacher {Path(result['teacher']).name}; Kprune models pruned with "
-        "`prunekit prune ... --no-bench` (see the table for their settings). ONNX: dynamo exporter, each export "
+        "`prunekit prune --method kprune --keep-flops K ... --no-bench` (calibration sample in the table). ONNX: dynamo exporter, each export "
         "checked against PyTorch within 1e-4; int8: ONNX Runtime dynamic quantization of the MatMul/Gemm weights. "
         f"Latency: CPU, sequence length {result['seq_len']}, {result['threads']} thread(s) for torch and ONNX "
         f"Runtime, {result['rounds']} rounds with all nine variants timed in turn in each round, median of the "
@@ -168,15 +181,26 @@ def markdown(result: dict) -> str:
         "",
         "## Dev accuracy (872 examples)",
         "",
-        "| model | FLOPs kept (prune length) | FLOPs kept (length 128) | eager | ORT fp32 | ORT int8 | ONNX MB fp32 / int8 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | calibration sample | FLOPs kept (at the sample's mean length) | FLOPs kept (length 128) | "
+        "eager | ORT fp32 | ORT int8 | int8 vs fp32 argmax agreement (12 check sequences) | ONNX MB fp32 / int8 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         acc = row["accuracy"]
-        f_prune = f"{row['flops_kept']:.4f} (at {row['flops_seq_len']:.2f})" if "flops_kept" in row else "1"
-        f_128 = f"{row['flops_kept_at_bench_len']:.4f}" if "flops_kept" in row else "1"
-        lines.append(f"| {name} | {f_prune} | {f_128} | {acc['eager']:.2f} | {acc['ort_fp32']:.2f} | "
-                     f"{acc['ort_int8']:.2f} | {row['onnx_mb']['ort_fp32']:.1f} / {row['onnx_mb']['ort_int8']:.1f} |")
+        pruned = "flops_kept" in row
+        sample = row["prune"]["sample"] if pruned else None
+        sample_text = f"{sample['num_tokens']} tokens, {sample['num_sequences']} sequences" if pruned else "–"
+        f_prune = f"{row['flops_kept']:.4f} (at {row['flops_seq_len']:.2f})" if pruned else "1"
+        f_128 = f"{row['flops_kept_at_bench_len']:.4f}" if pruned else "1"
+        lines.append(f"| {name} | {sample_text} | {f_prune} | {f_128} | {acc['eager']:.2f} | {acc['ort_fp32']:.2f} | "
+                     f"{acc['ort_int8']:.2f} | {row['int8_check']['argmax_agreement']:.3f} | "
+                     f"{row['onnx_mb']['ort_fp32']:.1f} / {row['onnx_mb']['ort_int8']:.1f} |")
+    lines += ["", "Kept heads / neurons per layer:", ""]
+    for name, row in rows.items():
+        if "prune" in row:
+            layers = row["prune"]["layers"]
+            lines.append(f"- {name}: heads {[s['num_heads'] for s in layers]}, "
+                         f"neurons {[s['intermediate_size'] for s in layers]}")
     for batch_size, table in lat.items():
         base = table["teacher/ort_fp32"]["median_ms"]
         lines += ["", f"## Latency, batch {batch_size}, length {result['seq_len']} (ms; speedup over the teacher "
@@ -214,7 +238,7 @@ def targets(result: dict, teacher_acc: float) -> list[str]:
         close = "met" if drop <= 1.5 else f"missed by {drop - 1.5:.2f} points"
         lines.append(f"- kprune-0.5 + int8: {speedup:.2f}x faster than the teacher in ORT fp32 (target 3x: {fast}); "
                      f"dev accuracy {row['accuracy']['ort_int8']:.2f} vs teacher {teacher_acc:.2f}, "
-                     f"{drop:+.2f} points below (target within 1.5: {close})")
+                     f"{drop:.2f} points below (target within 1.5: {close})")
     return lines
 
 
