@@ -8,6 +8,7 @@ from .accounting import count_flops, count_params
 from .api import PruneOptions, PruneResult, apply_plan, prune
 from .bench import measure_latency
 from .errors import ConfigError, DataError, ModelError, PrunekitError
+from .export import export_onnx
 from .io import load_model, load_plan, load_pruned, save_pruned
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "apply_plan",
     "count_flops",
     "count_params",
+    "export_onnx",
     "load_model",
     "load_plan",
     "load_pruned",

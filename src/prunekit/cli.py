@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     e = sub.add_parser("eval", help="evaluate a model on a task's dev split")
-    e.add_argument("--model", required=True)
+    evaluated = e.add_mutually_exclusive_group(required=True)
+    evaluated.add_argument("--model", help="model folder (or hub id), run in PyTorch")
+    evaluated.add_argument("--onnx", help="ONNX folder from `prunekit export`, run in ONNX Runtime (CPU)")
     e.add_argument("--task", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
     b.add_argument("--json", default=None)
     _add_common(b)
+    _add_deploy_options(sub, b)
 
     t = sub.add_parser("lut", help="measure per-sublayer latency tables on this device (for --keep-latency)")
     t.add_argument("--model", required=True, help="unpruned model folder")
@@ -265,16 +268,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     check_writable_file(args.json)  # before the evaluation, not after it
-    model = load_model(args.model, head=task.head, device=_device(args))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_head_fits_task(model.config, task)
-    check_seq_len(model.config, args.max_length, "--max-length")
+    if args.onnx:
+        model, tokenizer = _onnx_model(args)
+    else:
+        model = load_model(args.model, head=task.head, device=_device(args))
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        check_head_fits_task(model.config, task)
+        check_seq_len(model.config, args.max_length, "--max-length")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
                        doc_stride=args.doc_stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
-        write_json(args.json, {"model": args.model, "task": task.name, "split": args.split, "metrics": metrics})
+        write_json(args.json, {"model": args.model or args.onnx, "task": task.name, "split": args.split,
+                               "metrics": metrics})
     return 0
 
 
@@ -303,13 +310,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .preflight import check_seq_len, check_writable_file, write_json
 
     check_writable_file(args.json)
-    model = load_pruned(args.model)
-    for seq_len in _int_list(args.seq_lens):
-        check_seq_len(model.config, seq_len, "--seq-lens")
-    baseline = load_pruned(args.baseline) if args.baseline else None
-    result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
-                             seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,
-                             rounds=args.rounds)
+    if args.runtime == "onnxruntime":
+        result = _bench_onnx(args)
+    else:
+        model = load_pruned(args.model)
+        for seq_len in _int_list(args.seq_lens):
+            check_seq_len(model.config, seq_len, "--seq-lens")
+        baseline = load_pruned(args.baseline) if args.baseline else None
+        result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
+                                 seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,
+                                 rounds=args.rounds)
     rows = [{k: v for k, v in row.items() if not k.endswith("_rounds")} for row in result["results"]]
     _print_table(rows)
     if args.json:
@@ -396,8 +406,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- deployment (ONNX export, ONNX Runtime bench and eval): issue 12 -------------------------------
+def _add_deploy_options(sub: Any, bench: argparse.ArgumentParser) -> None:
+    """The export command, and bench's --runtime. (eval's --onnx sits with its --model.)"""
+    bench.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                       help="eager PyTorch (default) or ONNX Runtime on the CPU; with onnxruntime, --model and "
+                            "--baseline may be export folders or model folders (exported to a temporary folder)")
+    x = sub.add_parser("export", help="export a (pruned) model to ONNX, checked in ONNX Runtime, optionally int8")
+    x.add_argument("--model", required=True, help="model folder (pruned by prunekit, or not)")
+    x.add_argument("--format", default="onnx", help="export format (onnx)")
+    x.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace a folder prunekit wrote")
+    x.add_argument("--quantize", default=None, help="int8: ONNX Runtime dynamic int8 quantization of the linear layers")
+    x.add_argument("--exporter", default="dynamo", help="dynamo (torch's recommended exporter, default) or torchscript")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    x.add_argument("--atol", type=float, default=1e-4, help="largest ONNX Runtime vs PyTorch difference allowed")
+    x.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _cpu_only(args: argparse.Namespace) -> None:
+    if args.device not in ("auto", "cpu"):
+        raise PrunekitError(f"--device {args.device}: prunekit runs ONNX Runtime on the CPU only; use --device cpu")
+
+
+def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    from .onnxrt import measure_onnx_latency
+
+    _cpu_only(args)
+    return measure_onnx_latency(args.model, baseline=args.baseline, batch_sizes=_int_list(args.batch_sizes),
+                                seq_lens=_int_list(args.seq_lens), threads=args.threads, rounds=args.rounds,
+                                seed=args.seed)
+
+
+def _onnx_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .export import export_tokenizer
+    from .onnxrt import OnnxModel
+
+    _cpu_only(args)
+    model = OnnxModel(args.onnx)
+    return model, export_tokenizer(args.onnx)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, read_export
+
+    out = export_onnx(args.model, args.out, format=args.format, quantize=args.quantize, exporter=args.exporter,
+                      opset=args.opset, atol=args.atol, overwrite=args.overwrite)
+    record = read_export(out)
+    _print_table([{"layer": i, "heads": shape["num_heads"], "neurons": shape["intermediate_size"],
+                   "removed": ",".join(k.split("_")[0] for k in ("attention_removed", "ffn_removed") if shape.get(k))
+                   or "-"} for i, shape in enumerate(record["layers"])])
+    check = record["check"]
+    note = f"; int8 max |diff| {record['int8']['max_abs_diff']:.3g}" if record.get("int8") else ""
+    print(f"ONNX model written to {out} ({record['exporter']} exporter, opset {record['opset']}, "
+          f"{'int8' if record['quantize'] else 'float32'}): ONNX Runtime matches PyTorch within "
+          f"{check['max_abs_diff']:.2g} (atol {check['atol']:g}) on batches {check['batches']}{note}")
+    return 0
+
+
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "bench": cmd_bench, "lut": cmd_lut,
-            "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo, "apply-plan": cmd_apply_plan}
+            "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo, "apply-plan": cmd_apply_plan,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
