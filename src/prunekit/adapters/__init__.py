@@ -23,11 +23,13 @@ from .base import (
 )
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
+from .gpt2 import GPT2Adapter
+from .opt import OPTAdapter
 from .roberta import RobertaAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     model_type: adapter
-    for adapter in (BertAdapter, RobertaAdapter, DistilBertAdapter)
+    for adapter in (BertAdapter, RobertaAdapter, DistilBertAdapter, GPT2Adapter, OPTAdapter)
     for model_type in adapter.model_types
 }
 
