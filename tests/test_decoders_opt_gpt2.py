@@ -459,3 +459,20 @@ def test_methods_meet_the_budget(variant, method):
         assert torch.isfinite(outputs(pruned, batch)).all()
     else:
         torch.testing.assert_close(outputs(pruned, batch), masked(teacher, plan, batch), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["opt", "gpt2"])
+def test_a_plan_carries_trained_weights(variant):
+    """A plan's trained weights (CoFi's) are a state dict of the pruned model, GPT-2's in its own
+    Conv1D names and layout: apply_plan loads them into the linear form exactly."""
+    plan = random_plan(2)
+    target = apply_plan(build(variant, seed=6), plan)
+    with torch.no_grad():
+        for param in target.parameters():
+            param.add_(0.01)
+    plan.weights = {k: v.clone() for k, v in target.state_dict().items()}
+    rebuilt = apply_plan(build(variant, seed=6), plan)
+    state = rebuilt.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plan.weights.items())
+    batch = make_batch(variant, 6)
+    assert torch.equal(outputs(rebuilt, batch), outputs(target, batch))
