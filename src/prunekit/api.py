@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import preflight
 from .accounting import count_flops, count_params, full_flops
 from .adapters import get_adapter
 from .bench import measure_latency
@@ -166,6 +167,7 @@ def budgets_from(keep_flops: float | Sequence[float] | None = None,
         if not 0.0 < value < 1.0:
             what = {"flops": "FLOPs", "latency": "latency", "params": "prunable parameters"}[kind]
             raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
+    preflight.check_distinct_budgets(kind, values)
     return [(kind, float(value)) for value in values]
 
 
@@ -211,15 +213,19 @@ def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec, devi
     """The teacher: a folder is loaded; a given model is used as it is (methods and surgery never
     change it), or copied when it lives on another device than the run's."""
     if isinstance(model, str | Path):
-        tokenizer = tokenizer or load_tokenizer(model)
         teacher = load_model(model, head=task.head)
+        tokenizer = tokenizer or load_tokenizer(model)
     else:
+        preflight.check_not_meta(model)
         get_adapter(model)  # unsupported architectures fail here, before any work
         first = next(model.parameters(), None)
         on_device = first is None or first.device == torch.device(device) or (
             first.device.type == torch.device(device).type and torch.device(device).index is None)
         teacher = model if on_device else copy.deepcopy(model)
+    if isinstance(tokenizer, str | Path):
+        tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     get_adapter(teacher)
+    preflight.check_head_fits_task(teacher.config, task)
     return teacher.to(device), tokenizer
 
 
@@ -311,6 +317,8 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     }
     if spec.report_fields is not None:
         report |= spec.report_fields(config, log)
+    if warning := preflight.warn_if_all_pruned(student, f"keep_{budget_kind} {keep:g}"):
+        report["warnings"] = [warning]
     if budget_kind == "latency":
         costs = sublayer_costs(adapter, seq_len, config.lut)
         full = total_cost(costs, full_widths(adapter))
@@ -322,10 +330,17 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     """load -> data -> method -> plan -> surgery -> report, once per budget."""
     spec = get_method(options.method)
     task = get_task(options.task)
+    preflight.check_positive("batch_size", options.batch_size)
+    preflight.check_positive("seed", options.seed, minimum=0)
     budgets = options.budgets()
+    if not spec.training:
+        preflight.check_sample_size(options.num_tokens, options.num_sequences)
+    preflight.check_lut_used(budgets[0][0], options.method_options)
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
+    for name in ("seq_len", "max_length"):
+        preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.training
     teacher.eval()
     try:
@@ -445,12 +460,22 @@ def prune_and_save_many(model_dir: str | Path, out_dir: str | Path, data: str | 
 
 def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str | Path,
                     options: PruneOptions) -> list[dict[str, Any]]:
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    method_options = dict(options.method_options)
+    tokenizer = method_options.pop("tokenizer", None)  # a tokenizer folder, when the model's has none
+    options = replace(options, method_options=method_options)
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
     task = get_task(options.task)
-    tokenizer = load_tokenizer(model_dir)
+    preflight.check_device(options.device)
     teacher = load_model(model_dir, head=task.head)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task)
+    if options.run_eval:
+        preflight.check_split(task, data, "dev")  # before pruning, not after it
+    if options.run_bench:
+        preflight.check_positive("bench_batch_size", options.bench_batch_size)
+        preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
     results = _pipeline(teacher, tokenizer, data, options)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
@@ -472,6 +497,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
                                       seq_lens=[options.bench_seq_len], device=device)
             result.report["latency"] = latency
+        result.report.setdefault("teacher", str(model_dir))
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation

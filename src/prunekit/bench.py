@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils import benchmark as tbench
 
 from .accounting import count_flops, count_params
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,15 @@ def measure_latency(
     latency_ms_rounds, baseline_ms?, speedup?}]}``; the latency of each round is that round's
     ``blocked_autorange`` median, and the reported value the median over rounds.
     """
+    from .preflight import check_positive
+
+    check_positive("rounds", rounds)
+    check_positive("threads", threads)
+    for name, values in (("batch_sizes", batch_sizes), ("seq_lens", seq_lens)):
+        if not list(values):
+            raise ConfigError(f"{name} is empty; give at least one, e.g. 32")
+        for value in values:
+            check_positive(name, value)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = threads or torch.get_num_threads()
     models = {"model": model}

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad or squad_v2")
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
                    "folder (train-v1.1.json, dev-v1.1.json), or hub name")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     p.add_argument("--method", default="kprune", help="kprune, kwon, cofi, magnitude or random (default: kprune)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep-flops", type=_fractions,
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--task", required=True)
     e.add_argument("--data", required=True)
+    e.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     e.add_argument("--split", default="dev")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-examples", type=int, default=None)
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True)
     f.add_argument("--data", required=True)
     f.add_argument("--out", required=True)
+    f.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--epochs", type=int, default=3)
     f.add_argument("--lr", type=float, default=5e-5)
@@ -151,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True)
     c.add_argument("--task", required=True)
     c.add_argument("--data", required=True)
+    c.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     c.add_argument("--methods", default="kprune,kwon,magnitude", help="comma-separated method names")
     c.add_argument("--keep-flops", type=_fractions, default=[0.7, 0.5, 0.4, 0.3], help="comma-separated fractions")
     c.add_argument("--out", required=True, help="folder for compare.json, compare.md and compare.png")
@@ -219,6 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["resume"] = True
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
+    if args.tokenizer is not None:
+        options["tokenizer"] = args.tokenizer
     budgets = args.keep_flops or args.keep_latency or args.keep_params
     if args.keep_params:
         # CoFi's own budget is a method option; one value or a list, like the others.
@@ -239,7 +245,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget, keep_params=args.keep_params)]
     for report, folder in zip(reports, folders, strict=True):
         _print_table(summary_rows(report))
-        print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, "
+        achieved = ""
+        if report.get("achieved_keep") is not None:
+            achieved = (f"keep_{report['budget']['kind']} target {report['target_keep']:.4f}, "
+                        f"achieved {report['achieved_keep']:.4f}, ")
+        print(f"pruned model written to {folder} ({achieved}FLOPs kept {report['flops_kept']:.4f}, "
               f"pruning took {report['prune_seconds']:.1f} s)")
     return 0
 
@@ -247,18 +257,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .io import load_model, load_tokenizer
+    from .preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
     from .tasks import get_task
 
     task = get_task(args.task)
+    check_writable_file(args.json)  # before the evaluation, not after it
     model = load_model(args.model, head=task.head, device=_device(args))
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_head_fits_task(model.config, task)
+    check_seq_len(model.config, args.max_length, "--max-length")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
                        doc_stride=args.doc_stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "task": task.name, "split": args.split,
-                                               "metrics": metrics}, indent=2) + "\n")
+        write_json(args.json, {"model": args.model, "task": task.name, "split": args.split, "metrics": metrics})
     return 0
 
 
@@ -268,7 +281,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                             doc_stride=args.doc_stride, seed=args.seed, max_train_samples=args.max_train_samples,
                             device=_device(args))
-    out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite)
+    out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite,
+                   tokenizer=args.tokenizer)
     print(f"fine-tuned model written to {out}")
     return 0
 
@@ -283,8 +297,12 @@ def _int_list(text: str) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import measure_latency
     from .io import load_pruned
+    from .preflight import check_seq_len, check_writable_file, write_json
 
+    check_writable_file(args.json)
     model = load_pruned(args.model)
+    for seq_len in _int_list(args.seq_lens):
+        check_seq_len(model.config, seq_len, "--seq-lens")
     baseline = load_pruned(args.baseline) if args.baseline else None
     result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
                              seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,
@@ -292,15 +310,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [{k: v for k, v in row.items() if not k.endswith("_rounds")} for row in result["results"]]
     _print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
 def cmd_lut(args: argparse.Namespace) -> int:
     from .io import load_pruned
     from .lut import measure_latency_table
+    from .preflight import check_seq_len, check_writable_file
 
-    table = measure_latency_table(load_pruned(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
+    check_writable_file(args.out, "--out")
+    model = load_pruned(args.model)
+    check_seq_len(model.config, args.seq_len, "--seq-len")
+    table = measure_latency_table(model, batch_size=args.batch_size, seq_len=args.seq_len,
                                   device=_device(args), neuron_step=args.neuron_step, warmup=args.warmup,
                                   repeats=args.repeats, threads=args.threads, seed=args.seed)
     table.save(args.out)
@@ -327,7 +349,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      device=_device(args), seq_len=args.seq_len, metric=args.metric, run_bench=not args.no_bench,
                      bench_batch_size=args.bench_batch_size, bench_seq_len=args.bench_seq_len,
                      bench_rounds=args.rounds, max_eval_examples=args.max_eval_examples,
-                     save_models=args.save_models, overwrite=args.overwrite, method_options=options)
+                     save_models=args.save_models, overwrite=args.overwrite, method_options=options,
+                     tokenizer=args.tokenizer)
     print((Path(args.out) / "compare.md").read_text())
     print(f"compare.json, compare.md and compare.png written to {args.out} ({len(result['rows'])} pruned models)")
     return 0
@@ -379,6 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        from .preflight import check_cli_sizes, check_device
+
+        check_cli_sizes(args)  # zero or negative sizes are refused, never replaced by a default
+        check_device(getattr(args, "device", None))
         return COMMANDS[args.command](args)
     except PrunekitError as err:
         print(f"prunekit {args.command}: error: {err}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import preflight
 from .accounting import count_flops, count_params, full_flops
 from .api import PruneOptions, budget_name, prune_many
 from .bench import measure_latency
@@ -59,6 +60,7 @@ class CompareOptions:
         max_eval_examples: evaluate on the first N dev examples only (quick checks).
         save_models: also save every pruned model under ``models/``.
         method_options: per-method options, e.g. ``{"kwon": {"damp": 1.0}}``.
+        tokenizer: a tokenizer folder, when the model folder has none.
     """
 
     methods: Sequence[str] = DEFAULT_METHODS
@@ -77,6 +79,7 @@ class CompareOptions:
     save_models: bool = False
     overwrite: bool = False
     method_options: Mapping[str, Mapping[str, Any]] | None = None
+    tokenizer: str | Path | None = None
 
 
 def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | Path,
@@ -94,8 +97,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     num_tokens, num_sequences, overwrite = o.num_tokens, o.num_sequences, o.overwrite
     run_bench, bench_batch_size, bench_seq_len, bench_rounds = o.run_bench, o.bench_batch_size, o.bench_seq_len, o.bench_rounds
     max_eval_examples, save_models = o.max_eval_examples, o.save_models
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    tokenizer = o.tokenizer
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     out_dir = check_output_dir(out_dir, overwrite, inputs)
+    preflight.check_distinct_budgets("flops", list(o.keep_flops))
+    preflight.check_sample_size(num_tokens, num_sequences)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
     if metric not in task_spec.metrics:
@@ -104,6 +110,8 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     unknown = sorted(set(method_options) - set(methods))
     if unknown:
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
+    if not methods:
+        raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
     specs = [get_method(name) for name in methods]
     budgets = sorted({float(keep) for keep in o.keep_flops}, reverse=True)
     if not budgets:
@@ -112,8 +120,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
 
     from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
-    tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task_spec.head).to(device)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task_spec)
+    if run_bench:
+        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
     if num_tokens is None and num_sequences is None:
         num_tokens = 100_000
     sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
