@@ -476,3 +476,92 @@ def test_a_plan_carries_trained_weights(variant):
     assert all(torch.equal(state[k], v) for k, v in plan.weights.items())
     batch = make_batch(variant, 6)
     assert torch.equal(outputs(rebuilt, batch), outputs(target, batch))
+
+
+# ---- remote code: plain transformers, no prunekit ----------------------------------------------------
+# A fresh interpreter in which `import prunekit` fails (the venv has an editable install, so a clean
+# sys.path alone would still find it): every folder loads from the code saved in it, and generates.
+REMOTE_LOADER = r"""
+import json, sys
+sys.modules["prunekit"] = None
+try:
+    import prunekit  # noqa: F401
+    raise SystemExit("prunekit was importable")
+except ImportError:
+    pass
+import torch
+import transformers
+results = {}
+for name, (folder, auto, batch_file, pad) in json.loads(sys.argv[1]).items():
+    model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+    batch = torch.load(batch_file)
+    with torch.no_grad():
+        result = {"out": model(**batch).logits, "class": type(model).__name__, "module": type(model).__module__}
+    if auto == "AutoModelForCausalLM":
+        options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
+        result["cached"] = model.generate(**batch, use_cache=True, **options)
+        result["uncached"] = model.generate(**batch, use_cache=False, **options)
+    results[name] = result
+assert not [m for m, v in sys.modules.items() if m.split(".")[0] == "prunekit" and v is not None], "prunekit loaded"
+torch.save(results, sys.argv[2])
+"""
+
+
+def _load_without_prunekit(jobs: dict, tmp_path) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    script, out_file = tmp_path / "load.py", tmp_path / "out.pt"
+    script.write_text(REMOTE_LOADER)
+    done = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs), str(out_file)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out_file)
+
+
+def test_pruned_folders_load_in_plain_transformers_without_prunekit(tmp_path):
+    """OPT (pre-norm, post-norm, projected) and GPT-2, causal LM and classifier, with per-layer heads
+    and neurons, emptied (layer 0's attention included) and removed sublayers and a narrowed stream:
+    the remote code rebuilds each, with the outputs and greedy tokens (cache on and off) of the
+    model prunekit reloads."""
+    jobs, expected = {}, {}
+    for variant in ("opt", "opt-post", "opt-proj", "gpt2"):
+        for head in ("causal_lm", "sequence_classification"):
+            name = f"{variant}-{head}"
+            pruned = _pruned_for_saving(variant, head)
+            remove_sublayer(get_adapter(pruned), 0, "attn")  # the cache must survive a removed layer 0
+            folder = save_pruned(pruned, tmp_path / name)
+            config = json.loads((folder / "config.json").read_text())
+            family = family_of(variant)
+            assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM",
+                                               "AutoModelForSequenceClassification"}
+            assert (folder / f"modeling_prunekit_{family}.py").is_file()
+            readme = (folder / "README.md").read_text()
+            assert f"modeling_prunekit_{family}.py" in readme
+            assert ("AutoModelForCausalLM" in readme) == (head == "causal_lm")
+            batch = make_batch(variant, 12)
+            if head == "causal_lm":  # generation continues every row at its end: left padding
+                batch = {k: torch.stack([v[0], v[1].roll(3)]) for k, v in batch.items()}
+            torch.save(batch, tmp_path / f"{name}.pt")
+            auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+            reference = auto.from_pretrained(folder).eval()  # prunekit's class: stock modules, as remote code
+            want = {"out": outputs(reference, batch), "pruned": outputs(pruned, batch), "mask": batch["attention_mask"]}
+            if head == "causal_lm":
+                options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD[family]}
+                want["cached"] = pruned.generate(**batch, use_cache=True, **options)
+            expected[name] = want
+            jobs[name] = (str(folder), auto.__name__, str(tmp_path / f"{name}.pt"), PAD[family])
+    loaded = _load_without_prunekit(jobs, tmp_path)
+    for name, want in expected.items():
+        got = loaded[name]
+        if got["out"].dim() == 3:  # causal LM: the real positions only
+            got["out"] = got["out"][want["mask"].bool()]
+        assert got["class"].startswith("Pruned") and got["module"].split(".")[0] != "prunekit", name
+        # Within 1e-6, not bit for bit: another process may use other thread counts in its matmuls.
+        torch.testing.assert_close(got["out"], want["out"], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got["out"], want["pruned"], atol=1e-6, rtol=0, msg=name)
+        if "cached" in want:
+            assert torch.equal(got["cached"], want["cached"]) and torch.equal(got["uncached"], want["cached"]), name

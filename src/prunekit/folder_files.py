@@ -1,8 +1,9 @@
 """The files that make a saved pruned folder explain and load itself (issue 11, item 4).
 
 - ``README.md``: what was pruned, from what, by which method to which budget, and how to load it.
-- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``),
-  named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
+- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``; for
+  the decoder families their own ``configuration_prunekit_<family>.py`` and
+  ``modeling_prunekit_<family>.py``), named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
   pruned model with ``trust_remote_code=True``. These files never import prunekit. With prunekit
   imported its own registered classes are used and no remote code runs.
 """
@@ -15,22 +16,40 @@ from pathlib import Path
 from typing import Any
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# The encoder families share one pair of files; every other family has its own pair, named by its
+# model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
+# Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.
 REMOTE_FILES = ("configuration_prunekit.py", "modeling_prunekit.py")
+_SHARED_FILES_FAMILIES = ("bert", "roberta", "distilbert")
 README = "README.md"
-_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 _AUTO_FOR_HEAD = {"sequence_classification": "AutoModelForSequenceClassification",
-                  "question_answering": "AutoModelForQuestionAnswering", "base": "AutoModel"}
+                  "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM",
+                  "base": "AutoModel"}
+
+
+def remote_files(family: str) -> tuple[str, str] | None:
+    """The (configuration, modeling) remote-code files of ``family``, or None if it has none."""
+    if family in _SHARED_FILES_FAMILIES:
+        return REMOTE_FILES
+    own = (f"configuration_prunekit_{family}.py", f"modeling_prunekit_{family}.py")
+    return own if all((REMOTE_CODE_DIR / name).is_file() for name in own) else None
 
 
 def auto_map(family: str) -> dict[str, str]:
-    """config.json's ``auto_map`` for a pruned model of ``family`` (bert, roberta, distilbert)."""
-    prefix = _CLASS_PREFIX[family]
-    return {
-        "AutoConfig": f"configuration_prunekit.Prunekit{prefix}Config",
-        "AutoModel": f"modeling_prunekit.Pruned{prefix}Model",
-        "AutoModelForSequenceClassification": f"modeling_prunekit.Pruned{prefix}ForSequenceClassification",
-        "AutoModelForQuestionAnswering": f"modeling_prunekit.Pruned{prefix}ForQuestionAnswering",
-    }
+    """config.json's ``auto_map`` for a pruned model of ``family``: the configuration class and,
+    for each head of the family's adapter, its pruned class in the remote code."""
+    from .adapters import ADAPTERS
+
+    files = remote_files(family)
+    if files is None:
+        raise ValueError(f"no remote code for the {family} family")
+    config_module, model_module = (name.removesuffix(".py") for name in files)
+    classes = ADAPTERS[family].model_classes
+    config_class = next(iter(classes.values())).config_class.__name__
+    mapping = {"AutoConfig": f"{config_module}.Prunekit{config_class}"}
+    for head, cls in classes.items():
+        mapping[_AUTO_FOR_HEAD[head]] = f"{model_module}.Pruned{cls.__name__}"
+    return mapping
 
 
 def add_remote_code(folder: Path) -> None:
@@ -38,19 +57,19 @@ def add_remote_code(folder: Path) -> None:
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     family = config.get("prunekit_base_model_type")
-    if family not in _CLASS_PREFIX:
-        return  # not a prunekit config: nothing to map
-    for name in REMOTE_FILES:
+    files = remote_files(family) if isinstance(family, str) else None
+    if files is None:
+        return  # not a prunekit config, or a family without remote code: nothing to map
+    for name in files:
         shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
     config["auto_map"] = auto_map(family)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _head(config: dict[str, Any]) -> str:
-    names = " ".join(config.get("architectures") or [])
-    if "QuestionAnswering" in names:
-        return "question_answering"
-    return "sequence_classification" if "SequenceClassification" in names else "base"
+    from .io import _head_of_architectures
+
+    return _head_of_architectures(config.get("architectures") or [])
 
 
 def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
@@ -58,6 +77,7 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
+    files = remote_files(family) or REMOTE_FILES
     layers = config.get("prunekit_layers") or []
     lines = [f"# A {family} model pruned by prunekit", ""]
     what = []
@@ -86,7 +106,7 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
                      'model = prunekit.load_pruned("PATH")', "", "# or, after `import prunekit`, the Auto class:",
                      f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", "",
                      "Without prunekit installed, plain transformers runs the code saved in this folder "
-                     f"(`{REMOTE_FILES[0]}`, `{REMOTE_FILES[1]}`, which do not import prunekit):", "",
+                     f"(`{files[0]}`, `{files[1]}`, which do not import prunekit):", "",
                      "```python", f"from transformers import {auto}",
                      f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", "",
                      "The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
