@@ -565,3 +565,26 @@ def test_pruned_folders_load_in_plain_transformers_without_prunekit(tmp_path):
         torch.testing.assert_close(got["out"], want["pruned"], atol=1e-6, rtol=0, msg=name)
         if "cached" in want:
             assert torch.equal(got["cached"], want["cached"]) and torch.equal(got["uncached"], want["cached"]), name
+
+
+@pytest.mark.parametrize("variant", ["opt", "gpt2"])
+def test_the_pipeline_prunes_a_decoder_classifier(variant, tmp_path, sst2_dir, tokenizer):
+    """prune_and_save end to end on an OPT / GPT-2 sequence classifier folder (SST-2, Kprune): the
+    report meets the budget and the folder reloads with the pruned model's outputs."""
+    from prunekit.api import prune_and_save
+
+    model = build(variant, "sequence_classification", seed=2)
+    model.config.num_labels, model.config.pad_token_id = 2, tokenizer.pad_token_id
+    model.score = torch.nn.Linear(D, 2, bias=False)
+    teacher = tmp_path / "teacher"
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    report = prune_and_save(teacher, tmp_path / "out", sst2_dir, method="kprune", keep_flops=0.5,
+                            num_tokens=200, run_bench=False, device="cpu")
+    assert report["flops_kept"] <= 0.5 + 1e-9
+    reloaded = load_pruned(tmp_path / "out")
+    assert get_adapter(reloaded).is_pruned()
+    batch = {k: v for k, v in tokenizer(["a good movie", "bad it was not"], padding=True, return_tensors="pt").items()
+             if k != "token_type_ids"}
+    by_auto = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(outputs(by_auto, batch), outputs(reloaded, batch), atol=1e-6, rtol=0)
