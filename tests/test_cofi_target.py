@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 from conftest import build_tiny_model, build_tokenizer, write_sst2
+from test_cofi import run_cofi
 
 from prunekit import ConfigError
 from prunekit.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
-from prunekit.methods.cofi import CofiConfig, build_task_data, cofi
+from prunekit.data import build_training_data
+from prunekit.methods.cofi import CofiConfig
 
 SEQ_LEN = 16.0
 
@@ -17,11 +19,11 @@ SEQ_LEN = 16.0
 def _cofi(tmp_path, **options):
     base = dict(finetune_epochs=0, batch_size=8, eval_steps=0, reg_lr=0.1, lr=1e-3)
     config = CofiConfig(**{**base, **options})
-    data = build_task_data("sst2", build_tokenizer(), str(write_sst2(tmp_path / "sst2", n_train=48, n_dev=8)),
-                           config, device="cpu")
+    data = build_training_data("sst2", build_tokenizer(), str(write_sst2(tmp_path / "sst2", n_train=48, n_dev=8)),
+                               max_length=config.max_length, device="cpu")
     teacher = build_tiny_model("bert", "classification", num_labels=2)
     student = build_tiny_model("bert", "classification", num_labels=2)
-    return cofi(teacher, student, data, config, SEQ_LEN, device="cpu")
+    return run_cofi(teacher, student, data, config, SEQ_LEN)
 
 
 @pytest.mark.parametrize("options, kept", [
