@@ -588,3 +588,19 @@ def test_the_pipeline_prunes_a_decoder_classifier(variant, tmp_path, sst2_dir, t
              if k != "token_type_ids"}
     by_auto = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(outputs(by_auto, batch), outputs(reloaded, batch), atol=1e-6, rtol=0)
+
+
+def test_gpt2_linear_form_survives_deep_copies():
+    """A deep copy of a viewed GPT-2 saves and loads its own state, whatever happens to the original."""
+    model = build("gpt2", seed=9)
+    get_adapter(model)
+    twin = copy.deepcopy(model)
+    apply_plan(model, PruningPlan(layers=[LayerPlan(heads=[1], neurons=[2, 3])]))  # new modules in the original
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
+    assert state["transformer.h.0.attn.c_attn.weight"].shape == (D, 3 * D)
+    fresh = copy.deepcopy(twin)
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.zero_()
+    fresh.load_state_dict(state)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())

@@ -77,7 +77,7 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
-    files = remote_files(family) or REMOTE_FILES
+    files = remote_files(family) if isinstance(family, str) else None
     layers = config.get("prunekit_layers") or []
     lines = [f"# A {family} model pruned by prunekit", ""]
     what = []
@@ -104,13 +104,14 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
                 + "; the full record is in `prune_report.json`." if report else "- Written by prunekit.")
     lines += what + ["", "## Loading it", "", "```python", "import prunekit",
                      'model = prunekit.load_pruned("PATH")', "", "# or, after `import prunekit`, the Auto class:",
-                     f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", "",
-                     "Without prunekit installed, plain transformers runs the code saved in this folder "
-                     f"(`{files[0]}`, `{files[1]}`, which do not import prunekit):", "",
-                     "```python", f"from transformers import {auto}",
-                     f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", "",
-                     "The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
-                     "heads or neurons; a removed sublayer is the identity).", ""]
+                     f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", ""]
+    if files is not None:  # a family without remote code (yet) needs prunekit to load
+        lines += ["Without prunekit installed, plain transformers runs the code saved in this folder "
+                  f"(`{files[0]}`, `{files[1]}`, which do not import prunekit):", "",
+                  "```python", f"from transformers import {auto}",
+                  f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", ""]
+    lines += ["The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
+              "heads or neurons; a removed sublayer is the identity).", ""]
     return "\n".join(lines).replace("PATH", name)
 
 

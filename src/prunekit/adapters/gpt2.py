@@ -81,8 +81,13 @@ class FusedQKV(nn.Module):
     def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
         super().__init__()
         self.q, self.k, self.v = q, k, v
+        # A plain function (no reference to this module), so that deep copies save correctly.
         self._register_state_dict_hook(_fused_state_dict)
-        self.register_load_state_dict_pre_hook(_split_state_dict)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # ``state_dict`` is this module's own dict, filtered for its children after this returns.
+        _split_state_dict(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(hidden_states), self.k(hidden_states), self.v(hidden_states)], dim=-1)
@@ -95,7 +100,7 @@ def _fused_state_dict(module: FusedQKV, state_dict, prefix: str, local_metadata)
     state_dict[prefix + "bias"] = torch.cat(biases, 0)
 
 
-def _split_state_dict(module: FusedQKV, state_dict, prefix: str, *args) -> None:
+def _split_state_dict(module: FusedQKV, state_dict, prefix: str) -> None:
     if prefix + "weight" not in state_dict:
         return  # missing keys are reported by the linears' own loading
     weight, bias = state_dict.pop(prefix + "weight").t(), state_dict.pop(prefix + "bias", None)
