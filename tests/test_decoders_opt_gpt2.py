@@ -604,3 +604,44 @@ def test_gpt2_linear_form_survives_deep_copies():
             param.zero_()
     fresh.load_state_dict(state)
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["opt", "opt-post", "opt-proj", "gpt2"])
+def test_cofi_gates_equal_gate_surgery_with_hidden_dims(variant):
+    """CoFi's gates (heads, neurons, whole sublayers, hidden dims) on OPT and GPT-2: the gated model
+    computes what the folded, narrowed model computes; also post-norm without an embedding norm
+    (OPT-350m's placement), whose summed embeddings the hidden gates scale."""
+    from prunekit.l0 import GateValues
+    from prunekit.masks import GateHolder, apply_gates
+    from prunekit.methods.cofi import gate_plan
+
+    model = build(variant, seed=6)
+    gen = torch.Generator().manual_seed(6)
+
+    def units(n: int, closed: list[int]) -> torch.Tensor:
+        values = torch.rand(n, generator=gen) + 0.5
+        values[closed] = 0.0
+        return values
+
+    hidden = torch.ones(D)
+    hidden[[1, 7, 8, 20]] = 0.0
+    values = GateValues(
+        head=[units(H, [0]), units(H, [1, 3]), units(H, [])],
+        mha=[torch.tensor(0.7), torch.tensor(1.2), torch.tensor(0.0)],
+        neuron=[units(D_FF, [2, 3]), units(D_FF, list(range(D_FF))), units(D_FF, [5])],
+        ffn=[torch.tensor(0.9), torch.tensor(1.0), torch.tensor(1.1)],
+        hidden=hidden,
+        attn_on=[True, True, False],
+        ffn_on=[True, False, True],
+    )
+    batch = make_batch(variant, 6)
+    holder = GateHolder()
+    with apply_gates(get_adapter(model), holder):
+        holder.values = values
+        expected = outputs(model, batch)
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, gate_plan(pruned, values))
+    adapter = get_adapter(pruned)
+    assert adapter.hidden_size == D - 4 and adapter.tied_embeddings
+    assert adapter.is_removed(2, "attn") and adapter.is_removed(1, "ffn")
+    torch.testing.assert_close(outputs(pruned, batch), expected, atol=ATOL, rtol=0)
