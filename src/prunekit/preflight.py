@@ -10,6 +10,7 @@ methods call them at their entry points.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .adapters.base import LayerShape
 from .errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -233,7 +235,7 @@ def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
             if not isinstance(layer, dict):
                 raise ModelError(f"{where}: entry {index} must be an object like "
                                  f'{{"num_heads": 12, "intermediate_size": 3072}}, got {layer!r}')
-            unknown = set(layer) - {"num_heads", "intermediate_size", "attention_removed", "ffn_removed"}
+            unknown = set(layer) - {f.name for f in dataclasses.fields(LayerShape)}
             if unknown:
                 raise ModelError(f"{where}: entry {index} has unknown key(s) {', '.join(sorted(unknown))}")
             for key, limit in (("num_heads", heads), ("intermediate_size", ffn)):
@@ -245,6 +247,10 @@ def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
             for key in ("attention_removed", "ffn_removed"):
                 if not isinstance(layer.get(key, False), bool):
                     raise ModelError(f"{where}: entry {index} has {key} {layer[key]!r}; it must be true or false")
+            try:  # the shape's own rules (key/value heads and their map agree with the query heads)
+                LayerShape(**layer)
+            except (TypeError, ValueError) as err:
+                raise ModelError(f"{where}: entry {index} is not a valid layer shape: {err}") from err
     narrowed = config.get("prunekit_hidden_size")
     if narrowed is not None and (isinstance(narrowed, bool) or not isinstance(narrowed, int) or narrowed < 1
                                  or (isinstance(hidden, int) and narrowed > hidden)):
