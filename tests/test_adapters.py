@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import BertModel, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import BertModel, BloomConfig, BloomForCausalLM, BloomForSequenceClassification
 
 import prunekit
 from prunekit.adapters import ADAPTERS, LayerShape, get_adapter, supported_models
@@ -86,7 +86,7 @@ def test_sublayer_module_sees_the_residual_input(family, tiny_model, batch, outp
 
 
 def test_registry_and_supported_models():
-    assert {"bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3"} <= set(ADAPTERS)
+    assert {"bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3", "gpt2", "opt"} <= set(ADAPTERS)
     names = supported_models()
     for family in ("Bert", "Roberta", "DistilBert"):
         for suffix in ("ForSequenceClassification", "ForQuestionAnswering", "Model"):
@@ -94,6 +94,8 @@ def test_registry_and_supported_models():
     for family in ("Llama", "Mistral", "Qwen2", "Qwen3"):
         for suffix in ("ForCausalLM", "ForSequenceClassification", "Model"):
             assert f"{family}{suffix}" in names
+    for name in ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "OPTForCausalLM", "OPTForSequenceClassification"):
+        assert name in names
     assert names == sorted(names)
 
 
@@ -103,9 +105,10 @@ def test_base_model_is_supported(make_model):
     assert isinstance(model.bert, BertModel)
 
 
-def _tiny_gpt2(cls):
+def _tiny_bloom(cls):
+    """A decoder family prunekit has no adapter for."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    config = BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)
     return cls(config).eval()
 
 
@@ -113,8 +116,8 @@ def _tiny_gpt2(cls):
     "build",
     [
         pytest.param(lambda masked_lm: masked_lm, id="BertForMaskedLM"),
-        pytest.param(lambda masked_lm: _tiny_gpt2(GPT2LMHeadModel), id="GPT2LMHeadModel"),
-        pytest.param(lambda masked_lm: _tiny_gpt2(GPT2ForSequenceClassification), id="GPT2ForSequenceClassification"),
+        pytest.param(lambda masked_lm: _tiny_bloom(BloomForCausalLM), id="BloomForCausalLM"),
+        pytest.param(lambda masked_lm: _tiny_bloom(BloomForSequenceClassification), id="BloomForSequenceClassification"),
         pytest.param(lambda masked_lm: nn.Linear(3, 3), id="Linear"),
     ],
 )

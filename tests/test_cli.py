@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification
+from transformers import BloomConfig, BloomForSequenceClassification
 
 from prunekit.cli import main
 
@@ -55,10 +55,11 @@ def prune_args(model: Path, data: Path, out: Path, *extra: str, task: str = "sst
 
 
 # ---- workspace builders for the bad-input cases ---------------------------------------------------
-def _gpt2_folder(folder: Path, tokenizer) -> Path:
+def _bloom_folder(folder: Path, tokenizer) -> Path:
+    """A decoder family prunekit has no adapter for."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
-    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    config = BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)
+    BloomForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -83,8 +84,8 @@ BAD_PRUNE_INPUTS: dict[str, tuple[Case, tuple[str, ...]]] = {
         ("unknown task", "sst3", "sst2"),
     ),
     "unsupported-architecture": (
-        lambda w: prune_args(_gpt2_folder(w["tmp"] / "gpt2", w["tokenizer"]), w["data"], w["out"]),
-        ("GPT2ForSequenceClassification", "BertForSequenceClassification"),
+        lambda w: prune_args(_bloom_folder(w["tmp"] / "bloom", w["tokenizer"]), w["data"], w["out"]),
+        ("BloomForSequenceClassification", "BertForSequenceClassification"),
     ),
     "unknown-method": (
         lambda w: prune_args(w["teacher"], w["data"], w["out"], "--method", "magic"),

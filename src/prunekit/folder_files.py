@@ -1,8 +1,9 @@
 """The files that make a saved pruned folder explain and load itself (issue 11, item 4).
 
 - ``README.md``: what was pruned, from what, by which method to which budget, and how to load it.
-- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``),
-  named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
+- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``; for
+  the decoder families their own ``configuration_prunekit_<family>.py`` and
+  ``modeling_prunekit_<family>.py``), named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
   pruned model with ``trust_remote_code=True``. These files never import prunekit. With prunekit
   imported its own registered classes are used and no remote code runs.
 """
@@ -15,32 +16,45 @@ from pathlib import Path
 from typing import Any
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# The encoder families share one pair of files; every other family has its own pair, named by its
+# model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
+# Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.
 REMOTE_FILES = ("configuration_prunekit.py", "modeling_prunekit.py")
+_SHARED_FILES_FAMILIES = ("bert", "roberta", "distilbert")
 README = "README.md"
-_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 _AUTO_FOR_HEAD = {"sequence_classification": "AutoModelForSequenceClassification",
                   "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM",
                   "base": "AutoModel"}
 
 
-def auto_map(family: str) -> dict[str, str]:
-    """config.json's ``auto_map`` for a pruned model of ``family``: the encoders' classes in
-    ``modeling_prunekit.py``, or those of an adapter that names its own remote-code file (the
-    decoders, ``ModelAdapter.remote_code``), one per head the adapter accepts."""
+def remote_files(family: str) -> tuple[str, ...] | None:
+    """The remote-code files of ``family``: the one file its adapter names (``remote_code``), the
+    encoders' shared (configuration, modeling) pair, or the family's own pair by name; None if it
+    has none."""
     adapter = _remote_adapter(family)
     if adapter is not None:
-        module = Path(adapter.remote_code).stem
-        classes = adapter.model_classes
-        config_class = next(iter(classes.values())).config_class
-        return {"AutoConfig": f"{module}.Prunekit{config_class.__name__}",
-                **{_AUTO_FOR_HEAD[head]: f"{module}.Pruned{cls.__name__}" for head, cls in classes.items()}}
-    prefix = _CLASS_PREFIX[family]
-    return {
-        "AutoConfig": f"configuration_prunekit.Prunekit{prefix}Config",
-        "AutoModel": f"modeling_prunekit.Pruned{prefix}Model",
-        "AutoModelForSequenceClassification": f"modeling_prunekit.Pruned{prefix}ForSequenceClassification",
-        "AutoModelForQuestionAnswering": f"modeling_prunekit.Pruned{prefix}ForQuestionAnswering",
-    }
+        return (Path(adapter.remote_code).name,)
+    if family in _SHARED_FILES_FAMILIES:
+        return REMOTE_FILES
+    own = (f"configuration_prunekit_{family}.py", f"modeling_prunekit_{family}.py")
+    return own if all((REMOTE_CODE_DIR / name).is_file() for name in own) else None
+
+
+def auto_map(family: str) -> dict[str, str]:
+    """config.json's ``auto_map`` for a pruned model of ``family``: the configuration class and,
+    for each head of the family's adapter, its pruned class in the remote code."""
+    from .adapters import ADAPTERS
+
+    files = remote_files(family)
+    if files is None:
+        raise ValueError(f"no remote code for the {family} family")
+    config_module, model_module = (name.removesuffix(".py") for name in (files[0], files[-1]))
+    classes = ADAPTERS[family].model_classes
+    config_class = next(iter(classes.values())).config_class.__name__
+    mapping = {"AutoConfig": f"{config_module}.Prunekit{config_class}"}
+    for head, cls in classes.items():
+        mapping[_AUTO_FOR_HEAD[head]] = f"{model_module}.Pruned{cls.__name__}"
+    return mapping
 
 
 def add_remote_code(folder: Path) -> None:
@@ -48,10 +62,10 @@ def add_remote_code(folder: Path) -> None:
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     family = config.get("prunekit_base_model_type")
-    adapter = _remote_adapter(family)
-    if family not in _CLASS_PREFIX and adapter is None:
-        return  # not a prunekit config (a stock --uniform folder): nothing to map
-    for name in REMOTE_FILES if adapter is None else (adapter.remote_code,):
+    files = remote_files(family) if isinstance(family, str) else None
+    if files is None:
+        return  # not a prunekit config, or a family without remote code: nothing to map
+    for name in files:
         shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
     config["auto_map"] = auto_map(family)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -66,12 +80,9 @@ def _remote_adapter(family: str | None) -> Any:
 
 
 def _head(config: dict[str, Any]) -> str:
-    names = " ".join(config.get("architectures") or [])
-    if "CausalLM" in names:
-        return "causal_lm"
-    if "QuestionAnswering" in names:
-        return "question_answering"
-    return "sequence_classification" if "SequenceClassification" in names else "base"
+    from .io import _head_of_architectures
+
+    return _head_of_architectures(config.get("architectures") or [])
 
 
 def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
@@ -79,6 +90,7 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
+    files = remote_files(family) if isinstance(family, str) else None
     layers = config.get("prunekit_layers") or []
     lines = [f"# A {family} model pruned by prunekit", ""]
     what = []
@@ -110,17 +122,18 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
                          "```python", f"from transformers import {auto}",
                          f'model = {auto}.from_pretrained("PATH")', "```", ""]
         return "\n".join(lines).replace("PATH", name)
-    adapter = _remote_adapter(config.get("prunekit_base_model_type"))
-    files = (adapter.remote_code,) if adapter is not None else REMOTE_FILES
+    family = config.get("prunekit_base_model_type")
+    files = remote_files(family) if isinstance(family, str) else None
     lines += what + ["", "## Loading it", "", "```python", "import prunekit",
                      'model = prunekit.load_pruned("PATH")', "", "# or, after `import prunekit`, the Auto class:",
-                     f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", "",
-                     "Without prunekit installed, plain transformers runs the code saved in this folder "
-                     f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
-                     "```python", f"from transformers import {auto}",
-                     f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", "",
-                     "The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
-                     "heads or neurons; a removed sublayer is the identity).", ""]
+                     f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", ""]
+    if files is not None:  # a family without remote code (yet) needs prunekit to load
+        lines += ["Without prunekit installed, plain transformers runs the code saved in this folder "
+                  f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
+                  "```python", f"from transformers import {auto}",
+                  f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", ""]
+    lines += ["The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
+              "heads or neurons; a removed sublayer is the identity).", ""]
     return "\n".join(lines).replace("PATH", name)
 
 

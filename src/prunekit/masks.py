@@ -252,7 +252,7 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
             handles.append(embedding_norm.register_forward_hook(gate_layer_norm(None, -1, False)))
         if final_norm is not None:
             handles.append(final_norm.register_forward_hook(gate_pre_norm))
-        if not post:
+        if not post or embedding_norm is None:  # post-norm without an embedding norm: OPT-350m
             for table in adapter.embedding_tables():
                 handles.append(table.register_forward_hook(gate_embedding))
         for layer in range(adapter.num_layers):

@@ -438,6 +438,8 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         if tuple(value.shape) != tuple(state[key].shape):
             raise ValueError(f"the plan's trained weight {key} has shape {tuple(value.shape)}, "
                              f"the pruned model's {tuple(state[key].shape)}")
-    with torch.no_grad():
-        for key, value in weights.items():
-            state[key].copy_(value.to(dtype=state[key].dtype, device=state[key].device))
+    # Through load_state_dict, not by copying into state_dict()'s tensors: a family whose state dict
+    # is not its parameters as they are (GPT-2's Conv1D layout and fused c_attn, built on the fly)
+    # reads it back in its own _load_from_state_dict / load hooks.
+    model.load_state_dict({key: value.to(dtype=state[key].dtype, device=state[key].device)
+                           for key, value in weights.items()})

@@ -23,7 +23,9 @@ from .base import (
 )
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
+from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter, MistralAdapter
+from .opt import OPTAdapter
 from .qwen2 import Qwen2Adapter
 from .qwen3 import Qwen3Adapter
 from .roberta import RobertaAdapter
@@ -38,6 +40,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         MistralAdapter,
         Qwen2Adapter,
         Qwen3Adapter,
+        OPTAdapter,
+        GPT2Adapter,
     )
     for model_type in adapter.model_types
 }
