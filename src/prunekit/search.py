@@ -32,6 +32,7 @@ import torch
 
 from .accounting import unit_costs
 from .adapters import ModelAdapter
+from .errors import ConfigError
 
 SublayerId = tuple[str, int]  # ("attn" | "ffn", layer)
 KINDS = ("attn", "ffn")
@@ -138,6 +139,14 @@ def _two_type_knapsack(
     return take_a, take_b, float(total[take_a])
 
 
+def _check_budget_left(budget: float) -> None:
+    """A negative budget for the searched units: what is priced outside them (the key/value heads
+    of grouped attention, reserved whole) already costs more than the budget allows."""
+    if budget < 0:
+        raise ConfigError("the budget is below the cost of this model's key/value heads, which grouped-query "
+                          "attention keeps whole in this release (reserved out of the budget); raise the budget")
+
+
 def knapsack_search(
     scores: Mapping[SublayerId, torch.Tensor],
     costs: Mapping[SublayerId, SublayerCost],
@@ -153,6 +162,7 @@ def knapsack_search(
     Returns:
         The kept units of every sublayer, maximising the summed score within the budget.
     """
+    _check_budget_left(budget)
     keys = sorted(scores, key=_order)
     slopes = {}
     for kind in KINDS:
@@ -229,6 +239,7 @@ def prefix_search(
 
     Returns the kept units; ``value`` is the summed priority of the kept units.
     """
+    _check_budget_left(budget)
     keys = sorted(priorities, key=_order)
     flat = torch.cat([priorities[key].double() for key in keys]) if keys else torch.zeros(0, dtype=torch.float64)
     owners = [(key, unit) for key in keys for unit in range(priorities[key].numel())]
