@@ -33,17 +33,22 @@ def plot_structure(
     full_neurons: int,
     path: str | Path,
     title: str = "kept structure per layer",
+    full_kv_heads: int | None = None,
 ) -> Path:
-    """Bar charts of kept heads and FFN neurons per layer against the original widths."""
+    """Bar charts of kept heads and FFN neurons per layer against the original widths; with
+    ``full_kv_heads`` (decoders with grouped-query attention, whose layers record
+    ``num_kv_heads``) a third panel shows the key/value heads kept."""
     path = Path(path)
     index = list(range(len(layers)))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = (("num_heads", full_heads, "#3b75af", "attention heads"),
-              ("intermediate_size", full_neurons, "#d9822b", "FFN neurons"))
+    panels = [("num_heads", full_heads, "#3b75af", "query heads" if full_kv_heads else "attention heads"),
+              ("intermediate_size", full_neurons, "#d9822b", "FFN neurons")]
+    if full_kv_heads:
+        panels.insert(1, ("num_kv_heads", full_kv_heads, "#5a9e4b", "key/value heads"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (key, full, color, label) in zip(axes, panels, strict=True):
         ax.bar(index, [full] * len(index), color="#dddddd", label="original")
-        ax.bar(index, [layer[key] for layer in layers], color=color, label="kept")
+        ax.bar(index, [layer.get(key, 0) for layer in layers], color=color, label="kept")
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.set_xticks(index)
@@ -65,7 +70,13 @@ def structure_report(model_dir: str | Path, out: str | Path | None = None) -> Pa
     full = len(layers) * (adapter.full_num_heads + adapter.full_intermediate_size)
     title = f"{model_dir.name}: {kept:,} of {full:,} heads and neurons kept"
     return plot_structure(layers, adapter.full_num_heads, adapter.full_intermediate_size,
-                          out or model_dir / "structure.png", title=title)
+                          out or model_dir / "structure.png", title=title, full_kv_heads=kv_heads_panel(adapter))
+
+
+def kv_heads_panel(adapter: Any) -> int | None:
+    """The full key/value head count to plot, for families with grouped-query attention; None else."""
+    return adapter.full_num_kv_heads if adapter.grouped_kv and adapter.full_num_kv_heads != adapter.full_num_heads \
+        else None
 
 
 def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
