@@ -254,3 +254,9 @@ def test_cli_prunes_a_causal_lm(lm_folder, tmp_path, capsys):
     assert report["flops_seq_len"] == 32
     assert report["eval"]["pruned"]["window"] == 32 and report["eval"]["teacher"]["split"] == "test"
     assert "perplexity" in capsys.readouterr().out
+    bench = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(out), "--baseline", str(model_dir), "--generate", "--batch-sizes", "1",
+                 "--seq-lens", "8", "--new-tokens", "3", "--rounds", "1", "--device", "cpu", "--json", str(bench)])
+    assert code == 0
+    row = json.loads(bench.read_text())["results"][0]
+    assert row["prompt_len"] == 8 and row["new_tokens"] == 3 and row["decode_speedup"] > 0
