@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="decoder_wikitext")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows (and teacher) already in the results JSON and run only the missing ones")
     args = p.parse_args(argv)
     if args.quick:
         args.num_sequences, args.seq_len, args.eval_windows, args.repeats = 4, 64, 2, 1
@@ -212,19 +214,34 @@ def main_wikitext(args: argparse.Namespace) -> None:
         },
         "rows": [],
     }
-    start = time.perf_counter()
-    teacher_ppl = perplexity(teacher, tokens, window=args.window, batch_size=8, desc="teacher")
-    result["teacher"] = {"perplexity": teacher_ppl["perplexity"], "num_scored": teacher_ppl["num_scored"],
-                         "eval_seconds": time.perf_counter() - start}
+    previous = Path(args.results_dir) / f"{args.name}.json"
+    if args.resume and previous.is_file():
+        # Same sample, windows and settings (checked), so the kept rows compare with the new ones.
+        old = json.loads(previous.read_text())
+        same = ("num_sequences", "seq_len", "seed", "window", "eval_windows", "eval_tokens")
+        if any(old["setting"][k] != result["setting"][k] for k in same):
+            raise SystemExit(f"--resume: {previous} was made with other settings ({same})")
+        result["setting"]["note"] = old["setting"]["note"] + "; resumed at load average " + \
+            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        result["rows"], result["teacher"] = old["rows"], old["teacher"]
+        teacher_ppl = {"perplexity": old["teacher"]["perplexity"]}
+    else:
+        start = time.perf_counter()
+        teacher_ppl = perplexity(teacher, tokens, window=args.window, batch_size=8, desc="teacher")
+        result["teacher"] = {"perplexity": teacher_ppl["perplexity"], "num_scored": teacher_ppl["num_scored"],
+                             "eval_seconds": time.perf_counter() - start}
     logger.info("teacher perplexity %.3f", teacher_ppl["perplexity"])
     write(result, args)
     removed = [float(x) for x in args.removed.split(",")]
-    teacher_speed = None
+    teacher_speed = result["teacher"].get("prefill_ms")
+    done = {(r["method"], r["removed"]) for r in result["rows"]}
     # Budget by budget (20% removed first), every method at each: each row is one standalone
     # pruning (its own calibration step), written as soon as it is measured.
     for cut in removed:
         keep = round(1.0 - cut, 6)
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            if (method, round(cut, 6)) in done:
+                continue
             pruned = api.prune(teacher, tokenizer, sample, api.PruneOptions(
                 task="causal_lm", method=method, keep_params=keep, seed=args.seed, device="cpu"))
             rss = peak_rss_bytes() / 2**30
@@ -258,7 +275,9 @@ def main_wikitext(args: argparse.Namespace) -> None:
             del pruned
     if args.scale:
         result["scale"] = run_scale_subprocess(args)
-        write(result, args)
+    elif (Path(args.results_dir) / f"{args.name}_scale.json").is_file():  # an earlier --scale-only run
+        result["scale"] = json.loads((Path(args.results_dir) / f"{args.name}_scale.json").read_text())
+    write(result, args)
 
 
 # ---- the scale run: a random model of Qwen2.5-0.5B's shape -----------------------------------------
