@@ -86,10 +86,13 @@ def test_sublayer_module_sees_the_residual_input(family, tiny_model, batch, outp
 
 
 def test_registry_and_supported_models():
-    assert set(ADAPTERS) == {"bert", "roberta", "distilbert"}
+    assert {"bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3"} <= set(ADAPTERS)
     names = supported_models()
     for family in ("Bert", "Roberta", "DistilBert"):
         for suffix in ("ForSequenceClassification", "ForQuestionAnswering", "Model"):
+            assert f"{family}{suffix}" in names
+    for family in ("Llama", "Mistral", "Qwen2", "Qwen3"):
+        for suffix in ("ForCausalLM", "ForSequenceClassification", "Model"):
             assert f"{family}{suffix}" in names
     assert names == sorted(names)
 

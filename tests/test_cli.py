@@ -104,7 +104,7 @@ BAD_PRUNE_INPUTS: dict[str, tuple[Case, tuple[str, ...]]] = {
     ),
     "empty-data": (
         lambda w: prune_args(w["teacher"], _tsv_folder(w["tmp"] / "empty-data", "sentence\tlabel", []), w["out"]),
-        ("no train examples",),
+        ("empty-data", "no data rows"),  # the dev split is read first, before pruning
     ),
     "model-folder-missing": (
         lambda w: prune_args(w["tmp"] / "no-such-model", w["data"], w["out"]),

@@ -25,8 +25,9 @@ PLAN = PruningPlan([
     LayerPlan(heads=[1, 2, 3], neurons=[]),
 ])  # fmt: skip
 SHAPES = [LayerShape(2, 13), LayerShape(0, 2), LayerShape(3, 0)]
-# What a saved folder may hold: weights, configs, tokenizer files, plots. Never pickles.
-ALLOWED_SUFFIXES = {".json", ".safetensors", ".png", ".txt", ".model"}
+# What a saved folder may hold: weights, configs, tokenizer files, plots, its README and the two
+# remote-code files (source, for loading without prunekit). Never pickles.
+ALLOWED_SUFFIXES = {".json", ".safetensors", ".png", ".txt", ".model", ".md", ".py"}
 
 
 def pruned_model(make_model, family: str, head: str):

@@ -1,6 +1,6 @@
-"""The model view does not assume a family (issue 9, item 3): a test-only adapter over tiny Llama
+"""The model view does not assume a family (issue 9, item 3): the Llama adapter over tiny Llama
 models (pre-norm, RMSNorm, no biases, a gated FFN, grouped key/value heads, a head size that is not
-hidden / heads, tied embeddings; ``llama_view.py``) runs through masks, surgery, accounting and
+hidden / heads, tied embeddings; ``prunekit.adapters.llama``) runs through masks, surgery, accounting and
 CoFi's gates unchanged. Masked == physically pruned within 1e-5 (float32) for random plans with
 emptied sublayers, whole key/value groups removed and query heads removed inside a group; counted
 FLOPs and parameters equal a hand count; emptied and removed sublayers are exact in both norm
@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from llama_view import LlamaTestAdapter, MappedKvAttention, registered
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from prunekit.accounting import (
@@ -26,10 +25,12 @@ from prunekit.accounting import (
     full_prunable_params,
 )
 from prunekit.adapters import AttentionParts, BlockFacts, LayerShape, get_adapter
+from prunekit.adapters.llama import LlamaAdapter
 from prunekit.data import TaskData
 from prunekit.l0 import GateValues
 from prunekit.masks import GateHolder, apply_gates, apply_masks, expand_group_mask
 from prunekit.methods.cofi import gate_plan
+from prunekit.remote_code.modeling_prunekit_decoder import MappedKvAttention
 from prunekit.surgery import (
     LayerPlan,
     PruningPlan,
@@ -41,12 +42,6 @@ from prunekit.surgery import (
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 99, 3  # groups of 3 query heads; d_h = 12 != d / H
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def llama_family():
-    with registered():
-        yield
 
 
 def build_llama(head: str = "causal_lm", seed: int = 0, biases: bool = False, tied: bool = True):
@@ -116,7 +111,7 @@ def hard_plan(seed: int) -> PruningPlan:
 def test_the_adapter_states_the_family_facts():
     model = build_llama()
     adapter = get_adapter(model)
-    assert isinstance(adapter, LlamaTestAdapter)
+    assert isinstance(adapter, LlamaAdapter)
     assert adapter.facts == BlockFacts("pre", "rmsnorm", frozenset(), gated_ffn=True)
     assert not adapter.facts.offset_absorbed
     assert get_adapter(build_llama(biases=True)).facts.biases == {"query", "key", "value", "out", "up", "gate", "down"}
@@ -439,15 +434,14 @@ def test_other_methods_meet_the_budget_on_the_test_family(method):
 
 @pytest.mark.parametrize("head", ["causal_lm", "sequence_classification"])
 def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
-    """A family is its adapter: once registered (and its pruned classes made), a pruned model with
+    """A family is its adapter: registered (and its pruned classes made at import), a pruned model with
     per-layer query heads, key/value heads (uneven groups included), FFN widths, an emptied and a
     removed sublayer and a narrowed, tied residual stream saves and reloads bit-identically."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from prunekit.io import load_pruned, register_pruned_classes, save_pruned
+    from prunekit.io import load_pruned, save_pruned
     from prunekit.surgery import narrow_hidden
 
-    register_pruned_classes("llama", LlamaTestAdapter)
     model = build_llama(head, seed=10)
     pruned = apply_plan(copy.deepcopy(model), hard_plan(1))
     adapter = get_adapter(pruned)

@@ -4,7 +4,8 @@ removed sublayers, narrowed hidden sizes, scales) and random budgets. For each d
 - the physically pruned model computes what the masked model computes (an independent hook-built
   reference for removals and narrowing, test_structure_removal_hidden.reference_outputs);
 - the saved folder reloads with identical outputs through load_pruned and the Auto class;
-- a method's plan meets its FLOPs budget, and replaying the plan on the teacher rebuilds its model.
+- every calibration method's plan meets its FLOPs budget, leaves the teacher unchanged, and replayed
+  from its plan.json + plan.safetensors on the teacher rebuilds the same model.
 
 The number of examples is bounded by the hypothesis profile set in conftest.py (``ci``: derandomized, so
 CI draws the same cases every run); ``HYPOTHESIS_PROFILE=deep`` draws more.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from conftest import _randomize, assert_reloads_identically, make_batch, make_sample, outputs_of
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_structure_removal_hidden import reference_outputs
 from transformers import (
@@ -33,9 +34,12 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+import prunekit
 from prunekit import save_pruned
 from prunekit.accounting import count_flops, count_params, full_flops
 from prunekit.adapters import get_adapter
+from prunekit.data import TaskData
+from prunekit.io import save_plan
 from prunekit.methods import get_method
 from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
 
@@ -126,18 +130,40 @@ def test_pruned_equals_masked_and_reloads_identically(case, batch_seed):
         assert_reloads_identically(out, shape["head"], get_adapter(pruned).layer_shapes(), batch, got)
 
 
-@given(model_shapes(), st.sampled_from(["magnitude", "random"]), st.floats(0.02, 0.95))
-def test_a_methods_plan_meets_its_budget_and_replays_on_the_teacher(shape, method, keep):
-    teacher = build(shape)
-    model = copy.deepcopy(teacher)
+def labelled_sample(shape: dict, kind: str):
+    """A tiny calibration sample with the labels Kwon et al.'s Fisher information needs."""
     sample = make_sample(shape["family"], num_batches=1, seed=shape["seed"] % 97)
-    sample.batches = [{k: v.clamp(max=VOCAB - 1) for k, v in b.items()} for b in sample.batches]
-    spec = get_method(method)
+    generator = torch.Generator().manual_seed(shape["seed"])
+    batches = []
+    for batch in sample.batches:
+        batch = {k: v.clamp(max=VOCAB - 1) for k, v in batch.items()}
+        rows, length = batch["input_ids"].shape
+        if kind == "qa":
+            batch["start_positions"] = torch.randint(0, length, (rows,), generator=generator)
+            batch["end_positions"] = torch.randint(0, length, (rows,), generator=generator)
+        else:
+            batch["labels"] = torch.randint(0, 2, (rows,), generator=generator)
+        batches.append(batch)
+    sample.batches = batches
+    return sample
+
+
+@settings(max_examples=12)
+@given(model_shapes(), st.sampled_from(["kprune", "kwon", "magnitude", "random"]), st.floats(0.02, 0.95))
+def test_a_methods_plan_meets_its_budget_and_replays_from_its_files(shape, method, keep):
+    teacher = build(shape)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     kind = "qa" if shape["head"] == "qa" else "classification"
-    plan, _ = spec.run(model, sample, kind, spec.make_config(keep_flops=keep))
+    sample = labelled_sample(shape, kind)
+    spec = get_method(method)
+    plan, _ = spec.run(teacher, TaskData(kind, sample), spec.make_config(keep_flops=keep))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is left alone
+    pruned = apply_plan(copy.deepcopy(teacher), plan)
     seq_len = sample.mean_length
-    assert count_flops(model, seq_len) <= keep * full_flops(teacher, seq_len) * (1 + 1e-9)
-    replayed = apply_plan(copy.deepcopy(teacher), PruningPlan.from_dict(plan.to_dict()))
+    assert count_flops(pruned, seq_len) <= keep * full_flops(teacher, seq_len) * (1 + 1e-9)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_plan(plan, tmp)
+        replayed = prunekit.apply_plan(teacher, tmp)
     batch = batch_for(shape, 0)
-    assert get_adapter(replayed).layer_shapes() == get_adapter(model).layer_shapes()
-    torch.testing.assert_close(outputs_of(replayed, batch), outputs_of(model, batch), atol=1e-6, rtol=0)
+    assert get_adapter(replayed).layer_shapes() == get_adapter(pruned).layer_shapes()
+    torch.testing.assert_close(outputs_of(replayed, batch), outputs_of(pruned, batch), atol=1e-6, rtol=0)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import preflight
 from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
 from .adapters import get_adapter
 from .bench import measure_generation, measure_latency
@@ -55,6 +56,7 @@ class PruneResult:
     tokenizer: Any
     plan: PruningPlan
     report: dict[str, Any] = field(default_factory=dict)
+    uniform: bool = False  # saved as the family's stock class (PruneOptions.uniform)
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
         """Write the model folder: config.json, model.safetensors, tokenizer files,
@@ -75,7 +77,7 @@ class PruneResult:
             )
 
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
-                           extra=plot, inputs=inputs, plan=self.plan)
+                           extra=plot, inputs=inputs, plan=self.plan, uniform=self.uniform)
 
 
 @dataclass
@@ -103,6 +105,9 @@ class PruneOptions:
         calibration_length, eval_window, eval_stride, bench_new_tokens: causal LM only: the
             calibration window length L (``num_sequences`` windows of L tokens), the perplexity
             window and stride, and the new tokens of the decode benchmark (``prune_and_save``).
+        uniform: every layer keeps the same query heads, key/value heads and FFN width (the
+            method's plan is equalised by ``prunekit.uniform.uniform_plan`` within its cost) and
+            the folder is the family's stock class, loading without prunekit (decoders).
     """
 
     task: str | TaskSpec = "sst2"
@@ -129,6 +134,7 @@ class PruneOptions:
     eval_window: int | None = None
     eval_stride: int | None = None
     bench_new_tokens: int = 32
+    uniform: bool = False
 
     @classmethod
     def of(cls, options: PruneOptions | str | TaskSpec | None = None, **kwargs: Any) -> PruneOptions:
@@ -182,6 +188,7 @@ def budgets_from(keep_flops: float | Sequence[float] | None = None,
         if not 0.0 < value < 1.0:
             what = {"flops": "FLOPs", "latency": "latency", "params": "parameters"}[kind]
             raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
+    preflight.check_distinct_budgets(kind, values)
     return [(kind, float(value)) for value in values]
 
 
@@ -229,15 +236,19 @@ def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec, devi
     """The teacher: a folder is loaded; a given model is used as it is (methods and surgery never
     change it), or copied when it lives on another device than the run's."""
     if isinstance(model, str | Path):
-        tokenizer = tokenizer or load_tokenizer(model)
         teacher = load_model(model, head=task.head)
+        tokenizer = tokenizer or load_tokenizer(model)
     else:
+        preflight.check_not_meta(model)
         get_adapter(model)  # unsupported architectures fail here, before any work
         first = next(model.parameters(), None)
         on_device = first is None or first.device == torch.device(device) or (
             first.device.type == torch.device(device).type and torch.device(device).index is None)
         teacher = model if on_device else copy.deepcopy(model)
+    if isinstance(tokenizer, str | Path):
+        tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     get_adapter(teacher)
+    preflight.check_head_fits_task(teacher.config, task)
     return teacher.to(device), tokenizer
 
 
@@ -351,6 +362,8 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     }
     if spec.report_fields is not None:
         report |= spec.report_fields(config, log)
+    if warning := preflight.warn_if_all_pruned(student, f"keep_{budget_kind} {keep:g}"):
+        report["warnings"] = [warning]
     if budget_kind == "latency":
         costs = sublayer_costs(adapter, seq_len, config.lut)
         full = total_cost(costs, full_widths(adapter))
@@ -362,10 +375,17 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     """load -> data -> method -> plan -> surgery -> report, once per budget."""
     spec = get_method(options.method)
     task = get_task(options.task)
+    preflight.check_positive("batch_size", options.batch_size)
+    preflight.check_positive("seed", options.seed, minimum=0)
     budgets = options.budgets()
+    if not spec.training:
+        preflight.check_sample_size(options.num_tokens, options.num_sequences)
+    preflight.check_lut_used(budgets[0][0], options.method_options)
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
+    for name in ("seq_len", "max_length"):
+        preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.training
     teacher.eval()
     try:
@@ -390,6 +410,12 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             before = _size(teacher, seq_len, full=True)
             start = time.perf_counter()
             plan, log = spec.run(teacher, task_data, config)
+            if options.uniform:
+                from .uniform import uniform_plan
+
+                # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
+                plan, log["uniform"] = uniform_plan(get_adapter(teacher), plan,
+                                                    None if budget[0] == "params" else seq_len)
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -401,7 +427,8 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             _check_params_budget(spec, budget, report)
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
-            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report))
+            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report,
+                                       uniform=options.uniform))
         return results
     finally:
         teacher.train(was_training)
@@ -498,12 +525,22 @@ def prune_and_save_many(model_dir: str | Path, out_dir: str | Path, data: str | 
 
 def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str | Path,
                     options: PruneOptions) -> list[dict[str, Any]]:
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    method_options = dict(options.method_options)
+    tokenizer = method_options.pop("tokenizer", None)  # a tokenizer folder, when the model's has none
+    options = replace(options, method_options=method_options)
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
     task = get_task(options.task)
-    tokenizer = load_tokenizer(model_dir)
+    preflight.check_device(options.device)
     teacher = load_model(model_dir, head=task.head)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task)
+    if options.run_eval:
+        preflight.check_split(task, data, "dev")  # before pruning, not after it
+    if options.run_bench:
+        preflight.check_positive("bench_batch_size", options.bench_batch_size)
+        preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
     results = _pipeline(teacher, tokenizer, data, options)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
@@ -530,6 +567,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
                 result.report["generation"] = measure_generation(
                     result.model, baseline=teacher, prompt_len=options.bench_seq_len,
                     new_tokens=options.bench_new_tokens, device=device)
+        result.report.setdefault("teacher", str(model_dir))
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation

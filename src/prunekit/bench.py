@@ -67,6 +67,15 @@ def measure_latency(
     latency_ms_rounds, baseline_ms?, speedup?}]}``; the latency of each round is that round's
     ``blocked_autorange`` median, and the reported value the median over rounds.
     """
+    from .preflight import check_positive
+
+    check_positive("rounds", rounds)
+    check_positive("threads", threads)
+    for name, values in (("batch_sizes", batch_sizes), ("seq_lens", seq_lens)):
+        if not list(values):
+            raise ConfigError(f"{name} is empty; give at least one, e.g. 32")
+        for value in values:
+            check_positive(name, value)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = threads or torch.get_num_threads()
     models = {"model": model}

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad, squad_v2 or causal_lm")
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
                    "folder (train-v1.1.json, dev-v1.1.json), or hub name")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     p.add_argument("--method", default="kprune", help="kprune, kwon, cofi, magnitude or random (default: kprune)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep-flops", type=_fractions,
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lut", default=None, help="latency table JSON from `prunekit lut`, for --keep-latency")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--uniform", action="store_true",
+                   help="every layer keeps the same query heads, key/value heads and FFN width; the folder is "
+                        "the family's stock class, loading without prunekit (decoders)")
     p.add_argument("--num-tokens", type=int, default=None,
                    help="calibration sample size in tokens (default: the method's, Kprune 100000)")
     p.add_argument("--num-sequences", type=int, default=None,
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--task", required=True)
     e.add_argument("--data", required=True)
+    e.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     e.add_argument("--split", default="dev")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-examples", type=int, default=None)
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True)
     f.add_argument("--data", required=True)
     f.add_argument("--out", required=True)
+    f.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--epochs", type=int, default=3)
     f.add_argument("--lr", type=float, default=5e-5)
@@ -165,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True)
     c.add_argument("--task", required=True)
     c.add_argument("--data", required=True)
+    c.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     c.add_argument("--methods", default="kprune,kwon,magnitude", help="comma-separated method names")
     c.add_argument("--keep-flops", type=_fractions, default=[0.7, 0.5, 0.4, 0.3], help="comma-separated fractions")
     c.add_argument("--keep-params", type=_fractions, default=None,
@@ -248,6 +255,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options |= {"eval_window": args.window, "eval_stride": args.stride, "bench_new_tokens": args.new_tokens}
     elif args.window is not None or args.stride is not None:
         raise PrunekitError("--window and --stride apply to --task causal_lm only")
+    if args.tokenizer is not None:
+        options["tokenizer"] = args.tokenizer
     budgets = args.keep_flops or args.keep_latency or args.keep_params
     if args.keep_params and not get_method(args.method).training:
         budget = {"keep_params": args.keep_params}
@@ -259,7 +268,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
-                  run_bench=not args.no_bench, **options)
+                  run_bench=not args.no_bench, uniform=args.uniform, **options)
     if len(budgets) == 1:
         reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
         folders = [args.out]
@@ -270,26 +279,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
         folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget, keep_params=args.keep_params)]
     for report, folder in zip(reports, folders, strict=True):
         _print_table(summary_rows(report))
-        print(f"pruned model written to {folder} (FLOPs kept {report['flops_kept']:.4f}, non-embedding parameters "
-              f"kept {report['non_embedding_params_kept']:.4f}, pruning took {report['prune_seconds']:.1f} s)")
+        achieved = ""
+        if report.get("achieved_keep") is not None:
+            achieved = (f"keep_{report['budget']['kind']} target {report['target_keep']:.4f}, "
+                        f"achieved {report['achieved_keep']:.4f}, ")
+        print(f"pruned model written to {folder} ({achieved}FLOPs kept {report['flops_kept']:.4f}, non-embedding "
+              f"parameters kept {report['non_embedding_params_kept']:.4f}, pruning took {report['prune_seconds']:.1f} s)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .io import load_model, load_tokenizer
+    from .preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
     from .tasks import get_task
 
     task = get_task(args.task)
+    check_writable_file(args.json)  # before the evaluation, not after it
     model = load_model(args.model, head=task.head, device=_device(args))
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_head_fits_task(model.config, task)
+    check_seq_len(model.config, args.max_length, "--max-length")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
                        doc_stride=args.doc_stride, window=args.window, stride=args.stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "task": task.name, "split": args.split,
-                                               "metrics": metrics}, indent=2) + "\n")
+        write_json(args.json, {"model": args.model, "task": task.name, "split": args.split, "metrics": metrics})
     return 0
 
 
@@ -299,7 +315,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                             doc_stride=args.doc_stride, seed=args.seed, max_train_samples=args.max_train_samples,
                             device=_device(args))
-    out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite)
+    out = finetune(args.model, args.task, args.data, args.out, config, overwrite=args.overwrite,
+                   tokenizer=args.tokenizer)
     print(f"fine-tuned model written to {out}")
     return 0
 
@@ -314,8 +331,12 @@ def _int_list(text: str) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import measure_latency
     from .io import load_pruned
+    from .preflight import check_seq_len, check_writable_file, write_json
 
+    check_writable_file(args.json)
     model = load_pruned(args.model)
+    for seq_len in _int_list(args.seq_lens):
+        check_seq_len(model.config, seq_len, "--seq-lens")
     baseline = load_pruned(args.baseline) if args.baseline else None
     if args.generate:
         from .bench import measure_generation
@@ -334,15 +355,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [{k: v for k, v in row.items() if not k.endswith("_rounds")} for row in result["results"]]
     _print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
 def cmd_lut(args: argparse.Namespace) -> int:
     from .io import load_pruned
     from .lut import measure_latency_table
+    from .preflight import check_seq_len, check_writable_file
 
-    table = measure_latency_table(load_pruned(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
+    check_writable_file(args.out, "--out")
+    model = load_pruned(args.model)
+    check_seq_len(model.config, args.seq_len, "--seq-len")
+    table = measure_latency_table(model, batch_size=args.batch_size, seq_len=args.seq_len,
                                   device=_device(args), neuron_step=args.neuron_step, warmup=args.warmup,
                                   repeats=args.repeats, threads=args.threads, seed=args.seed)
     table.save(args.out)
@@ -371,7 +396,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      bench_rounds=args.rounds, max_eval_examples=args.max_eval_examples,
                      save_models=args.save_models, overwrite=args.overwrite, method_options=options,
                      keep_params=args.keep_params, eval_window=args.window,
-                     calibration_length=args.calibration_length)
+                     calibration_length=args.calibration_length, tokenizer=args.tokenizer)
     print((Path(args.out) / "compare.md").read_text())
     print(f"compare.json, compare.md and compare.png written to {args.out} ({len(result['rows'])} pruned models)")
     return 0
@@ -423,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        from .preflight import check_cli_sizes, check_device
+
+        check_cli_sizes(args)  # zero or negative sizes are refused, never replaced by a default
+        check_device(getattr(args, "device", None))
         return COMMANDS[args.command](args)
     except PrunekitError as err:
         print(f"prunekit {args.command}: error: {err}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import preflight
 from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
 from .api import PruneOptions, budget_name, calibration_length, prune_many
 from .bench import measure_generation, measure_latency
@@ -63,6 +64,7 @@ class CompareOptions:
         max_eval_examples: evaluate on the first N dev examples only (quick checks).
         save_models: also save every pruned model under ``models/``.
         method_options: per-method options, e.g. ``{"kwon": {"damp": 1.0}}``.
+        tokenizer: a tokenizer folder, when the model folder has none.
     """
 
     methods: Sequence[str] = DEFAULT_METHODS
@@ -87,6 +89,7 @@ class CompareOptions:
     calibration_length: int | None = None
     eval_window: int | None = None
     bench_new_tokens: int = 32
+    tokenizer: str | Path | None = None
 
 
 def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | Path,
@@ -104,8 +107,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     num_tokens, num_sequences, overwrite = o.num_tokens, o.num_sequences, o.overwrite
     run_bench, bench_batch_size, bench_seq_len, bench_rounds = o.run_bench, o.bench_batch_size, o.bench_seq_len, o.bench_rounds
     max_eval_examples, save_models = o.max_eval_examples, o.save_models
-    inputs = (model_dir, data if isinstance(data, str | Path) else None)
+    tokenizer = o.tokenizer
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     out_dir = check_output_dir(out_dir, overwrite, inputs)
+    preflight.check_distinct_budgets("flops", list(o.keep_flops))
+    preflight.check_sample_size(num_tokens, num_sequences)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
     if metric not in task_spec.metrics:
@@ -114,6 +120,8 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     unknown = sorted(set(method_options) - set(methods))
     if unknown:
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
+    if not methods:
+        raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
     specs = [get_method(name) for name in methods]
     budget_kind = "params" if o.keep_params is not None else "flops"
     budgets = sorted({float(keep) for keep in (o.keep_params if o.keep_params is not None else o.keep_flops)},
@@ -124,8 +132,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
 
     from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
-    tokenizer = load_tokenizer(model_dir)
     teacher = load_model(model_dir, head=task_spec.head).to(device)
+    tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_head_fits_task(teacher.config, task_spec)
+    if run_bench:
+        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
     lm = task_spec.kind == "causal_lm"
     if num_tokens is None and num_sequences is None and not lm:
         num_tokens = 100_000

@@ -32,6 +32,7 @@ from prunekit.data.squad import collate_qa, postprocess_predictions, prepare_fea
 from prunekit.errors import ConfigError, ModelError
 from prunekit.metrics.glue import compute_metrics
 from prunekit.metrics.squad import squad_scores
+from prunekit.preflight import check_not_meta
 from prunekit.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def evaluate(
     spec = get_task(task)
     if max_examples is not None and max_examples < 1:
         raise ConfigError(f"max_examples must be >= 1 (or None for the whole split), got {max_examples}")
+    check_not_meta(model)
     if spec.kind == "causal_lm":
         if doc_stride is not None or max_length is not None:
             raise ConfigError("a causal LM is scored in perplexity windows: pass window (and stride), "

@@ -40,8 +40,9 @@ from prunekit.data.glue import collate, tokenize_examples
 from prunekit.data.squad import collate_qa, prepare_features
 from prunekit.errors import ConfigError
 from prunekit.evaluate import evaluate_squad, predict
-from prunekit.io import atomic_output_dir, check_output_dir
+from prunekit.io import atomic_output_dir, check_output_dir, load_tokenizer
 from prunekit.metrics.glue import compute_metrics
+from prunekit.preflight import check_seq_len
 from prunekit.runtime import library_versions, resolve_device
 from prunekit.tasks import TaskSpec, get_task
 
@@ -116,6 +117,7 @@ def finetune(
     overwrite: bool = False,
     train_examples: Sequence[Mapping[str, Any]] | None = None,
     dev_examples: Sequence[Mapping[str, Any]] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Fine-tune a pre-trained model on a GLUE or SQuAD task and save it.
 
@@ -130,18 +132,19 @@ def finetune(
         overwrite: allow replacing an existing non-empty `out_dir`.
         train_examples, dev_examples: example dicts to use instead of the source's train / dev
             split (SQuAD: as `prunekit.data.squad.load_squad` returns them).
+        tokenizer: a tokenizer folder or hub id, when the model's own folder has none.
 
     Returns:
         The output folder, holding the model, its tokenizer and `finetune_report.json`.
     """
     # Imported here so that importing prunekit stays light; only fine-tuning needs the Auto classes.
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     wall_start = time.perf_counter()
     spec = get_task(task)
     cfg = config if config is not None else FinetuneConfig()
     out = Path(out_dir).expanduser()
-    inputs = (model_name_or_path, source)
+    inputs = (model_name_or_path, source, tokenizer)
     check_output_dir(out, overwrite, inputs)
     device = cfg.resolved_device()
     max_length = cfg.max_length or spec.max_length
@@ -160,7 +163,7 @@ def finetune(
         train = train[: cfg.max_train_samples]
     dev = load_examples(spec, source if dev_examples is None else dev_examples, "dev")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    tokenizer = load_tokenizer(tokenizer or model_name_or_path)
     pad_id = tokenizer.pad_token_id
     if is_qa:
         train_features = prepare_features(train, tokenizer, max_length, doc_stride, for_training=True)
@@ -190,6 +193,7 @@ def finetune(
                 # head instead of a size-mismatch error; transformers logs which tensors were re-initialised.
                 ignore_mismatched_sizes=True,
             )
+        check_seq_len(model.config, max_length, "max_length")
         model.to(device)
         train_stats = _train(model, spec, train_features, cfg, device, batch_loss)
     train_time = time.perf_counter() - started

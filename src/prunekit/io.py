@@ -39,7 +39,9 @@ from transformers import (
 
 from .adapters import ADAPTERS, LayerShape, base_model_type, get_adapter
 from .errors import ConfigError, ModelError
+from .folder_files import add_remote_code, write_readme
 from .outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
+from .preflight import check_config_dict, check_tokenizer, check_tokenizer_files
 from .surgery import PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -149,6 +151,41 @@ def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def as_stock_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a physically pruned model whose every layer has the same query heads, key/value heads
+    (equal groups), FFN width and the full residual width the family's own stock config and class,
+    in place, so that ``save_pretrained`` writes a folder any transformers (and vLLM, llama.cpp's
+    converter) loads as it is. A ConfigError names what is not uniform. Returns the model."""
+    adapter = get_adapter(model)
+    updates_of = getattr(adapter, "uniform_config_updates", None)
+    if updates_of is None:
+        raise ConfigError(f"--uniform is not available for {type(model).__name__}: its family has no stock "
+                          "form of pruned widths; save without --uniform")
+    updates = updates_of()
+    if updates is None:
+        widths = ", ".join(f"{s.num_heads}/{s.num_kv_heads}/{s.intermediate_size}" for s in adapter.layer_shapes())
+        raise ConfigError("--uniform needs every layer to keep the same query heads, key/value heads (equal "
+                          "groups, at least one) and FFN width (at least one) and the full hidden size; got "
+                          f"query/kv/FFN per layer {widths}. Prune with --uniform (PruneOptions.uniform) so the "
+                          "plan is uniform, or save without it")
+    stock_class = next((c for c in PRUNED_CLASSES if type(model) is c or type(model) is PRUNED_CLASSES[c]), None)
+    if stock_class is None:
+        raise ModelError(f"no stock class for {type(model).__name__}")
+    old = model.config
+    fields = old.to_dict()
+    for key in ("model_type", "prunekit_layers", "prunekit_base_model_type", "prunekit_hidden_size",
+                "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields.update(updates, architectures=[stock_class.__name__])
+    new = stock_class.config_class(**fields)
+    new._attn_implementation = old._attn_implementation
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+    model.__class__ = stock_class
+    return model
+
+
 def save_pruned(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -158,13 +195,19 @@ def save_pruned(
     extra: Callable[[Path], None] | None = None,
     inputs: Iterable[str | Path | None] = (),
     plan: PruningPlan | None = None,
+    uniform: bool = False,
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer, ``prune_report.json`` and the plan
     (``plan.json`` + ``plan.safetensors``, when given) atomically; ``extra(folder)`` may add files
     (plots) before the folder is moved into place. ``inputs`` are the run's input paths, which the
-    output may not touch (see :mod:`prunekit.outdir`)."""
+    output may not touch (see :mod:`prunekit.outdir`). ``uniform``: the model's layers all have
+    the same widths and the folder is the family's stock class (:func:`as_stock_model`), which
+    loads with no prunekit and no remote code; a ConfigError if they differ."""
     # Always re-derive the config: a reloaded pruned model may have been pruned again since.
-    as_pruned_model(model)
+    if uniform:
+        as_stock_model(model)
+    else:
+        as_pruned_model(model)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -173,6 +216,8 @@ def save_pruned(
             save_plan(plan, tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        add_remote_code(tmp)  # loads in plain transformers with trust_remote_code=True
+        write_readme(tmp, report, Path(out_dir).name)
         if extra is not None:
             extra(tmp)
     logger.info("saved pruned model to %s", out_dir)
@@ -254,9 +299,17 @@ def check_model_dir(path: str | Path) -> Path:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelError(f"{folder} has a config.json but no weights (model.safetensors); it is not a complete model")
     try:
-        json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{folder / 'config.json'} is not valid JSON ({err}); the folder is not a model") from err
+    check_config_dict(folder, config)
+    try:
+        AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001  (any failure to parse it means the same to the user)
+        # Valid JSON that is not a valid config: a wrong type (huggingface_hub's strict dataclass
+        # validation), an unknown model_type, a missing field.
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ModelError(f"{folder / 'config.json'} is not a valid model config: {detail}") from err
     return folder
 
 
@@ -279,12 +332,16 @@ def load_model(
     kwargs.setdefault("dtype", torch.float32)
     try:
         model = AUTO_CLASSES[head].from_pretrained(str(folder), **kwargs)
-    except (ValueError, RuntimeError, SafetensorError) as err:
+    except (ValueError, RuntimeError, TypeError, SafetensorError) as err:
         # RuntimeError: widths in config.json that do not match the weights; SafetensorError: a
         # corrupt weights file.
+        if _has_prunekit_layers(folder) and isinstance(err, ValueError | RuntimeError | TypeError):
+            raise ModelError(f"could not load {folder}: prunekit_layers in its config.json disagree with the "
+                             f"weights ({_first_line(err)}); the folder was edited or mixed with another "
+                             "model's files") from err
         raise ModelError(f"could not load {folder} as a {head.replace('_', ' ')} model: {_first_line(err)}") from err
     except OSError as err:
-        raise ModelError(f"could not load {folder}: {_first_line(err)}") from err
+        raise ModelError(f"could not load {folder}: {_no_such_model(path, err)}") from err
     get_adapter(model)  # unsupported architectures fail here, with the list of supported ones
     return model.to(device or "cpu").eval()
 
@@ -311,11 +368,36 @@ def _check_architecture(folder: Path, head: str) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    check_model_dir(path)
+    """The tokenizer saved in a model folder (or a tokenizer folder, or a hub id). A folder with
+    no tokenizer files is refused: transformers would build an empty tokenizer from config.json
+    alone, which turns every word into [UNK]."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        check_model_dir(folder)
+    elif not folder.exists() and not _looks_like_hub_id(str(path)):
+        raise ModelError(f"folder {folder} does not exist; pass a model or tokenizer folder, or a hub id")
+    check_tokenizer_files(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"could not load a tokenizer from {path}: {_first_line(err)}") from err
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelError(f"could not load a tokenizer from {path}: {_no_such_model(path, err)}") from err
+    check_tokenizer(tokenizer, str(path))
+    return tokenizer
+
+
+def _has_prunekit_layers(folder: Path) -> bool:
+    try:
+        return "prunekit_layers" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _no_such_model(path: str | Path, err: BaseException) -> str:
+    """For a name that is not a local path and that the hub could not give: say both."""
+    if not Path(path).exists():
+        return (f"there is no local folder {path}, and as a hub id it could not be fetched "
+                f"({_first_line(err)})")
+    return _first_line(err)
 
 
 def load_pruned(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:

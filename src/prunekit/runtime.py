@@ -16,10 +16,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """"auto"/None picks CUDA when present, else CPU; anything else is taken as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "meta":
+        raise ConfigError("device 'meta' holds no weights and cannot run a model; use cpu, cuda or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise ConfigError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} was asked for but there are only {torch.cuda.device_count()} "
+                          "CUDA GPU(s); use cuda:0 .. cuda:N-1")
+    if device.type not in ("cpu", "cuda") and not _available(device):
+        raise ConfigError(f"device {str(device)!r} is not available on this machine; use cpu, cuda or auto")
     return device
+
+
+def _available(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
 
 
 def library_versions() -> dict[str, str]:

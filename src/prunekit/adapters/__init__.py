@@ -23,11 +23,22 @@ from .base import (
 )
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
+from .llama import LlamaAdapter, MistralAdapter
+from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
 from .roberta import RobertaAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     model_type: adapter
-    for adapter in (BertAdapter, RobertaAdapter, DistilBertAdapter)
+    for adapter in (
+        BertAdapter,
+        RobertaAdapter,
+        DistilBertAdapter,
+        LlamaAdapter,
+        MistralAdapter,
+        Qwen2Adapter,
+        Qwen3Adapter,
+    )
     for model_type in adapter.model_types
 }
 

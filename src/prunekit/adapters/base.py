@@ -36,7 +36,7 @@ A new family is one subclass of :class:`ModelAdapter` in its own file and one en
 ``sublayer_module``) and puts narrower ones back (``set_attention`` with per-layer query and
 key/value head counts and the key/value map, ``set_ffn``, the empty and removed forms), setting
 whatever per-layer attributes the Hugging Face modules read. Masks, surgery, accounting,
-save/load and the methods then work unchanged; ``tests/llama_view.py`` is such an adapter
+save/load and the methods then work unchanged; ``prunekit.adapters.llama`` is such an adapter
 (pre-norm, RMSNorm, no biases, gated FFN, grouped key/value heads), used by the tests.
 """
 
@@ -220,6 +220,10 @@ class ModelAdapter(ABC):
     # The token a sequence-level head (classification, regression) reads: "first" ([CLS], BERT)
     # or "last" (the last non-padding token, decoders).
     pooled_token: ClassVar[Literal["first", "last"]] = "first"
+    # The file in prunekit/remote_code/ that saved folders of this family carry so that they load
+    # without prunekit (trust_remote_code=True); it must expose Prunekit<Config> and Pruned<Model>
+    # for the family's classes (prunekit.folder_files.auto_map). None: the encoders' shared files.
+    remote_code: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

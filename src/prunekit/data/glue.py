@@ -18,6 +18,7 @@ or a float score for regression).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import torch
 
 from prunekit.data.calibration import CalibrationSample, batch_sample, check_sample_options, draw_indices
 from prunekit.errors import ConfigError, DataError
+from prunekit.preflight import read_utf8
 from prunekit.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -193,7 +195,7 @@ def _read_delimited(
     positional: Sequence[str] | None,
 ) -> list[Example]:
     # utf-8-sig: GLUE's MRPC files start with a byte-order mark that would glue onto "Quality".
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         if header:
             first = next(reader, None)
@@ -220,7 +222,7 @@ def _read_delimited(
 
 def _read_json(spec: TaskSpec, path: Path) -> list[Example]:
     """JSON lines (one object per line), or a .json file holding one array of objects."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     records: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
         try:

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.errors import DataError
+from prunekit.preflight import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +111,12 @@ def load_squad(
 def _load_json_file(path: Path, version_2: bool) -> list[dict]:
     """Parse and validate an official-format SQuAD JSON file."""
     try:
-        with path.open(encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = json.loads(read_utf8(path, "utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
             "Fix the file, or re-download the official SQuAD JSON."
         ) from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}); SQuAD files are UTF-8 JSON.") from exc
 
     if not isinstance(raw, dict) or "data" not in raw:
         raise DataError(

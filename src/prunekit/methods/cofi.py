@@ -50,7 +50,9 @@ from ..errors import ConfigError, ModelError
 from ..l0 import CofiGates, GateValues
 from ..losses import distill_loss, teacher_targets
 from ..masks import GateHolder, apply_gates
+from ..preflight import check_cofi_schedule
 from ..surgery import LayerPlan, PruningPlan, apply_plan, slice_linear
+from .cofi_target import project_to_target
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +392,7 @@ def _cofi(teacher: nn.Module, student: nn.Module, data: TrainingData, config: Co
     started = time.perf_counter()
 
     if run.stage == "prune":
+        check_cofi_schedule(config, len(data.features), accelerator.num_processes)
         shapes = adapter.layer_shapes()
         gates = CofiGates([s.num_heads for s in shapes], [s.intermediate_size for s in shapes], adapter.hidden_size,
                           prune_hidden=config.prune_hidden, prune_layers=config.prune_layers,
@@ -407,6 +410,9 @@ def _cofi(teacher: nn.Module, student: nn.Module, data: TrainingData, config: Co
             values = gates.deterministic()
             log["expected_sparsity"] = float(sizer.expected_sparsity(gates))
             log["deterministic_sparsity"] = sizer.sparsity(values)
+            # The saved model meets the budget even when training ends off target (cofi.md §8.5).
+            values, log["target_projection"] = project_to_target(gates, values, sizer, adapter,
+                                                                 config.target_sparsity, config.sparsity_epsilon)
             log["gates"] = _gate_summary(values)
             check = _surgery_check_batch(data, accelerator.device)
             with torch.no_grad():
@@ -465,6 +471,10 @@ def cofi_report_fields(config: CofiConfig, log: dict[str, Any]) -> dict[str, Any
         "target_sparsity": config.target_sparsity,
         "achieved_sparsity": (log["achieved_param_sparsity"] if config.target_kind == "params"
                               else 1.0 - log["achieved_flops_kept"]),
+        # The budget asked for and what the saved model keeps (projected onto it, cofi_target).
+        "target_keep": config.keep_params if config.target_kind == "params" else config.keep_flops,
+        "achieved_keep": (1.0 - log["achieved_param_sparsity"] if config.target_kind == "params"
+                          else log["achieved_flops_kept"]),
     }
 
 
