@@ -77,8 +77,8 @@ def test_registry_holds_the_glue_tasks_with_reference_lengths() -> None:
     assert get_task("mnli").label_values == ("entailment", "neutral", "contradiction")
     assert get_task("mnli").tsv.dev_file == "dev_matched.tsv"
     assert get_task("cola").tsv.header is False
-    squad = {"squad", "squad_v2"}
-    assert all(spec.name == key and spec.kind == ("squad" if key in squad else "glue") for key, spec in TASKS.items())
+    kinds = {"squad": "squad", "squad_v2": "squad", "causal_lm": "causal_lm"}
+    assert all(spec.name == key and spec.kind == kinds.get(key, "glue") for key, spec in TASKS.items())
 
 
 def test_get_task_unknown_name_suggests_closest_match() -> None:

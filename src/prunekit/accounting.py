@@ -171,8 +171,78 @@ def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
     return adapter.num_layers * (weights + biases)
 
 
-def check_budget(keep_flops: float, keep_latency: float | None, lut: str | None, seq_len: float | None) -> None:
+# ---- the non-embedding parameter budget (keep_params of the retraining-free methods) ----------------
+def count_non_embedding_params(model: nn.Module) -> int:
+    """Parameters of ``model`` outside its embedding tables and its vocabulary output head, the
+    convention of LLM pruning results ("20% of parameters removed" counts no embeddings): every
+    layer (norms included), the final norm, a pooler and a classifier head. A tied output head is
+    the word embedding table and is not counted twice; an untied vocabulary head is left out too."""
+    adapter = get_adapter(model)
+    embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        embedding |= {id(p) for p in head.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() yields a shared (tied) tensor once
+        if id(p) not in embedding and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def param_unit_costs(adapter: ModelAdapter) -> UnitCosts:
+    """Parameters of one query head, one key/value head and one FFN neuron, from the family's facts
+    at the model's current hidden size: a query head owns its d_h rows of Q (and their biases) and
+    d_h columns of the output projection; a key/value head its rows of K and V (with biases) under
+    grouped-query attention, else they go with the query head; a neuron its row of the FFN input
+    (and gate) with biases and its column of the FFN output. Removing a unit removes exactly these
+    (surgery drops a key/value head only when no query head reads it)."""
+    facts, d, d_h = adapter.facts, adapter.hidden_size, adapter.head_dim
+    own = d * d_h + d_h * d + (d_h if facts.has_bias("query") else 0)  # Q rows (+ bias), out columns
+    kv = 2 * d * d_h + d_h * (facts.has_bias("key") + facts.has_bias("value"))
+    ins = ("up", "gate") if facts.gated_ffn else ("up",)
+    neuron = len(ins) * d + d + sum(facts.has_bias(name) for name in ins)
+    if not adapter.grouped_kv:
+        return UnitCosts(head=float(own + kv), neuron=float(neuron))
+    return UnitCosts(head=float(own), neuron=float(neuron), kv_head=float(kv))
+
+
+def params_unit_budget(model: nn.Module | ModelAdapter, keep: float) -> tuple[UnitCosts, float]:
+    """Per-unit parameter costs and the budget, in parameters, left for the query heads and FFN
+    neurons a method keeps, so that the non-embedding parameters kept are at most ``keep`` of the
+    model's: ``keep · N − (N − P_units) − P_kv``, where N is :func:`count_non_embedding_params`,
+    P_units the parameters of every current query head and neuron, and P_kv those of every current
+    key/value head, reserved in full (key/value heads are not search units in this release; see
+    :func:`kv_head_flops`; a group whose query heads all go takes its key/value head with it, which
+    only saves more)."""
+    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
+    cost = param_unit_costs(adapter)
+    total = count_non_embedding_params(adapter.model)
+    heads = sum(shape.num_heads for shape in adapter.layer_shapes())
+    neurons = sum(shape.intermediate_size for shape in adapter.layer_shapes())
+    units = heads * cost.head + neurons * cost.neuron
+    # Everything but the searched units stays (key/value heads included): the units must shed
+    # (1 - keep) · N on their own.
+    return cost, units - (1.0 - keep) * total
+
+
+def budget_kind_of(config: object) -> str:
+    """"params", "latency" or "flops": which budget a method config carries."""
+    if getattr(config, "keep_params", None) is not None:
+        return "params"
+    return "latency" if getattr(config, "keep_latency", None) is not None else "flops"
+
+
+def check_budget(keep_flops: float, keep_latency: float | None, lut: str | None, seq_len: float | None,
+                 keep_params: float | None = None) -> None:
     """Validate a method config's budget fields, with messages that say how to fix them."""
+    if keep_params is not None:
+        if not 0.0 < keep_params <= 1.0:
+            raise ConfigError(f"keep_params must be in (0, 1] (the fraction of non-embedding parameters kept), "
+                              f"got {keep_params}")
+        if keep_latency is not None:
+            raise ConfigError("give either keep_params or keep_latency, not both: a pruning has one budget")
     if not 0.0 < keep_flops <= 1.0:
         raise ConfigError(f"keep_flops must be in (0, 1] (the fraction of FLOPs kept), got {keep_flops}")
     if keep_latency is not None:

@@ -30,15 +30,15 @@ import torch
 from torch import nn
 
 from . import preflight
-from .accounting import count_flops, count_params, full_flops
+from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
 from .adapters import get_adapter
-from .bench import measure_latency
+from .bench import measure_generation, measure_latency
 from .data import CalibrationSample, TaskData, build_calibration_sample, build_training_data
 from .errors import ConfigError, ModelError
 from .io import as_pruned_model, check_output_dir, load_model, load_plan, load_tokenizer, save_pruned
 from .lut import sublayer_costs
 from .methods import MethodSpec, get_method
-from .reports import plot_structure
+from .reports import kv_heads_panel, plot_structure
 from .runtime import library_versions, peak_rss_bytes, resolve_device
 from .search import current_widths, full_widths, total_cost
 from .surgery import PruningPlan
@@ -68,10 +68,12 @@ class PruneResult:
         adapter = get_adapter(self.model)
 
         def plot(folder: Path) -> None:
+            kept = (f"{report['non_embedding_params_kept']:.1%} of non-embedding parameters kept"
+                    if report.get("budget", {}).get("kind") == "params" else f"{report['flops_kept']:.1%} of FLOPs kept")
             plot_structure(
                 report["layers"], adapter.full_num_heads, adapter.full_intermediate_size,
-                folder / "structure.png",
-                title=f"{report['method']} on {report['task']}: {report['flops_kept']:.1%} of FLOPs kept",
+                folder / "structure.png", title=f"{report['method']} on {report['task']}: {kept}",
+                full_kv_heads=kv_heads_panel(adapter),
             )
 
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
@@ -88,7 +90,8 @@ class PruneOptions:
         method: a name in ``prunekit.methods.METHODS``.
         keep_flops, keep_latency, keep_params: the budget, a fraction in (0, 1) or several (one
             pruning each); at most one of the three. ``keep_latency`` needs a latency table
-            (``method_options["lut"]``); ``keep_params`` is CoFi's. Default: keep 0.5 of the FLOPs.
+            (``method_options["lut"]``); ``keep_params`` is the fraction of non-embedding parameters
+            kept (CoFi: of its prunable parameters). Default: keep 0.5 of the FLOPs.
         num_tokens, num_sequences: calibration sample size (default: the method's own).
         seed: the sample draw and the method's seed.
         device: cpu, cuda, cuda:N or None (auto).
@@ -99,6 +102,9 @@ class PruneOptions:
             CoFi's ``student_init``, ``checkpoint_dir``, ``resume``).
         overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len: ``prune_and_save`` only:
             replace a folder prunekit wrote, evaluate on dev, time against the teacher.
+        calibration_length, eval_window, eval_stride, bench_new_tokens: causal LM only: the
+            calibration window length L (``num_sequences`` windows of L tokens), the perplexity
+            window and stride, and the new tokens of the decode benchmark (``prune_and_save``).
         uniform: every layer keeps the same query heads, key/value heads and FFN width (the
             method's plan is equalised by ``prunekit.uniform.uniform_plan`` within its cost) and
             the folder is the family's stock class, loading without prunekit (decoders).
@@ -121,6 +127,13 @@ class PruneOptions:
     run_bench: bool = True
     bench_batch_size: int = 32
     bench_seq_len: int = 128
+    # Causal LM: calibration window length L (default the task's 2048, capped at the model's
+    # max_position_embeddings; the FLOPs length follows it), the perplexity window and stride
+    # (default min(2048, max positions), non-overlapping), and the decode benchmark's new tokens.
+    calibration_length: int | None = None
+    eval_window: int | None = None
+    eval_stride: int | None = None
+    bench_new_tokens: int = 32
     uniform: bool = False
 
     @classmethod
@@ -147,18 +160,21 @@ def loss_kind(task: TaskSpec) -> str:
     """Which distillation loss a task's head takes (prunekit.losses)."""
     if task.head == "question_answering":
         return "qa"
+    if task.kind == "causal_lm":
+        return "lm"
     return "regression" if task.is_regression else "classification"
 
 
-Budget = tuple[str, float]  # ("flops" | "latency", fraction kept)
+Budget = tuple[str, float]  # ("flops" | "latency" | "params", fraction kept)
 
 
 def budgets_from(keep_flops: float | Sequence[float] | None = None,
                  keep_latency: float | Sequence[float] | None = None,
                  keep_params: float | Sequence[float] | None = None) -> list[Budget]:
     """The budgets asked for, as ("flops" | "latency" | "params", fraction) pairs; keep 0.5 of the
-    FLOPs when none is given. Each fraction must lie in (0, 1). ``keep_params`` (prunable encoder
-    parameters kept) is CoFi's own budget."""
+    FLOPs when none is given. Each fraction must lie in (0, 1). ``keep_params`` is the fraction of
+    non-embedding parameters kept for the retraining-free methods (the LLM convention), and of
+    prunable encoder parameters for CoFi (its own sparsity)."""
     given = {k: v for k, v in (("flops", keep_flops), ("latency", keep_latency), ("params", keep_params))
              if v is not None}
     if len(given) > 1:
@@ -170,7 +186,7 @@ def budgets_from(keep_flops: float | Sequence[float] | None = None,
         raise ConfigError(f"no keep_{kind} budget given; pass at least one fraction, e.g. 0.5")
     for value in values:
         if not 0.0 < value < 1.0:
-            what = {"flops": "FLOPs", "latency": "latency", "params": "prunable parameters"}[kind]
+            what = {"flops": "FLOPs", "latency": "latency", "params": "parameters"}[kind]
             raise ConfigError(f"keep_{kind} must be in (0, 1), the fraction of {what} kept; got {value}")
     preflight.check_distinct_budgets(kind, values)
     return [(kind, float(value)) for value in values]
@@ -193,6 +209,9 @@ def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, tas
         method_options.setdefault("seed", options.seed)  # e.g. the random baseline draws from the run's seed
     if spec.training and options.batch_size is not None:
         method_options.setdefault("batch_size", options.batch_size)  # no calibration batches to size
+    if task.kind == "causal_lm" and "temperature" in known:
+        # Predictive knowledge of a causal LM is the KL of its own next-token distribution (T = 1).
+        method_options.setdefault("temperature", 1.0)
     if task.flops_seq_len is not None and "seq_len" in known and method_options.get("seq_len") is None:
         # SQuAD counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks
         # have none and keep the calibration sample's mean length.
@@ -205,8 +224,7 @@ def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, tas
             configs.append(spec.make_config(keep_flops=1.0, keep_latency=value, **method_options))
         elif kind == "params":
             if "keep_params" not in known:
-                raise ConfigError(f"method {spec.name!r} takes keep_flops or keep_latency; keep_params is "
-                                  "CoFi's budget (prunable parameters kept)")
+                raise ConfigError(f"method {spec.name!r} takes keep_flops or keep_latency, not keep_params")
             configs.append(spec.make_config(keep_params=value, **method_options))
         else:
             configs.append(spec.make_config(keep_flops=value, **method_options))
@@ -238,11 +256,24 @@ def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, flo
     """FLOPs (of the unpruned architecture with ``full``) and parameter counts for a report."""
     view = get_adapter(model)  # derived once, passed to every count
     flops = full_flops(view, seq_len) if full else count_flops(view, seq_len)
-    return {"flops": flops, "params": count_params(view), "encoder_params": count_params(view, encoder_only=True)}
+    return {"flops": flops, "params": count_params(view), "encoder_params": count_params(view, encoder_only=True),
+            "non_embedding_params": count_non_embedding_params(model)}
+
+
+def calibration_length(task: TaskSpec, options: PruneOptions, model: nn.Module) -> int:
+    """The causal-LM calibration window L: the option, else the task's 2048, capped at the model's
+    max_position_embeddings (windows longer than the model's positions cannot be run)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if options.calibration_length is not None:
+        if positions and options.calibration_length > positions:
+            raise ConfigError(f"calibration_length {options.calibration_length} exceeds the model's "
+                              f"max_position_embeddings ({positions}); pass at most {positions}")
+        return options.calibration_length
+    return min(task.max_length, int(positions)) if positions else task.max_length
 
 
 def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, options: PruneOptions,
-               config: Any, device: torch.device, budgets: list[Budget]) -> TaskData:
+               config: Any, device: torch.device, budgets: list[Budget], teacher: nn.Module) -> TaskData:
     """The method's task data: a calibration sample, or training features and a dev scorer."""
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
@@ -270,6 +301,14 @@ def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, opti
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build the calibration sample from data")
         size = {"num_tokens": options.num_tokens, "num_sequences": options.num_sequences}
+        if task.kind == "causal_lm":
+            # N windows of L tokens, the same for every method (the methods' GLUE-sized defaults
+            # do not apply): num_sequences, else num_tokens // L, else the task's 128.
+            length = calibration_length(task, options, teacher)
+            count = options.num_sequences or (max(1, options.num_tokens // length) if options.num_tokens else None)
+            sample = build_calibration_sample(task, tokenizer, data, num_sequences=count, seed=options.seed,
+                                              batch_size=options.batch_size or task.batch_size, max_length=length)
+            return TaskData(kind=kind, sample=sample.to(device), device=device)
         if options.num_tokens is None and options.num_sequences is None:
             size |= spec.sample_size
         sample = build_calibration_sample(
@@ -311,6 +350,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
         "after": after,
         "flops_kept": after["flops"] / before["flops"],
         "params_kept": after["params"] / before["params"],
+        "non_embedding_params_kept": after["non_embedding_params"] / before["non_embedding_params"],
         "hidden_size": adapter.hidden_size,
         "layers": [shape.to_dict() for shape in adapter.layer_shapes()],
         "prune_seconds": sum(seconds.values()),
@@ -350,7 +390,7 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     was_training = teacher.training
     teacher.eval()
     try:
-        task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets)
+        task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets, teacher)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         prepare_seconds = 0.0
@@ -385,6 +425,7 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             seconds = {"prepare": prepare_seconds, "run": run_seconds, "surgery": surgery_seconds}
             report = _report(spec, task, budget, config, options, task_data, seq_len, before, student, log, seconds,
                              device)
+            _check_params_budget(spec, budget, report)
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
             results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report,
@@ -392,6 +433,18 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
         return results
     finally:
         teacher.train(was_training)
+
+
+def _check_params_budget(spec: MethodSpec, budget: Budget, report: dict[str, Any]) -> None:
+    """A parameter budget is checked on the pruned model itself: more non-embedding parameters
+    kept than asked is a failed run, never a quiet result (CoFi's budget is its own sparsity)."""
+    kind, keep = budget
+    if kind != "params" or spec.training:
+        return
+    kept = report["non_embedding_params_kept"]
+    if kept > keep * (1 + 1e-9):
+        raise ModelError(f"{spec.name} kept {kept:.6f} of the non-embedding parameters, over the budget of {keep}; "
+                         "this is a bug, please report it")
 
 
 def prune(model: nn.Module | str | Path, tokenizer: Any = None, data: str | Path | CalibrationSample | None = None,
@@ -500,16 +553,21 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
         if options.run_eval:
             from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
+            window = {"window": options.eval_window, "stride": options.eval_stride} if task.kind == "causal_lm" else {}
             if teacher_eval is None:
-                teacher_eval = evaluate(teacher, tokenizer, task, data, device=device)
+                teacher_eval = evaluate(teacher, tokenizer, task, data, device=device, **window)
             result.report["eval"] = {
                 "teacher": teacher_eval,
-                "pruned": evaluate(result.model, tokenizer, task, data, device=device),
+                "pruned": evaluate(result.model, tokenizer, task, data, device=device, **window),
             }
         if options.run_bench:
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
                                       seq_lens=[options.bench_seq_len], device=device)
             result.report["latency"] = latency
+            if task.kind == "causal_lm":
+                result.report["generation"] = measure_generation(
+                    result.model, baseline=teacher, prompt_len=options.bench_seq_len,
+                    new_tokens=options.bench_new_tokens, device=device)
         result.report.setdefault("teacher", str(model_dir))
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)

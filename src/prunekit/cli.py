@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a fine-tuned model to a FLOPs budget and save it")
     p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id)")
-    p.add_argument("--task", required=True, help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad or squad_v2")
+    p.add_argument("--task", required=True,
+                   help="sst2, mrpc, stsb, qnli, qqp, mnli, rte, cola, squad, squad_v2 or causal_lm")
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
                    "folder (train-v1.1.json, dev-v1.1.json), or hub name")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of encoder FLOPs kept, in (0, 1); a comma list (0.7,0.5) prunes once "
                              "per budget from one calibration, one folder each inside --out")
     budget.add_argument("--keep-params", type=_fractions,
-                        help="CoFi: fraction of prunable encoder parameters kept (0.1 = 90%% sparsity); a comma "
-                             "list trains once per budget, one folder each inside --out")
+                        help="fraction of non-embedding parameters kept (0.8 = 20%% removed, how LLM results are "
+                             "reported); CoFi: of its prunable encoder parameters (0.1 = 90%% sparsity); a comma "
+                             "list prunes once per budget, one folder each inside --out")
     budget.add_argument("--keep-latency", type=_fractions,
                         help="fraction of latency kept instead (needs --lut); a comma list as for --keep-flops")
     p.add_argument("--lut", default=None, help="latency table JSON from `prunekit lut`, for --keep-latency")
@@ -84,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sequences", type=int, default=None,
                    help="calibration sample size in sequences instead (default: the method's, Kwon 2048)")
     p.add_argument("--seq-len", type=float, default=None,
-                   help="FLOPs sequence length (default: 170 for SQuAD, else the sample mean)")
+                   help="FLOPs sequence length (default: 170 for SQuAD, else the sample mean); causal_lm: the "
+                        "calibration window length L of --num-sequences windows (default 2048 capped at the "
+                        "model's positions), at which FLOPs are also counted")
+    p.add_argument("--window", type=int, default=None,
+                   help="causal_lm: perplexity window (default 2048 capped at the model's max positions)")
+    p.add_argument("--stride", type=int, default=None, help="causal_lm: perplexity stride (default: the window)")
+    p.add_argument("--new-tokens", type=int, default=32, help="causal_lm: tokens of the decode benchmark")
     p.add_argument("--temperature", type=float, default=None, help="Kprune: softmax temperature T (2)")
     p.add_argument("--lam-pred", type=float, default=None, help="Kprune: predictive-knowledge weight (1)")
     p.add_argument("--lam-rep", type=float, default=None, help="Kprune: representational weight (2.5e-4)")
@@ -116,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--max-length", type=int, default=None, help="truncation / SQuAD feature length (task's)")
     e.add_argument("--doc-stride", type=int, default=None, help="SQuAD: overlap of context windows (128)")
+    e.add_argument("--window", type=int, default=None,
+                   help="causal_lm: perplexity window (default 2048 capped at the model's max positions)")
+    e.add_argument("--stride", type=int, default=None, help="causal_lm: perplexity stride (default: the window)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     _add_common(e)
 
@@ -141,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-lens", default="128", help="comma-separated, e.g. 64,128")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     b.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
+    b.add_argument("--generate", action="store_true",
+                   help="causal LMs: prefill latency and greedy decode tokens/s with the KV cache instead")
+    b.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens decoded per repeat")
     b.add_argument("--json", default=None)
     _add_common(b)
     _add_deploy_options(sub, b)
@@ -163,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
     c.add_argument("--methods", default="kprune,kwon,magnitude", help="comma-separated method names")
     c.add_argument("--keep-flops", type=_fractions, default=[0.7, 0.5, 0.4, 0.3], help="comma-separated fractions")
+    c.add_argument("--keep-params", type=_fractions, default=None,
+                   help="fractions of non-embedding parameters kept instead of --keep-flops")
+    c.add_argument("--window", type=int, default=None, help="causal_lm: perplexity window")
+    c.add_argument("--calibration-length", type=int, default=None, help="causal_lm: calibration window length")
     c.add_argument("--out", required=True, help="folder for compare.json, compare.md and compare.png")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--num-tokens", type=int, default=None, help="shared calibration sample size (default 100000)")
@@ -229,10 +247,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["resume"] = True
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
+    from .methods import get_method
+    from .tasks import get_task
+
+    lm = get_task(args.task).kind == "causal_lm"
+    if lm and options.get("seq_len") is not None:
+        # A causal LM's --seq-len is its calibration window; FLOPs are counted at that length.
+        options["calibration_length"] = int(options.pop("seq_len"))
+    if lm:
+        options |= {"eval_window": args.window, "eval_stride": args.stride, "bench_new_tokens": args.new_tokens}
+    elif args.window is not None or args.stride is not None:
+        raise PrunekitError("--window and --stride apply to --task causal_lm only")
     if args.tokenizer is not None:
         options["tokenizer"] = args.tokenizer
     budgets = args.keep_flops or args.keep_latency or args.keep_params
-    if args.keep_params:
+    if args.keep_params and not get_method(args.method).training:
+        budget = {"keep_params": args.keep_params}
+    elif args.keep_params:
         # CoFi's own budget is a method option; one value or a list, like the others.
         options["keep_params"] = args.keep_params[0] if len(args.keep_params) == 1 else args.keep_params
         budget = {}
@@ -255,8 +286,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if report.get("achieved_keep") is not None:
             achieved = (f"keep_{report['budget']['kind']} target {report['target_keep']:.4f}, "
                         f"achieved {report['achieved_keep']:.4f}, ")
-        print(f"pruned model written to {folder} ({achieved}FLOPs kept {report['flops_kept']:.4f}, "
-              f"pruning took {report['prune_seconds']:.1f} s)")
+        print(f"pruned model written to {folder} ({achieved}FLOPs kept {report['flops_kept']:.4f}, non-embedding "
+              f"parameters kept {report['non_embedding_params_kept']:.4f}, pruning took {report['prune_seconds']:.1f} s)")
     return 0
 
 
@@ -277,7 +308,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_seq_len(model.config, args.max_length, "--max-length")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
-                       doc_stride=args.doc_stride)
+                       doc_stride=args.doc_stride, window=args.window, stride=args.stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
         write_json(args.json, {"model": args.model or args.onnx, "task": task.name, "split": args.split,
@@ -304,6 +335,21 @@ def _int_list(text: str) -> list[int]:
         raise PrunekitError(f"{text!r} is not a comma-separated list of integers") from err
 
 
+def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> int:
+    """``bench --generate``: prefill latency and greedy decode tokens/s of a causal LM."""
+    from .bench import measure_generation
+    from .preflight import write_json
+
+    runs = [measure_generation(model, baseline=baseline, batch_size=b, prompt_len=s, new_tokens=args.new_tokens,
+                               device=_device(args), threads=args.threads, repeats=args.rounds)
+            for b in _int_list(args.batch_sizes) for s in _int_list(args.seq_lens)]
+    result = runs[0] | {"results": [row for run in runs for row in run["results"]]}
+    _print_table([{k: v for k, v in row.items() if not k.endswith("_repeats")} for row in result["results"]])
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import measure_latency
     from .io import load_pruned
@@ -317,6 +363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for seq_len in _int_list(args.seq_lens):
             check_seq_len(model.config, seq_len, "--seq-lens")
         baseline = load_pruned(args.baseline) if args.baseline else None
+        if args.generate:
+            return _bench_generation(args, model, baseline)
         result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
                                  seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,
                                  rounds=args.rounds)
@@ -363,7 +411,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      bench_batch_size=args.bench_batch_size, bench_seq_len=args.bench_seq_len,
                      bench_rounds=args.rounds, max_eval_examples=args.max_eval_examples,
                      save_models=args.save_models, overwrite=args.overwrite, method_options=options,
-                     tokenizer=args.tokenizer)
+                     keep_params=args.keep_params, eval_window=args.window,
+                     calibration_length=args.calibration_length, tokenizer=args.tokenizer)
     print((Path(args.out) / "compare.md").read_text())
     print(f"compare.json, compare.md and compare.png written to {args.out} ({len(result['rows'])} pruned models)")
     return 0

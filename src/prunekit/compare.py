@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from . import preflight
-from .accounting import count_flops, count_params, full_flops
-from .api import PruneOptions, budget_name, prune_many
-from .bench import measure_latency
+from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
+from .api import PruneOptions, budget_name, calibration_length, prune_many
+from .bench import measure_generation, measure_latency
 from .data import build_calibration_sample
 from .errors import ConfigError
 from .io import atomic_output_dir, check_output_dir, load_model, load_tokenizer
@@ -52,6 +52,10 @@ class CompareOptions:
     Attributes:
         methods: method names (``prunekit.methods.METHODS``).
         keep_flops: fractions of the encoder FLOPs kept.
+        keep_params: fractions of the non-embedding parameters kept instead (replaces keep_flops).
+        calibration_length, eval_window, bench_new_tokens: causal LM only: the calibration
+            window L, the perplexity window (default min(2048, max positions)) and the decode
+            benchmark's new tokens (prefill and decode are timed instead of a forward pass).
         num_tokens, num_sequences: size of the one calibration sample all methods share
             (default 100,000 tokens, Kprune's default, spec §1.2).
         seq_len: FLOPs sequence length for every method (default: the sample's mean length).
@@ -79,6 +83,12 @@ class CompareOptions:
     save_models: bool = False
     overwrite: bool = False
     method_options: Mapping[str, Mapping[str, Any]] | None = None
+    # A budget of non-embedding parameters instead of FLOPs (the LLM convention); causal LM:
+    # calibration window length, perplexity window and decode tokens (see PruneOptions).
+    keep_params: Sequence[float] | None = None
+    calibration_length: int | None = None
+    eval_window: int | None = None
+    bench_new_tokens: int = 32
     tokenizer: str | Path | None = None
 
 
@@ -113,9 +123,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     if not methods:
         raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
     specs = [get_method(name) for name in methods]
-    budgets = sorted({float(keep) for keep in o.keep_flops}, reverse=True)
+    budget_kind = "params" if o.keep_params is not None else "flops"
+    budgets = sorted({float(keep) for keep in (o.keep_params if o.keep_params is not None else o.keep_flops)},
+                     reverse=True)
     if not budgets:
-        raise ConfigError("no budgets given: pass keep_flops, e.g. 0.7,0.5")
+        raise ConfigError(f"no budgets given: pass keep_{budget_kind}, e.g. 0.7,0.5")
     device = resolve_device(device)
 
     from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
@@ -125,28 +137,39 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     preflight.check_head_fits_task(teacher.config, task_spec)
     if run_bench:
         preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
-    if num_tokens is None and num_sequences is None:
+    lm = task_spec.kind == "causal_lm"
+    if num_tokens is None and num_sequences is None and not lm:
         num_tokens = 100_000
+    length = calibration_length(task_spec, PruneOptions(calibration_length=o.calibration_length), teacher) if lm else None
+    if lm and num_sequences is None and num_tokens:
+        num_sequences = max(1, num_tokens // length)
     sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
-                                      num_sequences=num_sequences, seed=seed, batch_size=task_spec.batch_size)
+                                      num_sequences=num_sequences, seed=seed, batch_size=task_spec.batch_size,
+                                      max_length=length)
+    window = {"window": o.eval_window} if lm else {}
     # The task's FLOPs length (SQuAD: 170, as both papers) unless given; else the sample's mean.
     seq_len = seq_len or task_spec.flops_seq_len
     flops_seq_len = seq_len or sample.mean_length
-    teacher_metrics = evaluate(teacher, tokenizer, task_spec, data, device=device, max_examples=max_eval_examples)
+    teacher_metrics = evaluate(teacher, tokenizer, task_spec, data, device=device, max_examples=max_eval_examples,
+                               **window)
     result: dict[str, Any] = {
         "task": task_spec.name,
         "model": str(model_dir),
         "data": str(data),
         "metric": metric,
+        "higher_is_better": task_spec.higher_is_better,
         "methods": list(methods),
+        "budget_kind": budget_kind,
         "budgets": budgets,
         "seed": seed,
         "sample": sample.summary(),
         "flops_seq_len": flops_seq_len,
         "teacher": {"metrics": teacher_metrics, "flops": full_flops(teacher, flops_seq_len),
-                    "params": count_params(teacher)},
-        "bench": ({"device": str(device), "batch_size": bench_batch_size, "seq_len": bench_seq_len,
-                   "rounds": bench_rounds, "threads": torch.get_num_threads()} if run_bench else None),
+                    "params": count_params(teacher), "non_embedding_params": count_non_embedding_params(teacher)},
+        "bench": ({"device": str(device), "batch_size": 1 if lm else bench_batch_size, "seq_len": bench_seq_len,
+                   "rounds": bench_rounds, "threads": torch.get_num_threads(),
+                   **({"mode": "prefill latency and greedy decode with KV cache",
+                       "new_tokens": o.bench_new_tokens} if lm else {})} if run_bench else None),
         "method_options": method_options,
         "versions": library_versions(),
         "rows": [],
@@ -158,20 +181,30 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
                 options.setdefault("seq_len", seq_len)
             logger.info("compare: %s at keep %s", spec.name, ", ".join(f"{b:g}" for b in budgets))
             results = prune_many(teacher, tokenizer, sample, PruneOptions(
-                task=task_spec, method=spec.name, keep_flops=budgets, seed=seed, device=device, method_options=options))
+                task=task_spec, method=spec.name, seed=seed, device=device, method_options=options,
+                **{f"keep_{budget_kind}": budgets}))
             for keep, pruned in zip(budgets, results, strict=True):
-                row = _row(spec.name, keep, pruned, teacher, flops_seq_len)
+                row = _row(spec.name, keep, pruned, teacher, flops_seq_len, budget_kind)
                 row["metrics"] = evaluate(pruned.model, tokenizer, task_spec, data, device=device,
-                                          max_examples=max_eval_examples)
-                if run_bench:
+                                          max_examples=max_eval_examples, **window)
+                if run_bench and lm:
+                    timing = measure_generation(pruned.model, baseline=teacher, prompt_len=bench_seq_len,
+                                                new_tokens=o.bench_new_tokens, device=device,
+                                                repeats=bench_rounds)["results"][0]
+                    row |= {"latency_ms": timing["prefill_ms"], "teacher_latency_ms": timing["baseline_prefill_ms"],
+                            "speedup": timing["prefill_speedup"], "decode_tokens_per_s": timing["decode_tokens_per_s"],
+                            "teacher_decode_tokens_per_s": timing["baseline_decode_tokens_per_s"],
+                            "decode_speedup": timing["decode_speedup"]}
+                elif run_bench:
                     timing = measure_latency(pruned.model, baseline=teacher, batch_sizes=[bench_batch_size],
                                              seq_lens=[bench_seq_len], device=device, rounds=bench_rounds)["results"][0]
                     row |= {"latency_ms": timing["latency_ms"], "teacher_latency_ms": timing["baseline_ms"],
                             "speedup": timing["speedup"]}
                 if save_models:
-                    pruned.save(folder / "models" / f"{spec.name}-{budget_name(('flops', keep))}")
+                    pruned.save(folder / "models" / f"{spec.name}-{budget_name((budget_kind, keep))}")
                 result["rows"].append(row)
-                logger.info("compare: %s keep %g: %s %.2f (teacher %.2f), FLOPs kept %.3f%s", spec.name, keep,
+                logger.info("compare: %s keep %s %g: %s %.2f (teacher %.2f), FLOPs kept %.3f%s", spec.name,
+                            budget_kind, keep,
                             metric, row["metrics"][metric], teacher_metrics[metric], row["flops_kept"],
                             f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
             del results
@@ -181,13 +214,19 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     return result
 
 
-def _row(method: str, keep: float, pruned: Any, teacher: torch.nn.Module, seq_len: float) -> dict[str, Any]:
+def _row(method: str, keep: float, pruned: Any, teacher: torch.nn.Module, seq_len: float,
+         budget_kind: str = "flops") -> dict[str, Any]:
     report = pruned.report
+    layers = report["layers"]
     return {
         "method": method,
-        "keep_flops": keep,
+        "keep_flops": keep if budget_kind == "flops" else None,
+        "keep_params": keep if budget_kind == "params" else None,
         "flops_kept": count_flops(pruned.model, seq_len) / full_flops(teacher, seq_len),
         "params_kept": report["params_kept"],
+        "non_embedding_params_kept": report.get("non_embedding_params_kept"),
+        **({"kv_heads": [layer.get("num_kv_heads", 0) for layer in layers]}
+           if any("num_kv_heads" in layer for layer in layers) else {}),
         "prune_seconds": report["prune_seconds"],
         "prepare_seconds": report["prepare_seconds"],
         "run_seconds": report["run_seconds"],
@@ -200,29 +239,50 @@ def compare_markdown(result: Mapping[str, Any]) -> str:
     """compare.md: the setting in a few lines, then one table row per model (the teacher first)."""
     metric = result["metric"]
     teacher = result["teacher"]["metrics"]
-    others = [m for m in teacher if m not in (metric, "num_examples")]
+    lm = "window" in teacher  # a perplexity result (lower is better), with its window
+    higher = result.get("higher_is_better", True)
+    kind = result.get("budget_kind", "flops")
+    # Other scores only: a perplexity result also carries its nll, token counts, window and split.
+    others = [m for m in teacher if m not in (metric, "num_examples", "nll", "num_tokens", "num_scored", "window",
+                                              "stride", "split")]
     rows = [{"method": "teacher", "keep": 1.0, "flops": 1.0, "params": 1.0, "metric": teacher[metric],
-             "delta": 0.0, **{m: teacher[m] for m in others}}]
+             "delta": 0.0, "relative": 0.0, **{m: teacher[m] for m in others}}]
     for r in result["rows"]:
+        value = r["metrics"][metric]
         rows.append({
-            "method": r["method"], "keep": r["keep_flops"], "flops": r["flops_kept"], "params": r["params_kept"],
-            "metric": r["metrics"][metric], "delta": r["metrics"][metric] - teacher[metric],
+            "method": r["method"], "keep": r.get(f"keep_{kind}"), "flops": r["flops_kept"],
+            "params": r.get("non_embedding_params_kept") if kind == "params" else r["params_kept"],
+            "metric": value, "delta": value - teacher[metric], "relative": value / teacher[metric] - 1,
             **{m: r["metrics"].get(m) for m in others},
-            "latency": r.get("latency_ms"), "speedup": r.get("speedup"), "seconds": r["prune_seconds"],
+            "latency": r.get("latency_ms"), "speedup": r.get("speedup"), "decode": r.get("decode_speedup"),
+            "seconds": r["prune_seconds"],
             "heads": ", ".join(map(str, r["heads"])), "neurons": ", ".join(map(str, r["neurons"])),
+            "kv_heads": ", ".join(map(str, r.get("kv_heads", []))),
         })
-    columns = [("method", "method"), ("keep", "keep FLOPs"), ("flops", "FLOPs kept"), ("params", "params kept"),
-               ("metric", f"dev {metric}"), ("delta", "Δ vs teacher"), *[(m, m) for m in others],
-               ("latency", "latency ms"), ("speedup", "speedup"), ("seconds", "prune s"),
-               ("heads", "heads per layer"), ("neurons", "neurons per layer")]
+    split = teacher.get("split", "dev")
+    columns = [("method", "method"), ("keep", "keep FLOPs" if kind == "flops" else "keep params"),
+               ("flops", "FLOPs kept"), ("params", "non-emb. params kept" if kind == "params" else "params kept"),
+               ("metric", f"{split} {metric} ({'higher' if higher else 'lower'} is better)"),
+               ("delta", "Δ vs teacher"), *([("relative", "relative Δ")] if lm else []), *[(m, m) for m in others],
+               ("latency", "prefill ms" if lm else "latency ms"), ("speedup", "speedup"),
+               *([("decode", "decode speedup")] if lm else []), ("seconds", "prune s"),
+               ("heads", "query heads per layer" if lm else "heads per layer"),
+               *([("kv_heads", "kv heads per layer")] if any(r.get("kv_heads") for r in result["rows"]) else []),
+               ("neurons", "neurons per layer")]
     sample = result["sample"]
     bench = result.get("bench")
     lines = [
         f"# Pruning methods compared on {result['task']}", "",
         f"Teacher `{result['model']}`; one calibration sample for every method ({sample['num_sequences']} sequences, "
         f"{sample['num_tokens']} tokens, seed {result['seed']}); FLOPs at sequence length "
-        f"{result['flops_seq_len']:.2f}.",
-        (f"Latency on {bench['device']} ({bench['threads']} threads), batch {bench['batch_size']}, sequence length "
+        f"{result['flops_seq_len']:.2f}."
+        + (f" Perplexity of the {teacher.get('split', 'test')} text in non-overlapping windows of "
+           f"{teacher['window']} tokens (stride {teacher['stride']}), {teacher['num_scored']} tokens scored." if lm else ""),
+        (f"Prefill latency of a {bench['seq_len']}-token prompt and greedy decode of {bench.get('new_tokens')} tokens "
+         f"with the KV cache on {bench['device']} ({bench['threads']} threads), batch 1, median of {bench['rounds']} "
+         "repeats alternating with the teacher; prune s includes each method's shared calibration step."
+         if bench and bench.get("mode") else
+         f"Latency on {bench['device']} ({bench['threads']} threads), batch {bench['batch_size']}, sequence length "
          f"{bench['seq_len']}, median of {bench['rounds']} rounds alternating with the teacher; prune s includes "
          "each method's shared calibration step." if bench else "Latency not measured."),
         "",

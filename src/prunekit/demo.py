@@ -89,10 +89,12 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     latency = (report.get("latency") or {}).get("results", [{}])[0]
     for who, size in (("teacher", report["before"]), ("pruned", report["after"])):
         metrics = (report.get("eval") or {}).get(who, {})
-        main = {k: v for k, v in metrics.items() if k != "num_examples"}
+        # Scores only (a perplexity result also carries its window, token counts and split).
+        main = {k: v for k, v in metrics.items() if isinstance(v, float) and k not in ("num_examples", "nll")}
+        window = f" (window {metrics['window']})" if "window" in metrics else ""
         rows.append({
             "model": who,
-            "metric": ", ".join(f"{k} {v:.2f}" for k, v in main.items()),
+            "metric": ", ".join(f"{k} {v:.2f}" for k, v in main.items()) + window,
             "GFLOPs/seq": size["flops"] / 1e9,
             "params (M)": size["params"] / 1e6,
             "latency (ms)": latency.get("baseline_ms" if who == "teacher" else "latency_ms"),

@@ -37,7 +37,7 @@ from prunekit.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_squad", "predict", "predict_qa"]
+__all__ = ["default_window", "evaluate", "evaluate_lm", "evaluate_squad", "predict", "predict_qa"]
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -53,6 +53,8 @@ def evaluate(
     device: torch.device | str | None = None,
     max_examples: int | None = None,
     doc_stride: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> dict[str, float]:
     """Score `model` on one split of a task.
 
@@ -69,6 +71,7 @@ def evaluate(
         device: where to run; default the model's device. The model is moved back afterwards.
         max_examples: score only the first N examples (quick checks).
         doc_stride: SQuAD only: tokens shared by consecutive windows; default the task's.
+        window, stride: causal LM only: perplexity window and stride (:func:`evaluate_lm`).
 
     Returns:
         The task's metrics on a 0-100 scale plus "num_examples", e.g.
@@ -78,6 +81,14 @@ def evaluate(
     if max_examples is not None and max_examples < 1:
         raise ConfigError(f"max_examples must be >= 1 (or None for the whole split), got {max_examples}")
     check_not_meta(model)
+    if spec.kind == "causal_lm":
+        if doc_stride is not None or max_length is not None:
+            raise ConfigError("a causal LM is scored in perplexity windows: pass window (and stride), "
+                              "not max_length or doc_stride")
+        return evaluate_lm(model, tokenizer, spec, source, split=split, window=window, stride=stride,
+                           batch_size=min(batch_size, 8), device=device, max_windows=max_examples)
+    if window is not None or stride is not None:
+        raise ConfigError(f"window and stride apply to causal LM tasks only; task {spec.name!r} is a {spec.kind} task")
     if spec.kind == "squad":
         return evaluate_squad(
             model, tokenizer, spec, source, split=split, batch_size=batch_size, max_length=max_length,
@@ -99,6 +110,59 @@ def evaluate(
         ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()),
     )
     return results
+
+
+def default_window(model: torch.nn.Module, task: TaskSpec | str = "causal_lm") -> int:
+    """The perplexity window when none is given: the task's (2048, as SliceGPT and Wanda), capped
+    at the model's ``max_position_embeddings`` (a window longer than the positions the model was
+    trained on is not a fair test)."""
+    spec = get_task(task)
+    window = spec.eval_window or spec.max_length
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(window, int(positions)) if positions else window
+
+
+def evaluate_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: TaskSpec | str,
+    source: str | os.PathLike[str],
+    split: str = "test",
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    max_windows: int | None = None,
+) -> dict[str, float]:
+    """Perplexity of a causal LM over one split of a text source (``prunekit.data.causal_lm``):
+    the whole split's rows joined with "\n\n", tokenized once, in non-overlapping windows of
+    ``window`` tokens (default :func:`default_window`) moved on by ``stride`` (default the window).
+    ``split`` "dev" means the test text, the split LLM results are reported on. ``max_windows``
+    scores only the first N windows (quick checks). The result states window and stride."""
+    from prunekit.data.causal_lm import perplexity, read_text, tokenize_text
+
+    spec = get_task(task)
+    split = "test" if split == "dev" else split
+    window = window or default_window(model, spec)
+    tokens = tokenize_text(tokenizer, read_text(source, split))
+    if max_windows is not None:
+        tokens = tokens[: max_windows * (stride or window) + (window - (stride or window))]
+    home = _model_device(model)
+    target = torch.device(device) if device is not None else home
+    was_training = model.training
+    try:
+        if target != home:
+            model.to(target)
+        result: dict[str, Any] = perplexity(model, tokens, window=window, stride=stride, batch_size=batch_size,
+                                            device=target, desc=f"perplexity {split}")
+    finally:
+        model.train(was_training)
+        if target != home:
+            model.to(home)
+    result["split"] = split
+    logger.info("%s %s: perplexity %.3f over %d tokens (window %d, stride %d)", spec.name, split,
+                result["perplexity"], result["num_scored"], result["window"], result["stride"])
+    return result
 
 
 def predict(

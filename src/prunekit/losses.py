@@ -17,14 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-TASK_KINDS = ("classification", "regression", "qa")
+TASK_KINDS = ("classification", "regression", "qa", "lm")
+DEFAULT_LM_TOP_K = 32  # teacher tokens kept per position in the sparse causal-LM targets
+_TAIL_FLOOR = 1e-12  # a tail probability below this is treated as this (log of 0 guarded)
 
 
 def teacher_targets(kind: str, outputs: Any, temperature: float, attention_mask: torch.Tensor | None = None,
-                    mask_padding: bool = False, p_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    mask_padding: bool = False, p_mask: torch.Tensor | None = None,
+                    top_k: int = DEFAULT_LM_TOP_K) -> dict[str, torch.Tensor]:
     """What the student is matched against, computed once from the teacher's outputs.
 
-    ``p_mask`` (qa only): (B, T), 1 where no answer can be; those positions leave the softmax."""
+    ``p_mask`` (qa only): (B, T), 1 where no answer can be; those positions leave the softmax.
+    ``top_k`` (lm only): teacher tokens kept per position (see the module docstring)."""
     if kind == "classification":
         return {"probs": F.softmax(outputs.logits.float() / temperature, dim=-1)}  # (B, C)
     if kind == "regression":
@@ -32,7 +36,55 @@ def teacher_targets(kind: str, outputs: Any, temperature: float, attention_mask:
     if kind == "qa":
         start, end = _qa_logits(outputs, attention_mask, mask_padding, p_mask)
         return {"start": F.softmax(start / temperature, dim=-1), "end": F.softmax(end / temperature, dim=-1)}
+    if kind == "lm":
+        return sparse_next_token_targets(_lm_logits(outputs, attention_mask), temperature, top_k)
     raise ValueError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
+
+
+def sparse_next_token_targets(logits: torch.Tensor, temperature: float, top_k: int) -> dict[str, torch.Tensor]:
+    """Sparse teacher targets from next-token logits (N, V) of N positions: ``probs`` (N, k) float32
+    and ``index`` (N, k) int32 of the k most probable tokens, and ``tail`` (N,) float32, the mass of
+    every other token (computed from the other tokens' own logits, not as 1 - top mass)."""
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    scaled = logits.float() / temperature  # (N, V)
+    k = min(top_k, scaled.shape[-1])
+    log_z = torch.logsumexp(scaled, dim=-1)  # (N,)
+    top, index = scaled.topk(k, dim=-1)  # (N, k)
+    probs = torch.exp(top - log_z[:, None])
+    if k < scaled.shape[-1]:
+        rest = scaled.scatter(-1, index, float("-inf"))  # the other tokens' logits
+        tail = torch.exp(torch.logsumexp(rest, dim=-1) - log_z)
+    else:
+        tail = torch.zeros_like(log_z)
+    return {"probs": probs, "index": index.to(torch.int32), "tail": tail}
+
+
+def sparse_target_bytes(targets: Mapping[str, torch.Tensor]) -> int:
+    """Bytes held by one batch's sparse causal-LM targets (for the memory-bound checks)."""
+    return sum(t.numel() * t.element_size() for t in targets.values())
+
+
+def _lm_logits(outputs: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Next-token logits (N, V) of the non-padding positions, in batch order."""
+    logits = outputs.logits  # (B, T, V)
+    if attention_mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[attention_mask.bool()]
+
+
+def _sparse_kl(logits: torch.Tensor, targets: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student) on the top-k + tail outcomes (module docstring)."""
+    scaled = logits.float() / temperature  # (N, V)
+    log_q = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_q_top = log_q.gather(-1, targets["index"].long())  # (N, k)
+    # The student's mass outside the teacher's top-k, in float64 so a small tail keeps its digits.
+    q_tail = (1.0 - torch.exp(log_q_top.double()).sum(-1)).clamp_min(_TAIL_FLOOR)
+    p, p_tail = targets["probs"].double(), targets["tail"].double()
+    top = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - log_q_top.double()), torch.zeros_like(p))
+    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(_TAIL_FLOOR)) - torch.log(q_tail)),
+                       torch.zeros_like(p_tail))
+    return (top.sum(-1) + tail).mean().float()
 
 
 def distill_loss(kind: str, outputs: Any, targets: Mapping[str, torch.Tensor], temperature: float,
@@ -50,6 +102,8 @@ def distill_loss(kind: str, outputs: Any, targets: Mapping[str, torch.Tensor], t
         kl_start = F.kl_div(F.log_softmax(start / temperature, dim=-1), targets["start"], reduction="batchmean")
         kl_end = F.kl_div(F.log_softmax(end / temperature, dim=-1), targets["end"], reduction="batchmean")
         return 0.5 * t2 * (kl_start + kl_end)
+    if kind == "lm":
+        return t2 * _sparse_kl(_lm_logits(outputs, attention_mask), targets, temperature)
     raise ValueError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
 
 

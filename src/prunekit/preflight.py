@@ -290,6 +290,14 @@ def check_split(task: Any, data: Any, split: str = "dev") -> None:
     """The split evaluation needs must be there before pruning starts, not found missing after."""
     if not isinstance(data, str | os.PathLike):
         return
+    from .tasks import get_task
+
+    if get_task(task).kind == "causal_lm":
+        from .data.causal_lm import resolve_text_file
+
+        # Causal LMs are scored on the test text ("dev" means it); a missing file fails here.
+        resolve_text_file(data, ("test" if split == "dev" else split,))
+        return
     from .data.dispatch import load_examples
 
     load_examples(task, data, split)

@@ -33,17 +33,22 @@ def plot_structure(
     full_neurons: int,
     path: str | Path,
     title: str = "kept structure per layer",
+    full_kv_heads: int | None = None,
 ) -> Path:
-    """Bar charts of kept heads and FFN neurons per layer against the original widths."""
+    """Bar charts of kept heads and FFN neurons per layer against the original widths; with
+    ``full_kv_heads`` (decoders with grouped-query attention, whose layers record
+    ``num_kv_heads``) a third panel shows the key/value heads kept."""
     path = Path(path)
     index = list(range(len(layers)))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = (("num_heads", full_heads, "#3b75af", "attention heads"),
-              ("intermediate_size", full_neurons, "#d9822b", "FFN neurons"))
+    panels = [("num_heads", full_heads, "#3b75af", "query heads" if full_kv_heads else "attention heads"),
+              ("intermediate_size", full_neurons, "#d9822b", "FFN neurons")]
+    if full_kv_heads:
+        panels.insert(1, ("num_kv_heads", full_kv_heads, "#5a9e4b", "key/value heads"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (key, full, color, label) in zip(axes, panels, strict=True):
         ax.bar(index, [full] * len(index), color="#dddddd", label="original")
-        ax.bar(index, [layer[key] for layer in layers], color=color, label="kept")
+        ax.bar(index, [layer.get(key, 0) for layer in layers], color=color, label="kept")
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.set_xticks(index)
@@ -65,7 +70,13 @@ def structure_report(model_dir: str | Path, out: str | Path | None = None) -> Pa
     full = len(layers) * (adapter.full_num_heads + adapter.full_intermediate_size)
     title = f"{model_dir.name}: {kept:,} of {full:,} heads and neurons kept"
     return plot_structure(layers, adapter.full_num_heads, adapter.full_intermediate_size,
-                          out or model_dir / "structure.png", title=title)
+                          out or model_dir / "structure.png", title=title, full_kv_heads=kv_heads_panel(adapter))
+
+
+def kv_heads_panel(adapter: Any) -> int | None:
+    """The full key/value head count to plot, for families with grouped-query attention; None else."""
+    return adapter.full_num_kv_heads if adapter.grouped_kv and adapter.full_num_kv_heads != adapter.full_num_heads \
+        else None
 
 
 def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -77,9 +88,13 @@ def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
     for (ax_flops, ax_speed), result in zip(axes, results, strict=True):
         metric, teacher = result["metric"], result["teacher"]["metrics"][result["metric"]]
+        # x: the budget's own measure (non-embedding parameters kept for a params budget).
+        x_key = "non_embedding_params_kept" if result.get("budget_kind") == "params" else "flops_kept"
+        x_label = "non-embedding parameters kept" if x_key != "flops_kept" else "FLOPs kept"
+        better = "" if result.get("higher_is_better", True) else " (lower is better)"
         for method in result["methods"]:
-            rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["flops_kept"])
-            ax_flops.plot([r["flops_kept"] for r in rows], [r["metrics"][metric] for r in rows], marker="o", label=method)
+            rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r[x_key])
+            ax_flops.plot([r[x_key] for r in rows], [r["metrics"][metric] for r in rows], marker="o", label=method)
             timed = [r for r in rows if r.get("speedup") is not None]
             if timed:
                 timed.sort(key=lambda r: r["speedup"])
@@ -87,19 +102,19 @@ def plot_compare(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
                               label=method)
         for ax in (ax_flops, ax_speed):
             ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher:.2f}")
-            ax.set_ylabel(f"{result['task']} dev {metric}")
+            ax.set_ylabel(f"{result['task']} {result['teacher']['metrics'].get('split', 'dev')} {metric}{better}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         for ax in (ax_flops, ax_speed):  # the teacher keeps everything and runs at speedup 1
             ax.plot([1.0], [teacher], marker="*", color="black", markersize=10, linestyle="none")
-        lowest = min((r["flops_kept"] for r in result["rows"]), default=0.0)
+        lowest = min((r[x_key] for r in result["rows"]), default=0.0)
         ax_flops.set_xlim(1.03, max(0.0, lowest - 0.05))  # inverted: less kept to the right
         ax_flops.ticklabel_format(axis="x", useOffset=False)
-        ax_flops.set_xlabel("FLOPs kept (fraction of the teacher's)")
+        ax_flops.set_xlabel(f"{x_label} (fraction of the teacher's)")
         bench = result.get("bench")
         ax_speed.set_xlabel(f"measured speedup ({bench['device']}, batch {bench['batch_size']}, seq {bench['seq_len']})"
                             if bench else "measured speedup (not measured)")
-        ax_flops.set_title(f"{result['task']}: metric against FLOPs kept")
+        ax_flops.set_title(f"{result['task']}: metric against {x_label}")
         ax_speed.set_title(f"{result['task']}: metric against speedup")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

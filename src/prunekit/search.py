@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .accounting import unit_costs
+from .accounting import param_unit_costs, unit_costs
 from .adapters import ModelAdapter
 from .errors import ConfigError
 
@@ -69,6 +69,17 @@ class SearchResult:
 
     def counts(self) -> dict[SublayerId, int]:
         return {key: int(kept.numel()) for key, kept in self.keep.items()}
+
+
+def params_costs(adapter: ModelAdapter) -> dict[SublayerId, SublayerCost]:
+    """Linear per-unit parameter costs of every sublayer (``accounting.param_unit_costs``), for a
+    budget of non-embedding parameters (``keep_params``)."""
+    unit = param_unit_costs(adapter)
+    costs = {}
+    for layer in range(adapter.num_layers):
+        costs[("attn", layer)] = SublayerCost(slope=unit.head)
+        costs[("ffn", layer)] = SublayerCost(slope=unit.neuron)
+    return costs
 
 
 def flops_costs(adapter: ModelAdapter, seq_len: float) -> dict[SublayerId, SublayerCost]:

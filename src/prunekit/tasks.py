@@ -27,7 +27,7 @@ __all__ = ["GlueTsvLayout", "TaskSpec", "TASKS", "get_task"]
 # Predictive-knowledge losses a task can name (architecture.md, flow step 1): KL with temperature
 # (classification), MSE (regression), start/end KL (extractive QA), next-token KL (decoders).
 _DISTILL_LOSSES = ("kl", "mse", "start_end_kl", "next_token_kl")
-_KINDS = ("glue", "squad")
+_KINDS = ("glue", "squad", "causal_lm")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class TaskSpec:
     """
 
     name: str
-    kind: str  # "glue" or "squad"
+    kind: str  # "glue", "squad" or "causal_lm"
     text_columns: tuple[str, ...]
     num_labels: int  # 1 for regression (STS-B)
     metrics: tuple[str, ...]  # names in prunekit.metrics.METRICS (GLUE), or keys of squad_scores (SQuAD)
@@ -97,6 +97,14 @@ class TaskSpec:
     # FLOPs accounting length when the method is given none (§2: 170 for SQuAD); None: the
     # calibration sample's mean length, as for GLUE.
     flops_seq_len: float | None = None  # tokens
+    # Whether a larger main metric is better (False for perplexity): compare, reports and plots
+    # read it instead of assuming accuracy-like metrics.
+    higher_is_better: bool = True
+    # Causal LM (kind "causal_lm") only: calibration windows (N sequences of L tokens, the LLM
+    # pruning literature's 128 x 2048) and the perplexity window; None: min(2048, the model's
+    # max_position_embeddings), stated in every result.
+    calibration_sequences: int | None = None
+    eval_window: int | None = None
 
     def __post_init__(self) -> None:
         # A malformed task must fail when the registry is built, never later (style.md §13).
@@ -112,6 +120,11 @@ class TaskSpec:
                 raise ConfigError(f"{where}: a SQuAD task needs 0 <= doc_stride < max_length, got {self.doc_stride}")
             if len(self.squad_files) != 2:
                 raise ConfigError(f"{where}: squad_files must name the (train, dev) files, got {self.squad_files}")
+        if self.kind == "causal_lm":
+            if self.head != "causal_lm" or self.distill_loss != "next_token_kl":
+                raise ConfigError(f"{where}: a causal LM task has head 'causal_lm' and distill_loss 'next_token_kl'")
+            if self.higher_is_better:
+                raise ConfigError(f"{where}: a causal LM task's metric is perplexity, where lower is better")
         if len(self.text_columns) not in (1, 2):
             raise ConfigError(f"{where}: text_columns must name 1 or 2 columns, got {self.text_columns}")
         if self.num_labels < 1:
@@ -211,6 +224,30 @@ _SQUAD = TaskSpec(
     squad_files=("train-v1.1.json", "dev-v1.1.json"),
     hub_path="squad",
     description="SQuAD v1.1: extractive question answering, exact match and token F1",
+)
+
+# Causal language modelling (issue 10): text in, next-token KL as the predictive loss, perplexity
+# out (lower is better). Calibration: 128 windows of 2048 tokens of the train (else validation)
+# text by default, as SparseGPT, Wanda and LLM-Pruner; the FLOPs length is the window length.
+# Evaluation: the whole test text joined with "\n\n", in non-overlapping windows (prunekit.data.causal_lm).
+_CAUSAL_LM = TaskSpec(
+    name="causal_lm",
+    kind="causal_lm",
+    text_columns=("text",),
+    label_column="text",
+    num_labels=1,
+    head="causal_lm",
+    distill_loss="next_token_kl",
+    metrics=("perplexity",),
+    main_metric="perplexity",
+    higher_is_better=False,
+    max_length=2048,
+    avg_seq_len=2048.0,
+    batch_size=8,
+    calibration_sequences=128,
+    hub_path="wikitext",
+    hub_config="wikitext-2-raw-v1",
+    description="causal language modelling: perplexity of the test text (WikiText-2 style)",
 )
 
 # The registry: one entry per task, filled here and nowhere else (style.md §3).
@@ -313,6 +350,7 @@ TASKS: dict[str, TaskSpec] = {
         description="Recognizing Textual Entailment",
     ),
     "squad": _SQUAD,
+    "causal_lm": _CAUSAL_LM,
     # v2.0 adds unanswerable questions: its own files and hub dataset, same settings otherwise.
     "squad_v2": dataclasses.replace(
         _SQUAD,

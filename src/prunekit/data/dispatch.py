@@ -14,6 +14,7 @@ from typing import Any
 
 from prunekit.data import glue, qa
 from prunekit.data.calibration import CalibrationSample
+from prunekit.data.causal_lm import build_lm_calibration_sample
 from prunekit.errors import ConfigError
 from prunekit.tasks import TaskSpec, get_task
 
@@ -26,6 +27,8 @@ def load_examples(task: TaskSpec | str, source: Source, split: str) -> list[dict
     """Read one split of any task (see `prunekit.data.glue.load_examples` and
     `prunekit.data.qa.load_squad_split` for the sources each kind accepts)."""
     spec = get_task(task)
+    if spec.kind == "causal_lm":
+        raise ConfigError(f"task {spec.name!r} reads text, not examples: use prunekit.data.causal_lm.read_text")
     if spec.kind == "squad":
         return qa.load_squad_split(spec, source, split)
     if not isinstance(source, str | os.PathLike):
@@ -49,12 +52,23 @@ def build_calibration_sample(
     """Draw the calibration sample of any task (kprune_kwon.md §1.2).
 
     GLUE: sequences from the training split, `prunekit.data.glue.build_calibration_sample`.
+    Causal LM: ``num_sequences`` windows of ``max_length`` tokens of the calibration text
+    (`prunekit.data.causal_lm.build_lm_calibration_sample`), never the test split.
     SQuAD: features from the training split, `prunekit.data.qa.build_qa_calibration_sample`;
     a list of examples may stand in for the split. `batch_size` defaults to the task's (32 for
     GLUE, 12 for SQuAD); `doc_stride` applies to SQuAD only.
     """
     spec = get_task(task)
     batch = spec.batch_size if batch_size is None else batch_size
+    if spec.kind == "causal_lm":
+        # N windows of L tokens: num_sequences (default the task's 128), L = max_length (default
+        # the task's 2048); num_tokens only sizes N when num_sequences is not given.
+        if doc_stride is not None:
+            raise ConfigError(f"doc_stride applies to SQuAD tasks only; task {spec.name!r} is a causal LM task")
+        length = max_length or spec.max_length
+        count = num_sequences or spec.calibration_sequences or max(1, num_tokens // length)
+        return build_lm_calibration_sample(tokenizer, source, num_sequences=count, seq_len=length, seed=seed,
+                                           batch_size=batch, task=spec.name)
     if spec.kind == "squad":
         return qa.build_qa_calibration_sample(
             spec, tokenizer, source, num_tokens=num_tokens, num_sequences=num_sequences, seed=seed,

@@ -12,7 +12,8 @@ length (its mean length, unless ``seq_len`` is given).
   (``prunekit.search.prefix_search``), so heads and neurons are kept in about the same proportion.
   (Random scores in a knapsack would instead keep the cheapest type first.)
 
-Both take a FLOPs budget, or a latency budget with a latency table (``prunekit lut``).
+Both take a FLOPs budget, a latency budget with a latency table (``prunekit lut``), or a budget
+of non-embedding parameters (``keep_params``, priced by ``prunekit.search.params_costs``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import check_budget, kv_head_flops
+from ..accounting import budget_kind_of, check_budget, kv_head_flops, params_unit_budget
 from ..adapters import ModelAdapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..lut import per_unit_costs, sublayer_costs
-from ..search import SearchResult, SublayerId, full_widths, knapsack_search, prefix_search, total_cost
+from ..search import (
+    SearchResult,
+    SublayerId,
+    full_widths,
+    knapsack_search,
+    params_costs,
+    prefix_search,
+    total_cost,
+)
 from ..surgery import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -41,13 +50,20 @@ class _BudgetConfig:
     keep_latency: float | None = None  # fraction of the latency kept (needs ``lut``); replaces keep_flops
     lut: str | None = None  # latency table JSON from `prunekit lut`, for keep_latency
     seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
+    keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
 
     def __post_init__(self) -> None:
-        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
 
     @property
     def keep(self) -> float:
+        if self.keep_params is not None:
+            return self.keep_params
         return self.keep_latency if self.keep_latency is not None else self.keep_flops
+
+    @property
+    def budget_kind(self) -> str:
+        return budget_kind_of(self)
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,8 @@ def random_prune(model: nn.Module | ModelAdapter, data: TaskData, config: Random
 
 def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
     seq_len = config.seq_len or sample.mean_length
+    if config.keep_params is not None:
+        return params_costs(adapter), params_unit_budget(adapter, config.keep_params)[1], seq_len
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
     # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
     kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
@@ -136,7 +154,7 @@ def _plan(adapter, result: SearchResult, config, seq_len, name) -> tuple[Pruning
     return plan, {
         "config": asdict(config),
         "seq_len": seq_len,
-        "budget_kind": "latency" if config.keep_latency is not None else "flops",
+        "budget_kind": config.budget_kind,
         "budget": result.budget,
         "search": {"value": result.value, "cost": result.cost, **result.details},
     }

@@ -49,12 +49,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import UnitCosts, check_budget, kv_head_flops, unit_costs
+from ..accounting import (
+    UnitCosts,
+    budget_kind_of,
+    check_budget,
+    kv_head_flops,
+    params_unit_budget,
+    unit_costs,
+)
 from ..adapters import ModelAdapter, SublayerKind, get_adapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
 from ..layerwise import LayerRunner, capture_residual, model_inputs
-from ..losses import TASK_KINDS, distill_loss, teacher_targets
+from ..losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
 from ..lut import per_unit_costs
 from ..masks import apply_masks, frozen_for_masks
 from ..surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
@@ -79,9 +86,14 @@ class KpruneConfig:
     mask_padding: bool = False  # QA: mask padding before the softmax (spec P13)
     # QA: also mask question and special tokens (not [CLS]) with the batches' p_mask (spec P13)
     mask_special: bool = False
+    keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
+    # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.losses)
+    top_k: int = DEFAULT_LM_TOP_K
 
     def __post_init__(self) -> None:
-        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.lam_pred < 0 or self.lam_rep < 0 or self.mu <= 0:
@@ -94,7 +106,10 @@ class KpruneConfig:
 
     @property
     def keep(self) -> float:
-        """The budget's fraction, of latency when ``keep_latency`` is set, else of FLOPs."""
+        """The budget's fraction: of parameters with ``keep_params``, of latency with
+        ``keep_latency``, else of FLOPs."""
+        if self.keep_params is not None:
+            return self.keep_params
         return self.keep_latency if self.keep_latency is not None else self.keep_flops
 
 
@@ -147,11 +162,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     student_model = copy.deepcopy(teacher)
     adapter = get_adapter(student_model)
     seq_len = config.seq_len or sample.mean_length
-    costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
-    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
-    kv = kv_head_flops(costs, adapter)
-    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron
-                               + adapter.full_num_kv_heads * c.kv_head for c in costs) - kv
+    costs, budget = _budget(adapter, seq_len, config)
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
     student, t_runner = LayerRunner(student_model, adapter), LayerRunner(teacher, t_adapter)
@@ -168,7 +179,8 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
         logger.info(
             "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g %s (keep %.3f)",
             sample.num_sequences, sample.num_tokens, seq_len, budget,
-            "FLOPs" if config.keep_latency is None else "ms of latency", config.keep,
+            {"flops": "FLOPs", "latency": "ms of latency", "params": "parameters"}[budget_kind_of(config)],
+            config.keep,
         )
         logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
                     "knowledge is zero there and representational knowledge decides (spec P9)")
@@ -213,7 +225,21 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             layer_plan.heads, layer_plan.attention_out_weight = step["kept_units"], out_weights.get(key)
         else:
             layer_plan.neurons, layer_plan.ffn_out_weight = step["kept_units"], out_weights.get(key)
-    return plan, {"config": asdict(config), "seq_len": seq_len, "steps": steps}
+    return plan, {"config": asdict(config), "seq_len": seq_len, "budget_kind": budget_kind_of(config),
+                  "budget": budget, "steps": steps}
+
+
+def _budget(adapter: ModelAdapter, seq_len: float, config: KpruneConfig) -> tuple[list[UnitCosts], float]:
+    """Per-layer unit costs in the budget's unit and the budget left for query heads and neurons."""
+    if config.keep_params is not None:  # non-embedding parameters (accounting.params_unit_budget)
+        cost, budget = params_unit_budget(adapter, config.keep_params)
+        return [cost] * adapter.num_layers, budget
+    costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = kv_head_flops(costs, adapter)
+    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron
+                               + adapter.full_num_kv_heads * c.kv_head for c in costs) - kv
+    return costs, budget
 
 
 def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> KpruneCalibration:
@@ -226,7 +252,7 @@ def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: Kpru
 
 
 def _loss_settings(config: KpruneConfig) -> tuple:
-    return config.temperature, config.mask_padding, config.mask_special
+    return config.temperature, config.mask_padding, config.mask_special, config.top_k
 
 
 def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
@@ -236,7 +262,7 @@ def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
     with torch.no_grad():
         targets = [
             teacher_targets(kind, runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
-                            config.mask_padding, _p_mask(b, config))
+                            config.mask_padding, _p_mask(b, config), top_k=config.top_k)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
         layer_input = [runner.layer_input(0, b) for b in batches]

@@ -46,7 +46,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import check_budget, kv_head_flops
+from ..accounting import (
+    budget_kind_of,
+    check_budget,
+    count_non_embedding_params,
+    kv_head_flops,
+    params_unit_budget,
+)
 from ..adapters import ModelAdapter, view_of
 from ..data.task_data import TaskData
 from ..errors import ConfigError
@@ -54,7 +60,7 @@ from ..layerwise import LayerRunner, capture_residual, model_inputs
 from ..losses import TASK_KINDS
 from ..lut import per_unit_costs, sublayer_costs
 from ..masks import apply_masks, frozen_for_masks, full_masks
-from ..search import SublayerId, full_widths, knapsack_search, total_cost
+from ..search import SublayerId, full_widths, knapsack_search, params_costs, total_cost
 from ..surgery import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -76,9 +82,10 @@ class KwonConfig:
     damp: float = 1.0  # ridge: min ‖A x − b‖² + damp² ‖x − 1‖²
     max_scale: float = 10.0  # a tuned |scale| above this rejects that sublayer's solution
     tune_first_attention: bool = False  # the reference never tunes layer 0's attention
+    keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
 
     def __post_init__(self) -> None:
-        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len)
+        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
         if self.teacher_keep is not None and not 0.0 < self.teacher_keep <= 1.0:
             raise ConfigError(f"teacher_keep must be in (0, 1] or None (√ of the budget), got {self.teacher_keep}")
         if self.damp < 0:
@@ -88,7 +95,10 @@ class KwonConfig:
 
     @property
     def keep(self) -> float:
-        """The budget's fraction, of latency when ``keep_latency`` is set, else of FLOPs."""
+        """The budget's fraction: of parameters with ``keep_params``, of latency with
+        ``keep_latency``, else of FLOPs."""
+        if self.keep_params is not None:
+            return self.keep_params
         return self.keep_latency if self.keep_latency is not None else self.keep_flops
 
 
@@ -130,18 +140,15 @@ def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) ->
     adapter = view_of(model)
     model = adapter.model
     seq_len = config.seq_len or sample.mean_length
-    costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
-    kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
-    full = total_cost(costs, full_widths(adapter)) + kv
+    costs, budget_of, full = _budget(adapter, seq_len, config)
     fisher = prepared if prepared is not None else _fisher(adapter, sample)
     _check_fisher(fisher, adapter, sample)
     scores = fisher.scores()
 
     start = time.perf_counter()
-    target = knapsack_search(scores, costs, config.keep * full - kv)
+    target = knapsack_search(scores, costs, budget_of(config.keep))
     teacher_keep = config.teacher_keep or math.sqrt(config.keep)
-    assistant = knapsack_search(scores, costs, teacher_keep * full - kv)
+    assistant = knapsack_search(scores, costs, budget_of(teacher_keep))
     search_seconds = time.perf_counter() - start
     logger.info("kwon: search kept %d heads and %d neurons (cost %.4g of budget %.4g); teacher-assistant at %.3f",
                 *_totals(target.keep), target.cost, target.budget, teacher_keep)
@@ -156,7 +163,7 @@ def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) ->
     log = {
         "config": asdict(config),
         "seq_len": seq_len,
-        "budget_kind": "latency" if config.keep_latency is not None else "flops",
+        "budget_kind": budget_kind_of(config),
         "budget": target.budget,
         "full_cost": full,
         "search": {"value": target.value, "cost": target.cost, **target.details, "seconds": search_seconds},
@@ -168,6 +175,20 @@ def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) ->
     return plan, log
 
 
+def _budget(adapter: ModelAdapter, seq_len: float, config: KwonConfig):
+    """The search's per-sublayer costs, the budget of a kept fraction, and the full cost."""
+    if config.keep_params is not None:
+        # Non-embedding parameters: everything outside the searched units stays, so the units
+        # must shed (1 - keep) of the model's parameters (accounting.params_unit_budget).
+        full = float(count_non_embedding_params(adapter.model))
+        return params_costs(adapter), lambda keep: params_unit_budget(adapter, keep)[1], full
+    costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
+    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
+    kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
+    full = total_cost(costs, full_widths(adapter)) + kv
+    return costs, lambda keep: keep * full - kv, full
+
+
 # ---- 1. Fisher information (§3.2) ------------------------------------------------------------------
 def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own task loss with the batch's ground-truth labels (``outputs.loss``)."""
@@ -175,6 +196,9 @@ def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     if not labels:
         raise ConfigError("Kwon et al.'s Fisher information needs labels, but the calibration batches have none; "
                           "build the sample from the task's labelled training split")
+    if "labels" in labels and labels["labels"].shape == batch["input_ids"].shape and "attention_mask" in batch:
+        # Token labels (causal LM): padding positions are no targets (-100 is the loss's ignore index).
+        labels["labels"] = labels["labels"].masked_fill(batch["attention_mask"] == 0, -100)
     return model(**model_inputs(batch), **labels).loss
 
 
@@ -304,7 +328,9 @@ def _tune_masks(model, adapter, sample, kind, kept, assistant, config) -> tuple[
         t_hidden, s_hidden = hidden, hidden
         last = adapter.num_layers - 1
         for layer in tqdm(range(adapter.num_layers), desc="kwon: mask tuning", leave=False):
-            rows = [_rows(b, kind != "qa" and layer == last, adapter.pooled_token) for b in batches]
+            # A sequence head reads one token in the last layer; QA and LM heads read every token.
+            rows = [_rows(b, kind in ("classification", "regression") and layer == last, adapter.pooled_token)
+                    for b in batches]
             with apply_masks(adapter, *teacher_masks):
                 residuals, t_hidden = _teacher_layer(runner, adapter, layer, t_hidden, batches, rows)
             for sub in ("attn", "ffn"):
