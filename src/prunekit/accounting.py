@@ -177,7 +177,7 @@ def count_non_embedding_params(model: nn.Module) -> int:
     convention of LLM pruning results ("20% of parameters removed" counts no embeddings): every
     layer (norms included), the final norm, a pooler and a classifier head. A tied output head is
     the word embedding table and is not counted twice; an untied vocabulary head is left out too."""
-    adapter = get_adapter(model)
+    adapter = view_of(model)
     embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
@@ -216,7 +216,7 @@ def params_unit_budget(model: nn.Module | ModelAdapter, keep: float) -> tuple[Un
     key/value head, reserved in full (key/value heads are not search units in this release; see
     :func:`kv_head_flops`; a group whose query heads all go takes its key/value head with it, which
     only saves more)."""
-    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
+    adapter = view_of(model)
     cost = param_unit_costs(adapter)
     total = count_non_embedding_params(adapter.model)
     heads = sum(shape.num_heads for shape in adapter.layer_shapes())
