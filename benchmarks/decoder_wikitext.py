@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(MODEL))
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--methods", default="kprune,kwon,magnitude,random")
+    p.add_argument("--methods", default="kprune,kwon,magnitude,random,kprune-uniform",
+                   help="methods; kprune-uniform is Kprune with --uniform (a stock-class folder)")
     p.add_argument("--removed", default="0.2,0.1,0.3,0.5", help="fractions of non-embedding parameters removed")
     p.add_argument("--num-sequences", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
@@ -172,6 +173,10 @@ def targets_check(result: dict) -> dict:
         for other in ("kwon", "magnitude"):
             if (other, removed) in rows:
                 ahead.append(ppl < rows[(other, removed)])
+    if ("kprune-uniform", 0.2) in rows and ("kprune", 0.2) in rows:
+        gap = rows[("kprune-uniform", 0.2)] / rows[("kprune", 0.2)] - 1
+        out["Kprune --uniform within 10% of non-uniform perplexity at 20% removed"] = (
+            f"{gap:+.1%} ({'met' if gap <= 0.10 else 'NOT met'})")
     if ahead:
         out["Kprune ahead of Kwon and magnitude at every budget"] = (
             f"{sum(ahead)} of {len(ahead)} comparisons ({'met' if all(ahead) else 'NOT met'})")
@@ -242,8 +247,10 @@ def main_wikitext(args: argparse.Namespace) -> None:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             if (method, round(cut, 6)) in done:
                 continue
+            base, _, variant = method.partition("-")  # "kprune-uniform": Kprune with --uniform
             pruned = api.prune(teacher, tokenizer, sample, api.PruneOptions(
-                task="causal_lm", method=method, keep_params=keep, seed=args.seed, device="cpu"))
+                task="causal_lm", method=base, keep_params=keep, seed=args.seed, device="cpu",
+                uniform=variant == "uniform"))
             rss = peak_rss_bytes() / 2**30
             report = pruned.report
             ppl = perplexity(pruned.model, tokens, window=args.window, batch_size=8, desc=f"{method} {keep}")

@@ -178,6 +178,7 @@ def count_non_embedding_params(model: nn.Module) -> int:
     layer (norms included), the final norm, a pooler and a classifier head. A tied output head is
     the word embedding table and is not counted twice; an untied vocabulary head is left out too."""
     adapter = view_of(model)
+    model = adapter.model  # a view may be passed
     embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
