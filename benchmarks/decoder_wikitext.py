@@ -86,19 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def register_llama() -> str:
-    """prunekit's Llama adapter if it has one, else the test-only adapter; returns which."""
+    """Which adapter serves the Llama model (for the results' header)."""
     from prunekit.adapters import ADAPTERS
 
-    if "llama" in ADAPTERS:
-        return f"prunekit.adapters ({ADAPTERS['llama'].__module__})"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from llama_view import LlamaTestAdapter  # noqa: E402 - test-only adapter, by path
-
-    from prunekit.io import register_pruned_classes
-
-    ADAPTERS["llama"] = LlamaTestAdapter
-    register_pruned_classes("llama", LlamaTestAdapter)
-    return "tests/llama_view.py LlamaTestAdapter (test-only; no prunekit Llama adapter on this branch)"
+    return f"prunekit.adapters ({ADAPTERS['llama'].__module__})"
 
 
 def write(result: dict, args: argparse.Namespace) -> None:
