@@ -39,7 +39,7 @@ from .io import as_pruned_model, check_output_dir, load_model, load_plan, load_t
 from .lut import sublayer_costs
 from .methods import MethodSpec, get_method
 from .reports import kv_heads_panel, plot_structure
-from .runtime import library_versions, peak_rss_bytes, resolve_device
+from .runtime import library_versions, limit_heap_growth, peak_rss_bytes, resolve_device
 from .search import current_widths, full_widths, total_cost
 from .surgery import PruningPlan
 from .surgery import apply_plan as _surgery
@@ -384,6 +384,7 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     preflight.check_lut_used(budgets[0][0], options.method_options)
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
+    limit_heap_growth()
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)

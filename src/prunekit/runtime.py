@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.metadata
+import logging
+import os
 import platform
 import resource
 import sys
@@ -10,6 +14,12 @@ import sys
 import torch
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+HEAP_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -52,3 +62,25 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Serve CPU tensors of ``threshold`` bytes or more from their own mappings (glibc only).
+
+    Calibration passes allocate per-batch temporaries that grow with the batches' lengths while
+    long-lived per-batch state sits between them on the heap; freed chunks then cannot be reused
+    or returned, and glibc's default (an mmap threshold that rises to the largest block freed)
+    moves more of them onto that heap. On Kprune's SST-2 run this held 0.4 GB of freed memory
+    (peak 1.43 GB -> 1.22 GB with a fixed 4 MiB threshold, at the same speed; at 64 KiB the run
+    was 60% slower). A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is kept.
+    Returns whether the setting was applied."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    if applied:
+        logger.debug("malloc mmap threshold fixed at %d bytes", threshold)
+    return applied
