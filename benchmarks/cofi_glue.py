@@ -68,10 +68,10 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from prunekit import prune
-    from prunekit.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
     from prunekit.bench import measure_latency
-    from prunekit.evaluate import evaluate
-    from prunekit.io import load_pruned, load_tokenizer
+    from prunekit.core.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
+    from prunekit.core.io import load_pruned, load_tokenizer
+    from prunekit.tasks.evaluate import evaluate
 
     work = Path(args.work)
     results_path = Path(args.results_dir) / f"{args.name}.json"
@@ -151,7 +151,7 @@ def main() -> None:
 
 
 def get_hidden(model) -> int:
-    from prunekit.adapters import get_adapter
+    from prunekit.families import get_adapter
 
     return get_adapter(model).hidden_size
 
@@ -159,7 +159,7 @@ def get_hidden(model) -> int:
 def write(args: argparse.Namespace, rows: list[dict], teacher_acc: float, full: dict) -> None:
     import torch
 
-    from prunekit.runtime import library_versions
+    from prunekit.core.runtime import library_versions
 
     schedule = (
         f"CoFi on CPU, shortened: {args.train_samples or 67349} training sentences, {args.epochs:g} pruning epoch(s) "
@@ -172,7 +172,7 @@ def write(args: argparse.Namespace, rows: list[dict], teacher_acc: float, full: 
     meta = {
         "teacher": {"path": args.teacher, "accuracy": teacher_acc, **full},
         "schedule": schedule,
-        "flops": f"encoder FLOPs at {SEQ_LEN} tokens (reference SST-2 dev mean), prunekit.accounting",
+        "flops": f"encoder FLOPs at {SEQ_LEN} tokens (reference SST-2 dev mean), prunekit.core.accounting",
         "sparsity": "1 - prunable encoder params (q/k/v/out/FFN weights and biases) / the teacher's",
         "latency": f"CPU, batch 32, sequence length 128, median of {args.rounds} alternating rounds vs the teacher",
         "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",

@@ -58,7 +58,7 @@ def main() -> None:
 
     from prunekit.compare import compare
     from prunekit.reports import plot_compare
-    from prunekit.tasks import get_task
+    from prunekit.tasks.spec import get_task
 
     methods = args.methods.split(",")
     budgets = [float(b) for b in args.keep_flops.split(",")]

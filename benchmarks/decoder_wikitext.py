@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def register_llama() -> str:
     """Which adapter serves the Llama model (for the results' header)."""
-    from prunekit.adapters import ADAPTERS
+    from prunekit.families import ADAPTERS
 
-    return f"prunekit.adapters ({ADAPTERS['llama'].__module__})"
+    return f"prunekit.families ({ADAPTERS['llama'].__module__})"
 
 
 def write(result: dict, args: argparse.Namespace) -> None:
@@ -178,12 +178,12 @@ def main_wikitext(args: argparse.Namespace) -> None:
     import torch
 
     from prunekit import api
-    from prunekit.accounting import count_non_embedding_params
     from prunekit.bench import measure_generation
-    from prunekit.data import build_calibration_sample
-    from prunekit.data.causal_lm import perplexity, read_text, tokenize_text
-    from prunekit.io import load_model, load_tokenizer
-    from prunekit.runtime import library_versions, peak_rss_bytes
+    from prunekit.core.accounting import count_non_embedding_params
+    from prunekit.core.io import load_model, load_tokenizer
+    from prunekit.core.runtime import library_versions, peak_rss_bytes
+    from prunekit.tasks import build_calibration_sample
+    from prunekit.tasks.causal_lm.data import perplexity, read_text, tokenize_text
 
     adapter = register_llama()
     tokenizer = load_tokenizer(args.model)
@@ -300,11 +300,11 @@ def main_scale(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prunekit import api
-    from prunekit.accounting import count_non_embedding_params
-    from prunekit.data import build_calibration_sample
-    from prunekit.io import load_tokenizer
-    from prunekit.losses import sparse_target_bytes, teacher_targets
-    from prunekit.runtime import peak_rss_bytes
+    from prunekit.core.accounting import count_non_embedding_params
+    from prunekit.core.io import load_tokenizer
+    from prunekit.core.runtime import peak_rss_bytes
+    from prunekit.tasks import build_calibration_sample
+    from prunekit.tasks.losses import sparse_target_bytes, teacher_targets
 
     register_llama()
     torch.manual_seed(0)

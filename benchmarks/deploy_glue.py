@@ -4,7 +4,7 @@ For the teacher (../shared/models/minilm-sst2) and its Kprune models (keep 0.5 a
 FLOPs, pruned beforehand with ``prunekit prune ... --no-bench`` and passed with ``--pruned``) this
 exports each model to ONNX (``prunekit.export_onnx``, dynamo exporter, checked against PyTorch
 within 1e-4), quantizes each export to int8 (``prunekit.export.quantize_onnx``), scores all nine
-variants on the SST-2 dev set (the same ``prunekit.evaluate`` path; ONNX folders through
+variants on the SST-2 dev set (the same ``prunekit.tasks.evaluate`` path; ONNX folders through
 ``OnnxModel``) and measures latency at batch 1 and 32, length 128.
 
 Latency: every variant is timed once per round, all nine in turn, for ``--rounds`` rounds, with
@@ -82,13 +82,13 @@ def main() -> None:
 
     import torch
 
-    from prunekit.accounting import count_flops
     from prunekit.bench import _inputs
-    from prunekit.evaluate import evaluate
+    from prunekit.core.accounting import count_flops
+    from prunekit.core.io import load_pruned, load_tokenizer, read_report
+    from prunekit.core.runtime import library_versions
     from prunekit.export import export_tokenizer
-    from prunekit.io import load_pruned, load_tokenizer, read_report
     from prunekit.onnxrt import OnnxModel
-    from prunekit.runtime import library_versions
+    from prunekit.tasks.evaluate import evaluate
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

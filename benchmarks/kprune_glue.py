@@ -41,7 +41,7 @@ TEACHER_METRIC = {"sst2": "accuracy", "stsb": "pearson"}  # the metric compared 
 
 
 def prune_run(task: str, keep: float, args: argparse.Namespace, out: Path) -> dict:
-    from prunekit.tasks import get_task
+    from prunekit.tasks.spec import get_task
 
     cmd = [
         sys.executable, "-m", "prunekit", "prune",
@@ -73,7 +73,7 @@ def main() -> None:
     import torch
 
     from prunekit.bench import measure_latency
-    from prunekit.io import load_pruned
+    from prunekit.core.io import load_pruned
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

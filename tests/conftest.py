@@ -33,7 +33,7 @@ from transformers import (
 )
 
 FAMILIES = ("bert", "roberta", "distilbert")
-# Task heads by the distillation-loss kind they take (prunekit.losses.TASK_KINDS).
+# Task heads by the distillation-loss kind they take (prunekit.tasks.losses.TASK_KINDS).
 HEADS = ("classification", "regression", "qa")
 
 HIDDEN, NUM_HEADS, HEAD_DIM, FFN, VOCAB = 32, 4, 8, 37, 99
@@ -196,7 +196,7 @@ def assert_reloads_identically(out: Path, head: str, shapes: list, batch: dict[s
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from prunekit import load_pruned
-    from prunekit.adapters import get_adapter
+    from prunekit.families import get_adapter
 
     reloaded = load_pruned(out)
     assert get_adapter(reloaded).layer_shapes() == shapes
@@ -310,8 +310,8 @@ def outputs_of_fixture() -> Callable[[PreTrainedModel, dict[str, torch.Tensor]],
 def run_method(method: Callable, model: PreTrainedModel, sample, kind: str, config, prepared=None):
     """Run a pruning method as the pipeline does (the model is the teacher, left unchanged by the
     method) and cut ``model`` in place by the plan it returns; returns (plan, log)."""
-    from prunekit.data import TaskData
-    from prunekit.surgery import apply_plan
+    from prunekit.core.surgery import apply_plan
+    from prunekit.tasks import TaskData
 
     plan, log = method(model, TaskData(kind=kind, sample=sample, prepared=prepared), config)
     apply_plan(model, plan)

@@ -1,5 +1,5 @@
 """What remains of the test-only Llama adapter: prunekit now has the real one
-(``prunekit.adapters.llama.LlamaAdapter``, registered at import). Kept only so that tests written
+(``prunekit.families.llama.LlamaAdapter``, registered at import). Kept only so that tests written
 against the old names (``LlamaTestAdapter``, ``MappedKvAttention``, ``registered``) keep running;
 new tests use the real names."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prunekit.adapters.llama import LlamaAdapter
-from prunekit.remote_code.modeling_prunekit_decoder import MappedKvAttention
+from prunekit.families.llama import LlamaAdapter
+from prunekit.families.remote_code.modeling_prunekit_decoder import MappedKvAttention
 
 LlamaTestAdapter = LlamaAdapter
 

@@ -1,4 +1,4 @@
-"""prunekit.accounting (spec kprune_kwon.md §2): per-head and per-neuron FLOPs, counted FLOPs of
+"""prunekit.core.accounting (spec kprune_kwon.md §2): per-head and per-neuron FLOPs, counted FLOPs of
 pruned models, and exact parameter counts after pruning."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from prunekit import count_flops, count_params
-from prunekit.accounting import full_flops, layer_flops, unit_costs
-from prunekit.adapters import get_adapter
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.core.accounting import full_flops, layer_flops, unit_costs
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.families import get_adapter
 
 H, D_H, D, D_FF = 4, 8, 32, 37
 

@@ -1,4 +1,4 @@
-"""prunekit.adapters: each family's adapter finds the layers, heads and FFN linears of a tiny random model,
+"""prunekit.families: each family's adapter finds the layers, heads and FFN linears of a tiny random model,
 rejects unsupported models with a clear ModelError, and rebuilds sublayers at given widths."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BertModel, BloomConfig, BloomForCausalLM, BloomForSequenceClassification
 
 import prunekit
-from prunekit.adapters import ADAPTERS, LayerShape, get_adapter, supported_models
+from prunekit.families import ADAPTERS, LayerShape, get_adapter, supported_models
 
 D, H, D_H, D_FF = 32, 4, 8, 37
 

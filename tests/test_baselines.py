@@ -10,11 +10,10 @@ import pytest
 import torch
 from conftest import make_sample, outputs_of, run_method
 
-from prunekit.accounting import count_flops, full_flops
-from prunekit.adapters import get_adapter
-from prunekit.errors import ConfigError
-from prunekit.lut import LatencyTable
-from prunekit.masks import apply_masks
+from prunekit.core.accounting import count_flops, full_flops
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import apply_masks
+from prunekit.families import get_adapter
 from prunekit.methods import get_method
 from prunekit.methods.baselines import (
     MagnitudeConfig,
@@ -23,7 +22,8 @@ from prunekit.methods.baselines import (
     magnitude_scores,
     random_prune,
 )
-from prunekit.search import full_widths, total_cost
+from prunekit.methods.lut import LatencyTable
+from prunekit.methods.search import full_widths, total_cost
 
 METHODS = [(magnitude, MagnitudeConfig), (random_prune, RandomConfig)]
 

@@ -1,4 +1,4 @@
-"""Causal-LM task family data (prunekit.data.causal_lm): reading text from files, folders and JSON lines,
+"""Causal-LM task family data (prunekit.tasks.causal_lm.data): reading text from files, folders and JSON lines,
 never calibrating on a test split, the seeded calibration windows, and perplexity against a direct count
 of the next-token losses, for non-overlapping and strided windows."""
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit.data.causal_lm import (
+from prunekit.core.errors import ConfigError, DataError
+from prunekit.tasks.causal_lm.data import (
     build_lm_calibration_sample,
     perplexity,
     read_text,
     resolve_text_file,
     tokenize_text,
 )
-from prunekit.errors import ConfigError, DataError
 
 SHARED = Path(__file__).parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext2"

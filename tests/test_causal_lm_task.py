@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from llama_view import LlamaTestAdapter, registered
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit.accounting import count_flops, count_non_embedding_params, full_flops, param_unit_costs
-from prunekit.adapters import get_adapter
 from prunekit.api import PruneOptions, prune
 from prunekit.bench import measure_generation
-from prunekit.data import TaskData
-from prunekit.data.causal_lm import build_lm_calibration_sample, perplexity
-from prunekit.errors import ConfigError
-from prunekit.io import load_pruned, register_pruned_classes
-from prunekit.losses import distill_loss, sparse_target_bytes, teacher_targets
+from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops, param_unit_costs
+from prunekit.core.errors import ConfigError
+from prunekit.core.io import load_pruned, register_pruned_classes
+from prunekit.families import get_adapter
 from prunekit.methods.kprune import KpruneConfig, kprune_prepare
-from prunekit.tasks import get_task
+from prunekit.tasks import TaskData
+from prunekit.tasks.causal_lm.data import build_lm_calibration_sample, perplexity
+from prunekit.tasks.losses import distill_loss, sparse_target_bytes, teacher_targets
+from prunekit.tasks.spec import get_task
 
 SHARED = Path(__file__).parents[2] / "shared"
 GQA = SHARED / "models" / "llama-wiki-gqa"
@@ -173,7 +173,7 @@ class CharTokenizer:
 
 
 def test_perplexity_states_its_window(tmp_path):
-    from prunekit.evaluate import default_window, evaluate
+    from prunekit.tasks.evaluate import default_window, evaluate
 
     (tmp_path / "train.txt").write_text("calibration text only\n" * 20)
     (tmp_path / "test.txt").write_text("the test text, scored\n" * 20)

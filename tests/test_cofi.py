@@ -11,18 +11,11 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tokenizer, model_inputs_for, outputs_of, write_sst2
 
-from prunekit.accounting import count_prunable_params, full_prunable_params
-from prunekit.adapters import get_adapter
-from prunekit.data import TaskData, build_training_data
-from prunekit.errors import ConfigError
-from prunekit.l0 import (
-    CofiGates,
-    closed_probability,
-    deterministic_gate,
-    keep_probability,
-    sample_gate,
-)
-from prunekit.masks import GateHolder, apply_gates
+from prunekit.core.accounting import count_prunable_params, full_prunable_params
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import GateHolder, apply_gates
+from prunekit.core.surgery import apply_plan
+from prunekit.families import get_adapter
 from prunekit.methods.cofi import (
     CofiConfig,
     SizeModel,
@@ -32,7 +25,14 @@ from prunekit.methods.cofi import (
     match_layers,
     narrow_transform,
 )
-from prunekit.surgery import apply_plan
+from prunekit.methods.l0 import (
+    CofiGates,
+    closed_probability,
+    deterministic_gate,
+    keep_probability,
+    sample_gate,
+)
+from prunekit.tasks import TaskData, build_training_data
 
 
 def run_cofi(teacher, student, data, config, seq_len=16.0, checkpoint_dir=None, resume=False):
@@ -167,7 +167,7 @@ def test_size_model_params_and_flops_agree_with_accounting():
     _set = _set_gates(model)
     values = _set.deterministic()
     predicted = flops.sparsity(values)
-    from prunekit.accounting import count_flops, full_flops
+    from prunekit.core.accounting import count_flops, full_flops
 
     full = full_flops(model, 16.0)
     apply_plan(model, gate_plan(model, values))
@@ -291,7 +291,7 @@ def test_bad_config_is_a_clear_error(options, message):
 # ---- API and CLI ------------------------------------------------------------------------------------------
 def test_prune_api_saves_a_model_that_reloads_identically(tmp_path, make_teacher):
     from prunekit import prune
-    from prunekit.io import load_pruned
+    from prunekit.core.io import load_pruned
 
     teacher_dir = make_teacher()
     data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=8)
@@ -311,7 +311,7 @@ def test_prune_api_saves_a_model_that_reloads_identically(tmp_path, make_teacher
 
 def test_prune_api_rejects_a_calibration_sample_for_cofi(sst2_dir):
     from prunekit import prune
-    from prunekit.data import build_calibration_sample
+    from prunekit.tasks import build_calibration_sample
 
     model = build_tiny_model("bert", "classification", num_labels=2)
     sample = build_calibration_sample("sst2", build_tokenizer(), str(sst2_dir), num_tokens=100)
@@ -321,7 +321,7 @@ def test_prune_api_rejects_a_calibration_sample_for_cofi(sst2_dir):
 
 def test_cli_prune_with_cofi(tmp_path, make_teacher):
     from prunekit.cli import main
-    from prunekit.io import load_pruned
+    from prunekit.core.io import load_pruned
 
     teacher_dir = make_teacher()
     data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=8)

@@ -9,9 +9,9 @@ from conftest import build_tiny_model, build_tokenizer, write_sst2
 from test_cofi import run_cofi
 
 from prunekit import ConfigError
-from prunekit.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
-from prunekit.data import build_training_data
+from prunekit.core.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
 from prunekit.methods.cofi import CofiConfig
+from prunekit.tasks import build_training_data
 
 SEQ_LEN = 16.0
 

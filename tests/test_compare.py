@@ -13,9 +13,9 @@ from conftest import make_sample, run_method
 from prunekit.api import budgets_from, prune, prune_many
 from prunekit.cli import main
 from prunekit.compare import compare
-from prunekit.data import CalibrationSample
-from prunekit.errors import ConfigError
-from prunekit.io import load_pruned
+from prunekit.core.errors import ConfigError
+from prunekit.core.io import load_pruned
+from prunekit.tasks import CalibrationSample
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -146,8 +146,8 @@ def test_cli_latency_budget_needs_a_table(teacher_dir, sst2_dir, tmp_path, capsy
 def test_kprune_reuses_its_calibration_across_budgets(make_model, head):
     """prune_many runs Kprune's teacher pass and first knowledge pass once; each budget's plan is
     the one a separate run gives."""
-    from prunekit.data import TaskData
     from prunekit.methods.kprune import KpruneConfig, kprune, kprune_prepare
+    from prunekit.tasks import TaskData
 
     teacher = make_model("bert", head)
     sample = make_sample("bert")

@@ -1,4 +1,4 @@
-"""Tests of prunekit.tasks and prunekit.data: reading GLUE data, tokenizing, padding, calibration."""
+"""Tests of prunekit.tasks.spec and prunekit.tasks: reading GLUE data, tokenizing, padding, calibration."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from prunekit.data import (
+from prunekit.core.errors import ConfigError, DataError
+from prunekit.tasks import (
     CalibrationSample,
     build_calibration_sample,
     collate,
     load_examples,
     tokenize_examples,
 )
-from prunekit.errors import ConfigError, DataError
-from prunekit.tasks import TASKS, GlueTsvLayout, TaskSpec, get_task
+from prunekit.tasks.spec import TASKS, GlueTsvLayout, TaskSpec, get_task
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 

@@ -28,12 +28,12 @@ from transformers import (
 )
 
 import prunekit
-from prunekit.accounting import count_flops, count_params, count_prunable_params
-from prunekit.adapters import get_adapter
-from prunekit.io import load_pruned, save_pruned
-from prunekit.masks import apply_masks
-from prunekit.remote_code.modeling_prunekit_decoder import EmptyAttention, MappedKvAttention
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan, remove_sublayer
+from prunekit.core.accounting import count_flops, count_params, count_prunable_params
+from prunekit.core.io import load_pruned, save_pruned
+from prunekit.core.masks import apply_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, remove_sublayer
+from prunekit.families import get_adapter
+from prunekit.families.remote_code.modeling_prunekit_decoder import EmptyAttention, MappedKvAttention
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 97, 3  # groups of 3; d_h != d / H
 ATOL = 1e-5
@@ -240,7 +240,7 @@ def plain_transformers_load(jobs: dict, tmp_path: Path) -> dict:
 def hard_pruned(family: str, head: str):
     """Uneven groups, a whole group gone, layer 0's attention emptied, a removed FFN and a removed
     attention, and (causal LM) a narrowed tied residual stream."""
-    from prunekit.surgery import narrow_hidden
+    from prunekit.core.surgery import narrow_hidden
 
     model = build(family, head, seed=7, layers=4)
     pruned = apply_plan(copy.deepcopy(model), random_plan(3, layers=4))
@@ -268,7 +268,7 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
         assert "trust_remote_code=True" in (folder / "README.md").read_text()
         shapes = get_adapter(pruned).layer_shapes()
         for reloaded in (load_pruned(folder), getattr(transformers, auto).from_pretrained(folder).eval()):
-            assert type(reloaded).__module__ == "prunekit.io", name  # no remote code with prunekit imported
+            assert type(reloaded).__module__ == "prunekit.core.io", name  # no remote code with prunekit imported
             assert get_adapter(reloaded).layer_shapes() == shapes, name
             assert torch.equal(outputs(reloaded, batch), want), name
         generated = None
@@ -350,8 +350,8 @@ def test_uniform_folders_are_stock_classes(tmp_path):
     query heads, key/value groups and FFN width; the folder is the family's stock class (no
     prunekit keys, no auto_map, no code files) and plain transformers without prunekit loads it
     with the pruned model's outputs."""
-    from prunekit.accounting import unit_costs
-    from prunekit.uniform import uniform_plan
+    from prunekit.core.accounting import unit_costs
+    from prunekit.core.uniform import uniform_plan
 
     jobs, expected = {}, {}
     for family, head in CASES:
@@ -397,7 +397,7 @@ def test_uniform_folders_are_stock_classes(tmp_path):
 def test_uniform_keeps_the_methods_units_first():
     """Where the method kept at least as many units as the uniform width, the uniform layer keeps
     a subset of them; its re-fitted weights stay only where the kept set did not change."""
-    from prunekit.uniform import uniform_plan
+    from prunekit.core.uniform import uniform_plan
 
     model = build("llama", seed=8)
     refit = torch.randn(D, 3 * D_H)
@@ -423,8 +423,8 @@ def test_uniform_keeps_the_methods_units_first():
 def test_prune_with_uniform_writes_a_stock_folder(method, tokenizer, sst2_dir, tmp_path):
     """The pipeline: PruneOptions.uniform equalises the method's plan (logged under "uniform"), the
     budget is still met, and the saved folder is a stock LlamaForSequenceClassification."""
-    from prunekit.accounting import full_flops
     from prunekit.api import prune
+    from prunekit.core.accounting import full_flops
 
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=D, intermediate_size=D_FF, num_hidden_layers=3,
                          num_attention_heads=H, num_key_value_heads=H_KV, head_dim=D_H, pad_token_id=0, num_labels=2,
@@ -516,7 +516,7 @@ def test_llama_wiki_gqa_prunes_saves_and_reloads(tmp_path):
     assert torch.equal(outputs(reloaded, batch), outputs(pruned, batch))
     assert AutoModelForCausalLM.from_pretrained(folder).config.prunekit_layers == reloaded.config.prunekit_layers
     # Its uniform form: only attention shapes LlamaConfig accepts (hidden 256 a multiple of the heads).
-    from prunekit.uniform import uniform_plan
+    from prunekit.core.uniform import uniform_plan
 
     _, log = uniform_plan(get_adapter(model), plan, seq_len=128.0)
     assert 256 % log["query_heads"] == 0 and not log["over_budget"]

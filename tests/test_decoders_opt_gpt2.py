@@ -28,20 +28,20 @@ from transformers import (
     OPTForSequenceClassification,
 )
 
-from prunekit.accounting import (
+from prunekit.core.accounting import (
     count_flops,
     count_params,
     count_prunable_params,
     full_flops,
     full_prunable_params,
 )
-from prunekit.adapters import BlockFacts, LayerShape, get_adapter
-from prunekit.adapters.gpt2 import FusedQKV, GPT2Adapter, to_conv_form
-from prunekit.adapters.opt import OPTAdapter, OPTBlock
-from prunekit.data import TaskData
-from prunekit.io import load_pruned, save_pruned
-from prunekit.masks import apply_masks
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan, narrow_hidden, remove_sublayer
+from prunekit.core.io import load_pruned, save_pruned
+from prunekit.core.masks import apply_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, narrow_hidden, remove_sublayer
+from prunekit.families import BlockFacts, LayerShape, get_adapter
+from prunekit.families.gpt2 import FusedQKV, GPT2Adapter, to_conv_form
+from prunekit.families.opt import OPTAdapter, OPTBlock
+from prunekit.tasks import TaskData
 
 D, H, D_H, D_FF, VOCAB, LAYERS = 32, 4, 8, 37, 99, 3
 ATOL = 1e-5
@@ -611,9 +611,9 @@ def test_cofi_gates_equal_gate_surgery_with_hidden_dims(variant):
     """CoFi's gates (heads, neurons, whole sublayers, hidden dims) on OPT and GPT-2: the gated model
     computes what the folded, narrowed model computes; also post-norm without an embedding norm
     (OPT-350m's placement), whose summed embeddings the hidden gates scale."""
-    from prunekit.l0 import GateValues
-    from prunekit.masks import GateHolder, apply_gates
+    from prunekit.core.masks import GateHolder, apply_gates
     from prunekit.methods.cofi import gate_plan
+    from prunekit.methods.l0 import GateValues
 
     model = build(variant, seed=6)
     gen = torch.Generator().manual_seed(6)

@@ -24,11 +24,11 @@ from test_squad_pipeline import synthetic_examples, write_squad_json
 from transformers import BertConfig, BertModel
 
 from prunekit import ConfigError, ModelError, save_pruned
-from prunekit.adapters import get_adapter
-from prunekit.evaluate import evaluate
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.export import ExportOptions, export_onnx, quantize_onnx, read_export
+from prunekit.families import get_adapter
 from prunekit.onnxrt import OnnxModel, measure_onnx_latency
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.tasks.evaluate import evaluate
 
 ATOL = 1e-4
 KEEP = [0, 2, 3, 7, 8, 13, 16, 20, 21, 26, 30, 31]  # 12 of 32 hidden dims

@@ -1,4 +1,4 @@
-"""Tests of prunekit.evaluate and prunekit.finetune on a tiny random BERT (no downloads)."""
+"""Tests of prunekit.tasks.evaluate and prunekit.tasks.finetune on a tiny random BERT (no downloads)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from transformers import (
     BertTokenizer,
 )
 
-from prunekit.errors import ConfigError, DataError, ModelError
-from prunekit.evaluate import evaluate, predict
-from prunekit.finetune import FinetuneConfig, finetune
-from prunekit.metrics import compute_metrics
+from prunekit.core.errors import ConfigError, DataError, ModelError
+from prunekit.tasks.evaluate import evaluate, predict
+from prunekit.tasks.finetune import FinetuneConfig, finetune
+from prunekit.tasks.metrics import compute_metrics
 
 SHARED = Path(__file__).parents[2] / "shared"
 

@@ -15,7 +15,7 @@ import torch
 from conftest import make_batch, model_inputs_for, outputs_of
 
 from prunekit import load_pruned, save_pruned
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 
 D_FF = 37
 # Every structure a saved folder may describe: narrowed heads and neurons, an emptied sublayer (zero
@@ -92,7 +92,7 @@ def test_pruned_folders_load_in_plain_transformers_without_prunekit(make_model, 
         torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
         # prunekit's own loading is still preferred: no remote code runs after `import prunekit`.
         reloaded = load_pruned(folders[name])
-        assert type(reloaded).__module__ == "prunekit.io", name
+        assert type(reloaded).__module__ == "prunekit.core.io", name
         assert torch.equal(outputs_of(reloaded, batch), want), name
 
 

@@ -1,4 +1,4 @@
-"""Latency tables (prunekit.lut): a table measured on a tiny model has the expected shape, round-trips
+"""Latency tables (prunekit.methods.lut): a table measured on a tiny model has the expected shape, round-trips
 through JSON, and its piecewise-linear fit is monotone; the fit recovers a known curve and works
 whatever the size of the errors (spec P10)."""
 
@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from prunekit.adapters import get_adapter
-from prunekit.errors import ConfigError, ModelError
-from prunekit.lut import LatencyTable, fit_piecewise, measure_latency_table, sublayer_costs
-from prunekit.search import SublayerCost
-from prunekit.surgery import prune_heads
+from prunekit.core.errors import ConfigError, ModelError
+from prunekit.core.surgery import prune_heads
+from prunekit.families import get_adapter
+from prunekit.methods.lut import LatencyTable, fit_piecewise, measure_latency_table, sublayer_costs
+from prunekit.methods.search import SublayerCost
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def test_kprune_takes_latency_per_unit_costs(make_model, tmp_path):
     fitted full latency over its units); the kept per-unit cost fits the budget."""
     from conftest import make_sample, run_method
 
-    from prunekit.lut import per_unit_costs
     from prunekit.methods.kprune import KpruneConfig, kprune
+    from prunekit.methods.lut import per_unit_costs
 
     table = LatencyTable(
         attn_units=[0, 1, 2, 3, 4], attn_ms=[0.0, 2.0, 2.4, 2.8, 3.2],

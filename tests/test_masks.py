@@ -1,4 +1,4 @@
-"""prunekit.masks: per-head and per-neuron masks as forward pre-hooks on the output projections
+"""prunekit.core.masks: per-head and per-neuron masks as forward pre-hooks on the output projections
 (style.md §9): removed after the context, per-head and per-dimension forms agree, differentiable,
 and wrong sizes are rejected."""
 
@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from prunekit.adapters import LayerShape, get_adapter
-from prunekit.masks import apply_masks, expand_head_mask, full_masks
+from prunekit.core.masks import apply_masks, expand_head_mask, full_masks
+from prunekit.families import LayerShape, get_adapter
 
 H, D_H, D_FF = 4, 8, 37
 

@@ -13,13 +13,13 @@ from conftest import run_method
 
 import prunekit
 from prunekit import ConfigError, count_flops
-from prunekit.accounting import full_flops
-from prunekit.adapters import LayerShape, get_adapter
-from prunekit.data import build_calibration_sample
-from prunekit.masks import apply_masks
+from prunekit.core.accounting import full_flops
+from prunekit.core.masks import apply_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.families import LayerShape, get_adapter
 from prunekit.methods import METHODS, get_method
 from prunekit.methods.kprune import KpruneConfig, kprune
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.tasks import build_calibration_sample
 
 H, D_H, D_FF = 4, 8, 37
 BUDGETS = (0.9, 0.7, 0.5, 0.3, 0.1, 0.02)

@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import make_sample, model_inputs_for, outputs_of, run_method
 
-from prunekit.accounting import count_flops, full_flops
-from prunekit.adapters import get_adapter
-from prunekit.data import TaskData
-from prunekit.errors import ConfigError
-from prunekit.lut import LatencyTable
-from prunekit.masks import apply_masks
+from prunekit.core.accounting import count_flops, full_flops
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import apply_masks
+from prunekit.families import get_adapter
 from prunekit.methods import get_method
 from prunekit.methods.kwon import KwonConfig, _rearrange, kwon, kwon_fisher
-from prunekit.search import full_widths, total_cost
+from prunekit.methods.lut import LatencyTable
+from prunekit.methods.search import full_widths, total_cost
+from prunekit.tasks import TaskData
 
 
 def labelled_sample(family: str, head: str, num_batches: int = 3, seed: int = 0) -> SimpleNamespace:

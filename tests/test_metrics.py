@@ -1,4 +1,4 @@
-"""Tests of prunekit.metrics (GLUE): hand-computed cases, ties, edge cases and the 0-100 scale."""
+"""Tests of prunekit.tasks.metrics (GLUE): hand-computed cases, ties, edge cases and the 0-100 scale."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from prunekit.errors import ConfigError, DataError
-from prunekit.metrics import (
+from prunekit.core.errors import ConfigError, DataError
+from prunekit.tasks.metrics import (
     METRICS,
     accuracy,
     average_ranks,
@@ -18,7 +18,7 @@ from prunekit.metrics import (
     pearson,
     spearman,
 )
-from prunekit.tasks import TASKS
+from prunekit.tasks.spec import TASKS
 
 
 def test_accuracy_hand_computed() -> None:
@@ -129,5 +129,5 @@ def test_compute_metrics_errors() -> None:
         compute_metrics("stsb", [float("nan"), 1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="unknown task 'stsbb'.*Did you mean 'stsb'"):
         compute_metrics("stsbb", [1.0], [1.0])
-    with pytest.raises(ConfigError, match="use prunekit.metrics.squad_scores"):
+    with pytest.raises(ConfigError, match="use prunekit.tasks.metrics.squad_scores"):
         compute_metrics(TASKS["squad"], [1], [1])

@@ -1,6 +1,6 @@
 """The model view does not assume a family (issue 9, item 3): the Llama adapter over tiny Llama
 models (pre-norm, RMSNorm, no biases, a gated FFN, grouped key/value heads, a head size that is not
-hidden / heads, tied embeddings; ``prunekit.adapters.llama``) runs through masks, surgery, accounting and
+hidden / heads, tied embeddings; ``prunekit.families.llama``) runs through masks, surgery, accounting and
 CoFi's gates unchanged. Masked == physically pruned within 1e-5 (float32) for random plans with
 emptied sublayers, whole key/value groups removed and query heads removed inside a group; counted
 FLOPs and parameters equal a hand count; emptied and removed sublayers are exact in both norm
@@ -17,21 +17,15 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from prunekit.accounting import (
+from prunekit.core.accounting import (
     count_flops,
     count_params,
     count_prunable_params,
     full_flops,
     full_prunable_params,
 )
-from prunekit.adapters import AttentionParts, BlockFacts, LayerShape, get_adapter
-from prunekit.adapters.llama import LlamaAdapter
-from prunekit.data import TaskData
-from prunekit.l0 import GateValues
-from prunekit.masks import GateHolder, apply_gates, apply_masks, expand_group_mask
-from prunekit.methods.cofi import gate_plan
-from prunekit.remote_code.modeling_prunekit_decoder import MappedKvAttention
-from prunekit.surgery import (
+from prunekit.core.masks import GateHolder, apply_gates, apply_masks, expand_group_mask
+from prunekit.core.surgery import (
     LayerPlan,
     PruningPlan,
     apply_plan,
@@ -39,6 +33,12 @@ from prunekit.surgery import (
     prune_kv_groups,
     remove_sublayer,
 )
+from prunekit.families import AttentionParts, BlockFacts, LayerShape, get_adapter
+from prunekit.families.llama import LlamaAdapter
+from prunekit.families.remote_code.modeling_prunekit_decoder import MappedKvAttention
+from prunekit.methods.cofi import gate_plan
+from prunekit.methods.l0 import GateValues
+from prunekit.tasks import TaskData
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 99, 3  # groups of 3 query heads; d_h = 12 != d / H
 ATOL = 1e-5
@@ -439,8 +439,8 @@ def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
     removed sublayer and a narrowed, tied residual stream saves and reloads bit-identically."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from prunekit.io import load_pruned, save_pruned
-    from prunekit.surgery import narrow_hidden
+    from prunekit.core.io import load_pruned, save_pruned
+    from prunekit.core.surgery import narrow_hidden
 
     model = build_llama(head, seed=10)
     pruned = apply_plan(copy.deepcopy(model), hard_plan(1))
@@ -478,7 +478,7 @@ def test_greedy_generation_with_and_without_the_cache():
 def test_latency_table_times_a_decoder_layer():
     """The latency table calls one layer through the adapter, so a decoder layer (which needs its
     rotary position embeddings) is timed too; n query heads kept = the first n."""
-    from prunekit.lut import measure_latency_table
+    from prunekit.methods.lut import measure_latency_table
 
     table = measure_latency_table(build_llama(), batch_size=2, seq_len=8, neuron_step=16, warmup=0, repeats=1)
     assert table.attn_units == list(range(H + 1)) and table.ffn_units == [0, 16, 32, 37]

@@ -26,11 +26,11 @@ from conftest import (
 import prunekit
 from prunekit import PruneOptions, apply_plan, load_plan, load_pruned
 from prunekit.cli import main
-from prunekit.data import TaskData
-from prunekit.errors import ConfigError
-from prunekit.io import PLAN_FILE, PLAN_TENSORS, save_plan, save_pruned
+from prunekit.core.errors import ConfigError
+from prunekit.core.io import PLAN_FILE, PLAN_TENSORS, save_plan, save_pruned
+from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.methods import METHODS
-from prunekit.surgery import LayerPlan, PruningPlan
+from prunekit.tasks import TaskData
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_plan_kwon_bert"
 SENTENCES = ["good movie it was", "bad film not very", "the cat sits and the dog runs good"]
@@ -66,7 +66,7 @@ def test_the_saved_plan_rebuilds_the_saved_model_from_the_teacher(family, method
     assert json.loads((out / PLAN_FILE).read_text())["format"] == 2
     saved = load_pruned(out)
     rebuilt = apply_plan(str(teacher_dir), out)
-    assert [s.to_dict() for s in prunekit.adapters.get_adapter(rebuilt).layer_shapes()] == result.report["layers"]
+    assert [s.to_dict() for s in prunekit.families.get_adapter(rebuilt).layer_shapes()] == result.report["layers"]
     torch.testing.assert_close(_outputs(rebuilt), _outputs(saved), atol=1e-6, rtol=0)
     # The plan in memory does the same from a teacher model, which it leaves alone.
     teacher = load_pruned(teacher_dir)
@@ -86,7 +86,7 @@ def _labelled_sample(family: str):
 def test_calibration_methods_leave_the_teacher_unchanged(method, make_model):
     """The contract: method(view, data, config) -> (plan, log), the teacher untouched (weights,
     requires_grad flags, train/eval mode), the plan alone carrying the result."""
-    from prunekit.adapters import get_adapter
+    from prunekit.families import get_adapter
 
     teacher = make_model("bert")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

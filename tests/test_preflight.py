@@ -16,9 +16,9 @@ from conftest import build_tiny_model, save_teacher, write_sst2
 from test_cli import assert_clean_error, assert_no_output, prune_args, run
 
 import prunekit.api
-import prunekit.evaluate
+import prunekit.tasks.evaluate
 from prunekit import ModelError, save_pruned
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_bad_input_is_refused_before_any_work(case, ws, capsys, monkeypatch):
     # is checked once its training data is tokenized, before any training step.)
     if "CoFi" not in case and "UTF-8" not in case:  # (data is first read for the calibration sample)
         monkeypatch.setattr(prunekit.api, "build_calibration_sample", no_work)
-        monkeypatch.setattr(prunekit.evaluate, "evaluate", no_work)
+        monkeypatch.setattr(prunekit.tasks.evaluate, "evaluate", no_work)
     status, _, err = run(capsys, argv)
     assert_clean_error(status, err, command, *words)
     assert_no_output(ws["out"])
@@ -246,8 +246,8 @@ def test_cofi_on_a_short_valid_schedule_meets_keep_params(ws, capsys):
     assert 0.3 - 0.01 <= report["achieved_keep"] <= 0.3
     assert report["achieved_keep"] == pytest.approx(report["prunable_params_kept"])
     assert "keep_params target 0.3000, achieved" in stdout
-    from prunekit.accounting import count_prunable_params, full_prunable_params
-    from prunekit.io import load_pruned
+    from prunekit.core.accounting import count_prunable_params, full_prunable_params
+    from prunekit.core.io import load_pruned
 
     model = load_pruned(ws["out"])
     assert count_prunable_params(model) / full_prunable_params(model) == pytest.approx(report["achieved_keep"])

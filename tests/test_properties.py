@@ -36,12 +36,12 @@ from transformers import (
 
 import prunekit
 from prunekit import save_pruned
-from prunekit.accounting import count_flops, count_params, full_flops
-from prunekit.adapters import get_adapter
-from prunekit.data import TaskData
-from prunekit.io import save_plan
+from prunekit.core.accounting import count_flops, count_params, full_flops
+from prunekit.core.io import save_plan
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.families import get_adapter
 from prunekit.methods import get_method
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.tasks import TaskData
 
 ATOL = 1e-5
 VOCAB, POSITIONS = 50, 40

@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 
 import prunekit
 from prunekit import ConfigError, load_pruned, save_pruned
-from prunekit.accounting import count_flops, full_flops
-from prunekit.adapters import get_adapter
-from prunekit.data import TaskData
-from prunekit.io import save_plan
+from prunekit.core.accounting import count_flops, full_flops
+from prunekit.core.io import save_plan
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.families import get_adapter
 from prunekit.methods import get_method
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan
+from prunekit.tasks import TaskData
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "opt", "opt-post", "gpt2")
 GROUPED = {"llama", "mistral", "qwen2", "qwen3"}

@@ -1,4 +1,4 @@
-"""prunekit.search: the two-type knapsack is exact (checked by brute force on small cases), the
+"""prunekit.methods.search: the two-type knapsack is exact (checked by brute force on small cases), the
 latency search honours its budget and fixes the reference's bugs (P10), ties break the same way
 every time, and the prefix search keeps units in priority order within the budget."""
 
@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from prunekit.adapters import get_adapter
-from prunekit.search import (
+from prunekit.families import get_adapter
+from prunekit.methods.search import (
     SublayerCost,
     flops_costs,
     full_widths,
@@ -131,7 +131,7 @@ def test_prefix_search_skips_units_that_do_not_fit_and_goes_on():
 
 
 def test_flops_costs_match_the_accounting(make_model):
-    from prunekit.accounting import full_flops
+    from prunekit.core.accounting import full_flops
 
     model = make_model("bert")
     adapter = get_adapter(model)

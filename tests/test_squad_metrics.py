@@ -1,4 +1,4 @@
-"""Tests of prunekit.metrics.squad on hand-computed cases (SQuAD v1.1 and v2.0 rules)."""
+"""Tests of prunekit.tasks.qa.metrics on hand-computed cases (SQuAD v1.1 and v2.0 rules)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from prunekit.errors import DataError
-from prunekit.metrics.squad import exact_match_score, f1_score, normalize_answer, squad_scores
+from prunekit.core.errors import DataError
+from prunekit.tasks.qa.metrics import exact_match_score, f1_score, normalize_answer, squad_scores
 
 
 @pytest.mark.parametrize(

@@ -22,19 +22,19 @@ from conftest import WORDS, build_tiny_model, build_tokenizer, outputs_of, run_m
 from transformers import BertConfig, BertForQuestionAnswering
 
 import prunekit
-from prunekit.accounting import count_flops, full_flops
-from prunekit.adapters import get_adapter
 from prunekit.cli import main
-from prunekit.data import build_calibration_sample, load_examples
-from prunekit.data.squad import collate_qa, prepare_features, split_by_article
-from prunekit.errors import ConfigError, DataError, ModelError
-from prunekit.evaluate import evaluate
-from prunekit.finetune import FinetuneConfig, finetune
-from prunekit.io import load_model, load_pruned
-from prunekit.losses import distill_loss, teacher_targets
-from prunekit.masks import apply_masks
+from prunekit.core.accounting import count_flops, full_flops
+from prunekit.core.errors import ConfigError, DataError, ModelError
+from prunekit.core.io import load_model, load_pruned
+from prunekit.core.masks import apply_masks
+from prunekit.families import get_adapter
 from prunekit.methods.kprune import KpruneConfig, kprune
-from prunekit.tasks import TASKS, TaskSpec
+from prunekit.tasks import build_calibration_sample, load_examples
+from prunekit.tasks.evaluate import evaluate
+from prunekit.tasks.finetune import FinetuneConfig, finetune
+from prunekit.tasks.losses import distill_loss, teacher_targets
+from prunekit.tasks.qa.squad import collate_qa, prepare_features, split_by_article
+from prunekit.tasks.spec import TASKS, TaskSpec
 
 DEV_V1 = Path(__file__).parents[2] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
 

@@ -30,17 +30,16 @@ from transformers import (
 )
 
 from prunekit import count_flops, count_params, load_pruned, save_pruned
-from prunekit.accounting import (
+from prunekit.core.accounting import (
     count_prunable_params,
     full_flops,
     full_prunable_params,
     layer_flops,
     unit_costs,
 )
-from prunekit.adapters import LayerShape, get_adapter
-from prunekit.io import load_model
-from prunekit.masks import apply_masks
-from prunekit.surgery import (
+from prunekit.core.io import load_model
+from prunekit.core.masks import apply_masks
+from prunekit.core.surgery import (
     LayerPlan,
     PruningPlan,
     apply_plan,
@@ -49,6 +48,7 @@ from prunekit.surgery import (
     prune_neurons,
     remove_sublayer,
 )
+from prunekit.families import LayerShape, get_adapter
 
 H, D_H, D, D_FF, VOCAB, POSITIONS = 4, 8, 32, 37, 99, 128
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""prunekit.surgery. THE invariant (developers' guide): a physically pruned model computes what the
+"""prunekit.core.surgery. THE invariant (developers' guide): a physically pruned model computes what the
 masked model computes, for random plans (random kept subsets, emptied sublayers, everything kept,
 real-valued scales including negative ones), every family and every head, with padding in the batch.
 Also: emptied sublayers compute LN(X + b_out), replacement weights and indices are checked, and the
@@ -14,9 +14,9 @@ import torch
 from conftest import assert_same_plan
 from torch import nn
 
-from prunekit.adapters import LayerShape, get_adapter
-from prunekit.masks import apply_masks
-from prunekit.surgery import LayerPlan, PruningPlan, apply_plan, prune_heads, prune_neurons, slice_linear
+from prunekit.core.masks import apply_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, prune_heads, prune_neurons, slice_linear
+from prunekit.families import LayerShape, get_adapter
 
 H, D_H, D, D_FF = 4, 8, 32, 37
 ATOL = 1e-5

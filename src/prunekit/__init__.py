@@ -4,14 +4,17 @@ Importing prunekit registers its pruned-model classes with the transformers Auto
 ``AutoModelForSequenceClassification.from_pretrained(pruned_folder)`` works after ``import prunekit``.
 """
 
-from .accounting import count_flops, count_params
-from .api import PruneOptions, PruneResult, apply_plan, prune
-from .bench import measure_latency
-from .errors import ConfigError, DataError, ModelError, PrunekitError
-from .export import export_onnx
-from .io import load_model, load_plan, load_pruned, save_pruned
+from prunekit import _compat
+from prunekit.api import PruneOptions, PruneResult, apply_plan, prune
+from prunekit.bench import measure_latency
+from prunekit.core.accounting import count_flops, count_params
+from prunekit.core.errors import ConfigError, DataError, ModelError, PrunekitError
+from prunekit.core.io import load_model, load_plan, load_pruned, save_pruned
+from prunekit.export import export_onnx
 
 __version__ = "0.1.0"
+
+_compat.install()  # the 0.1 import paths (prunekit.surgery, prunekit.data, ...) keep working
 
 __all__ = [
     "ConfigError",

@@ -7,7 +7,7 @@ One pipeline for every method, calibration-based or training-based:
 ``prune`` takes a fine-tuned model, builds the method's task data (a calibration sample, or
 training features and a dev scorer), runs a method from ``prunekit.methods`` (which returns a
 plan and leaves the teacher unchanged), applies the plan to a copy of the teacher
-(``prunekit.surgery.apply_plan``, the one surgery path) and hands back the pruned model with its
+(``prunekit.core.surgery.apply_plan``, the one surgery path) and hands back the pruned model with its
 report. ``prune_many`` does the same for several budgets from one calibration; ``prune_and_save``
 and ``prune_and_save_many`` are the CLI's ``prunekit prune`` workflow (prune, evaluate, benchmark,
 save). All four take one :class:`PruneOptions` (or its fields as keyword arguments; any other
@@ -29,21 +29,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import preflight
-from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
-from .adapters import get_adapter
-from .bench import measure_generation, measure_latency
-from .data import CalibrationSample, TaskData, build_calibration_sample, build_training_data
-from .errors import ConfigError, ModelError
-from .io import as_pruned_model, check_output_dir, load_model, load_plan, load_tokenizer, save_pruned
-from .lut import sublayer_costs
-from .methods import MethodSpec, get_method
-from .reports import kv_heads_panel, plot_structure
-from .runtime import library_versions, limit_heap_growth, peak_rss_bytes, resolve_device
-from .search import current_widths, full_widths, total_cost
-from .surgery import PruningPlan
-from .surgery import apply_plan as _surgery
-from .tasks import TaskSpec, get_task
+from prunekit.bench import measure_generation, measure_latency
+from prunekit.core import preflight
+from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
+from prunekit.core.errors import ConfigError, ModelError
+from prunekit.core.io import (
+    as_pruned_model,
+    check_output_dir,
+    load_model,
+    load_plan,
+    load_tokenizer,
+    save_pruned,
+)
+from prunekit.core.runtime import library_versions, limit_heap_growth, peak_rss_bytes, resolve_device
+from prunekit.core.surgery import PruningPlan
+from prunekit.core.surgery import apply_plan as _surgery
+from prunekit.families import get_adapter
+from prunekit.methods import MethodSpec, get_method
+from prunekit.methods.lut import sublayer_costs
+from prunekit.methods.search import current_widths, full_widths, total_cost
+from prunekit.reports import kv_heads_panel, plot_structure
+from prunekit.tasks import CalibrationSample, TaskData, build_calibration_sample, build_training_data
+from prunekit.tasks.dispatch import check_split
+from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +114,7 @@ class PruneOptions:
             calibration window length L (``num_sequences`` windows of L tokens), the perplexity
             window and stride, and the new tokens of the decode benchmark (``prune_and_save``).
         uniform: every layer keeps the same query heads, key/value heads and FFN width (the
-            method's plan is equalised by ``prunekit.uniform.uniform_plan`` within its cost) and
+            method's plan is equalised by ``prunekit.core.uniform.uniform_plan`` within its cost) and
             the folder is the family's stock class, loading without prunekit (decoders).
     """
 
@@ -157,7 +165,7 @@ class PruneOptions:
 
 
 def loss_kind(task: TaskSpec) -> str:
-    """Which distillation loss a task's head takes (prunekit.losses)."""
+    """Which distillation loss a task's head takes (prunekit.tasks.losses)."""
     if task.head == "question_answering":
         return "qa"
     if task.kind == "causal_lm":
@@ -413,7 +421,7 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             start = time.perf_counter()
             plan, log = spec.run(teacher, task_data, config)
             if options.uniform:
-                from .uniform import uniform_plan
+                from prunekit.core.uniform import uniform_plan
 
                 # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
                 plan, log["uniform"] = uniform_plan(get_adapter(teacher), plan,
@@ -491,7 +499,7 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path) 
     folder (its plan.json + plan.safetensors). A teacher folder is loaded with the head the plan's
     folder was saved with; a given teacher model is copied, never changed. Returns the pruned
     model, ready for ``save_pruned``."""
-    from .io import load_pruned
+    from prunekit.core.io import load_pruned
 
     plan = load_plan(plan)
     model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
@@ -539,7 +547,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_head_fits_task(teacher.config, task)
     if options.run_eval:
-        preflight.check_split(task, data, "dev")  # before pruning, not after it
+        check_split(task, data, "dev")  # before pruning, not after it
     if options.run_bench:
         preflight.check_positive("bench_batch_size", options.bench_batch_size)
         preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
@@ -552,7 +560,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     reports = []
     for result, out in zip(results, out_dirs, strict=True):
         if options.run_eval:
-            from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+            from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
             window = {"window": options.eval_window, "stride": options.eval_stride} if task.kind == "causal_lm" else {}
             if teacher_eval is None:

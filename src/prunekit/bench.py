@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark as tbench
 
-from .accounting import count_flops, count_params
-from .errors import ConfigError
+from prunekit.core.accounting import count_flops, count_params
+from prunekit.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def measure_latency(
     latency_ms_rounds, baseline_ms?, speedup?}]}``; the latency of each round is that round's
     ``blocked_autorange`` median, and the reported value the median over rounds.
     """
-    from .preflight import check_positive
+    from prunekit.core.preflight import check_positive
 
     check_positive("rounds", rounds)
     check_positive("threads", threads)

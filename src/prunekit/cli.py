@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import PrunekitError
+from prunekit.core.errors import PrunekitError
 
 logger = logging.getLogger("prunekit")
 
@@ -226,15 +226,15 @@ def _device(args: argparse.Namespace) -> str | None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from .reports import markdown_table
+    from prunekit.reports import markdown_table
 
     columns = [(key, key) for key in rows[0]]
     print(markdown_table(rows, columns))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import prune_and_save, prune_and_save_many
-    from .demo import summary_rows
+    from prunekit.api import prune_and_save, prune_and_save_many
+    from prunekit.demo import summary_rows
 
     options = dict(args.set)
     if args.lut is not None:
@@ -247,8 +247,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["resume"] = True
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
-    from .methods import get_method
-    from .tasks import get_task
+    from prunekit.methods import get_method
+    from prunekit.tasks.spec import get_task
 
     lm = get_task(args.task).kind == "causal_lm"
     if lm and options.get("seq_len") is not None:
@@ -276,7 +276,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
         folders = [args.out]
     else:
-        from .api import budget_name, budgets_from
+        from prunekit.api import budget_name, budgets_from
 
         reports = prune_and_save_many(args.model, args.out, args.data, **budget, **common)
         folders = [str(Path(args.out) / budget_name(b)) for b in budgets_from(**budget, keep_params=args.keep_params)]
@@ -292,10 +292,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .io import load_model, load_tokenizer
-    from .preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
-    from .tasks import get_task
+    from prunekit.core.io import load_model, load_tokenizer
+    from prunekit.core.preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
+    from prunekit.tasks.evaluate import evaluate
+    from prunekit.tasks.spec import get_task
 
     task = get_task(args.task)
     check_writable_file(args.json)  # before the evaluation, not after it
@@ -317,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from prunekit.tasks.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                             doc_stride=args.doc_stride, seed=args.seed, max_train_samples=args.max_train_samples,
@@ -337,8 +337,8 @@ def _int_list(text: str) -> list[int]:
 
 def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> int:
     """``bench --generate``: prefill latency and greedy decode tokens/s of a causal LM."""
-    from .bench import measure_generation
-    from .preflight import write_json
+    from prunekit.bench import measure_generation
+    from prunekit.core.preflight import write_json
 
     runs = [measure_generation(model, baseline=baseline, batch_size=b, prompt_len=s, new_tokens=args.new_tokens,
                                device=_device(args), threads=args.threads, repeats=args.rounds)
@@ -351,9 +351,9 @@ def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> in
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import measure_latency
-    from .io import load_pruned
-    from .preflight import check_seq_len, check_writable_file, write_json
+    from prunekit.bench import measure_latency
+    from prunekit.core.io import load_pruned
+    from prunekit.core.preflight import check_seq_len, check_writable_file, write_json
 
     check_writable_file(args.json)
     if args.runtime == "onnxruntime":
@@ -376,9 +376,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_lut(args: argparse.Namespace) -> int:
-    from .io import load_pruned
-    from .lut import measure_latency_table
-    from .preflight import check_seq_len, check_writable_file
+    from prunekit.core.io import load_pruned
+    from prunekit.core.preflight import check_seq_len, check_writable_file
+    from prunekit.methods.lut import measure_latency_table
 
     check_writable_file(args.out, "--out")
     model = load_pruned(args.model)
@@ -396,7 +396,7 @@ def cmd_lut(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from prunekit.compare import compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options: dict[str, dict[str, Any]] = {}
@@ -419,7 +419,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reports import structure_report
+    from prunekit.reports import structure_report
 
     path = structure_report(args.model, args.out)
     print(f"structure plot written to {path}")
@@ -427,8 +427,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_apply_plan(args: argparse.Namespace) -> int:
-    from .api import apply_plan
-    from .io import REPORT_FILE, check_output_dir, load_plan, load_tokenizer, save_pruned
+    from prunekit.api import apply_plan
+    from prunekit.core.io import REPORT_FILE, check_output_dir, load_plan, load_tokenizer, save_pruned
 
     inputs = (args.model, args.plan)
     check_output_dir(args.out, args.overwrite, inputs)
@@ -444,7 +444,7 @@ def cmd_apply_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo, summary_rows
+    from prunekit.demo import demo, summary_rows
 
     report = demo(data=args.data, out_dir=args.out, keep_flops=args.keep_flops, num_tokens=args.num_tokens,
                   train_samples=args.train_samples or None, epochs=args.epochs, seed=args.seed,
@@ -479,7 +479,7 @@ def _cpu_only(args: argparse.Namespace) -> None:
 
 
 def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    from .onnxrt import measure_onnx_latency
+    from prunekit.onnxrt import measure_onnx_latency
 
     _cpu_only(args)
     return measure_onnx_latency(args.model, baseline=args.baseline, batch_sizes=_int_list(args.batch_sizes),
@@ -488,8 +488,8 @@ def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _onnx_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .export import export_tokenizer
-    from .onnxrt import OnnxModel
+    from prunekit.export import export_tokenizer
+    from prunekit.onnxrt import OnnxModel
 
     _cpu_only(args)
     model = OnnxModel(args.onnx)
@@ -497,7 +497,7 @@ def _onnx_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, read_export
+    from prunekit.export import export_onnx, read_export
 
     out = export_onnx(args.model, args.out, format=args.format, quantize=args.quantize, exporter=args.exporter,
                       opset=args.opset, atol=args.atol, overwrite=args.overwrite)
@@ -523,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        from .preflight import check_cli_sizes, check_device
+        from prunekit.core.preflight import check_cli_sizes, check_device
 
         check_cli_sizes(args)  # zero or negative sizes are refused, never replaced by a default
         check_device(getattr(args, "device", None))

@@ -27,17 +27,17 @@ from typing import Any
 
 import torch
 
-from . import preflight
-from .accounting import count_flops, count_non_embedding_params, count_params, full_flops
-from .api import PruneOptions, budget_name, calibration_length, prune_many
-from .bench import measure_generation, measure_latency
-from .data import build_calibration_sample
-from .errors import ConfigError
-from .io import atomic_output_dir, check_output_dir, load_model, load_tokenizer
-from .methods import get_method
-from .reports import markdown_table, plot_compare
-from .runtime import library_versions, resolve_device
-from .tasks import get_task
+from prunekit.api import PruneOptions, budget_name, calibration_length, prune_many
+from prunekit.bench import measure_generation, measure_latency
+from prunekit.core import preflight
+from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
+from prunekit.core.errors import ConfigError
+from prunekit.core.io import atomic_output_dir, check_output_dir, load_model, load_tokenizer
+from prunekit.core.runtime import library_versions, resolve_device
+from prunekit.methods import get_method
+from prunekit.reports import markdown_table, plot_compare
+from prunekit.tasks import build_calibration_sample
+from prunekit.tasks.spec import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
         raise ConfigError(f"no budgets given: pass keep_{budget_kind}, e.g. 0.7,0.5")
     device = resolve_device(device)
 
-    from .evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+    from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
     teacher = load_model(model_dir, head=task_spec.head).to(device)
     tokenizer = load_tokenizer(tokenizer or model_dir)

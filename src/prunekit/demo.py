@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from prunekit.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def cached_teacher(
     device: str | None = None,
 ) -> Path:
     """The fine-tuned SST-2 teacher, made once and reused from the cache afterwards."""
-    from .finetune import FinetuneConfig, finetune
+    from prunekit.tasks.finetune import FinetuneConfig, finetune
 
     root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prunekit" / "teachers"
     name = f"minilm-sst2-n{train_samples or 'all'}-e{epochs}-s{seed}"
@@ -75,7 +75,7 @@ def demo(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the pruning report (with evaluation and latency)."""
-    from .api import prune_and_save
+    from prunekit.api import prune_and_save
 
     data = data or default_sst2_data()
     teacher = cached_teacher(data, train_samples, epochs, seed, cache_dir, device)

@@ -2,7 +2,7 @@
 
 :class:`OnnxModel` makes an export folder look like the PyTorch model it came from (a module whose
 ``forward`` takes input_ids / attention_mask / token_type_ids and returns ``.logits`` or
-``.start_logits`` / ``.end_logits``), so :func:`prunekit.evaluate.evaluate` scores it with the
+``.start_logits`` / ``.end_logits``), so :func:`prunekit.tasks.evaluate.evaluate` scores it with the
 same data, feature and metric code as any model (GLUE and SQuAD).
 
 :func:`measure_onnx_latency` is ``prunekit.bench.measure_latency`` for ONNX Runtime: the same
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import _inputs
-from .errors import ConfigError
-from .export import export_onnx, is_export_dir, ort_session, read_export
+from prunekit.bench import _inputs
+from prunekit.core.errors import ConfigError
+from prunekit.export import export_onnx, is_export_dir, ort_session, read_export
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .adapters import get_adapter
-from .io import load_pruned
+from prunekit.core.io import load_pruned
+from prunekit.families import get_adapter
 
 
 def _pyplot() -> Any:

@@ -5,10 +5,10 @@ One contract for every method, calibration-based or training-based:
     method(view, data, config) -> (PruningPlan, log)
 
 ``view`` is the teacher's model view (a ``ModelAdapter``, or the model itself), which the method
-leaves unchanged; ``data`` is a :class:`prunekit.data.TaskData` (the loss kind and a calibration
+leaves unchanged; ``data`` is a :class:`prunekit.tasks.TaskData` (the loss kind and a calibration
 sample, or training features with a dev scorer: methods never build datasets or evaluate);
 ``config`` is the method's config. The plan records everything the method decided and
-``prunekit.surgery.apply_plan`` (the one surgery path) turns it into the pruned model; the log is
+``prunekit.core.surgery.apply_plan`` (the one surgery path) turns it into the pruned model; the log is
 JSON for the report.
 
 A method may also have a ``prepare(view, data, config)`` step whose result does not depend on the
@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError
-from .baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
-from .cofi import CofiConfig, cofi, cofi_report_fields
-from .kprune import KpruneConfig, kprune, kprune_prepare
-from .kwon import KwonConfig, kwon, kwon_fisher
+from prunekit.core.errors import ConfigError
+from prunekit.methods.baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
+from prunekit.methods.cofi import CofiConfig, cofi, cofi_report_fields
+from prunekit.methods.kprune import KpruneConfig, kprune, kprune_prepare
+from prunekit.methods.kwon import KwonConfig, kwon, kwon_fisher
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class MethodSpec:
     prepare: Callable[..., Any] | None = None  # budget-independent first step, reused across budgets
     # Default calibration sample size: {"num_tokens": N} or {"num_sequences": N} (spec §1.2, §3.1).
     sample_size: dict[str, int] = field(default_factory=lambda: {"num_tokens": 100_000})
-    # Training-based (CoFi): trains on the task's train split (prunekit.data.build_training_data)
+    # Training-based (CoFi): trains on the task's train split (prunekit.tasks.build_training_data)
     # instead of a calibration sample.
     training: bool = False
     # Extra report fields from (config, log), e.g. CoFi's achieved sparsity.

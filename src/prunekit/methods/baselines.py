@@ -6,14 +6,14 @@ length (its mean length, unless ``seq_len`` is given).
 - ``magnitude``: a unit's importance is the squared L2 norm of its weights (``power`` 2): for a
   head the rows of Q, K and V and the columns of the output projection it owns, for a neuron its
   FFN-in row (and gate row) and FFN-out column. Kept units come from the same global search as
-  Kwon et al.'s (``prunekit.search.knapsack_search``). With power 2 a unit's score grows with its
+  Kwon et al.'s (``prunekit.methods.search.knapsack_search``). With power 2 a unit's score grows with its
   parameter count, as its FLOPs do, so heads and neurons compete on even terms.
 - ``random``: seeded random priorities; units are kept in that order while the budget allows
-  (``prunekit.search.prefix_search``), so heads and neurons are kept in about the same proportion.
+  (``prunekit.methods.search.prefix_search``), so heads and neurons are kept in about the same proportion.
   (Random scores in a knapsack would instead keep the cheapest type first.)
 
 Both take a FLOPs budget, a latency budget with a latency table (``prunekit lut``), or a budget
-of non-embedding parameters (``keep_params``, priced by ``prunekit.search.params_costs``).
+of non-embedding parameters (``keep_params``, priced by ``prunekit.methods.search.params_costs``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import budget_kind_of, check_budget, kv_head_flops, params_unit_budget
-from ..adapters import ModelAdapter, view_of
-from ..data.task_data import TaskData
-from ..errors import ConfigError
-from ..lut import per_unit_costs, sublayer_costs
-from ..search import (
+from prunekit.core.accounting import budget_kind_of, check_budget, kv_head_flops, params_unit_budget
+from prunekit.core.errors import ConfigError
+from prunekit.core.surgery import LayerPlan, PruningPlan
+from prunekit.families import ModelAdapter, view_of
+from prunekit.methods.lut import per_unit_costs, sublayer_costs
+from prunekit.methods.search import (
     SearchResult,
     SublayerId,
     full_widths,
@@ -39,7 +39,7 @@ from ..search import (
     prefix_search,
     total_cost,
 )
-from ..surgery import LayerPlan, PruningPlan
+from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ Algorithm (cofi.md §0-§5), as run by :func:`cofi`:
         θ, log α ← AdamW descent on L;  λ ← AdamW ascent on L;  clamp log α to [log 0.01, log 100]
         every k steps: evaluate with deterministic gates; keep the best state once ŝ ≥ t_final − ε
     fold the deterministic gate values into the weights; remove closed heads, neurons, whole
-        sublayers and hidden dims (prunekit.surgery)
+        sublayers and hidden dims (prunekit.core.surgery)
     fine-tune the small model with the same distillation loss, keeping the best dev state
 
 Size is the expected number of prunable encoder parameters (``keep_params``, CoFi's sparsity is
-1 − keep_params) or, beyond the paper, the expected encoder FLOPs from ``prunekit.accounting``
+1 − keep_params) or, beyond the paper, the expected encoder FLOPs from ``prunekit.core.accounting``
 (``keep_flops``). Training runs on Hugging Face Accelerate, so the same code runs on CPU, a GPU or
 (with ``accelerate launch``) several, with mixed precision, gradient accumulation, checkpoints
 and resume. The model is reached only through the adapter, the gates only through
-``prunekit.masks.apply_gates``.
+``prunekit.core.masks.apply_gates``.
 """
 
 from __future__ import annotations
@@ -43,16 +43,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import count_flops, count_prunable_params, full_flops, full_prunable_params, unit_costs
-from ..adapters import ModelAdapter, get_adapter, view_of
-from ..data.task_data import TaskData, TrainingData
-from ..errors import ConfigError, ModelError
-from ..l0 import CofiGates, GateValues
-from ..losses import distill_loss, teacher_targets
-from ..masks import GateHolder, apply_gates
-from ..preflight import check_cofi_schedule
-from ..surgery import LayerPlan, PruningPlan, apply_plan, slice_linear
-from .cofi_target import project_to_target
+from prunekit.core.accounting import (
+    count_flops,
+    count_prunable_params,
+    full_flops,
+    full_prunable_params,
+    unit_costs,
+)
+from prunekit.core.errors import ConfigError, ModelError
+from prunekit.core.masks import GateHolder, apply_gates
+from prunekit.core.preflight import check_cofi_schedule
+from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, slice_linear
+from prunekit.families import ModelAdapter, get_adapter, view_of
+from prunekit.methods.cofi_target import project_to_target
+from prunekit.methods.l0 import CofiGates, GateValues
+from prunekit.tasks.losses import distill_loss, teacher_targets
+from prunekit.tasks.task_data import TaskData, TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +201,7 @@ class SizeModel:
 class CofiStudent(nn.Module):
     """The student model with its gates and the layer-distillation map W_layer, as one module so
     that data parallelism sees every trained parameter. Gates act through hooks installed by
-    :func:`prunekit.masks.apply_gates` reading ``holder``."""
+    :func:`prunekit.core.masks.apply_gates` reading ``holder``."""
 
     def __init__(self, model: nn.Module, gates: CofiGates | None, transform: nn.Linear | None) -> None:
         super().__init__()
@@ -268,7 +274,7 @@ def layer_distill_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: S
 # ---- surgery ----------------------------------------------------------------------------------------
 def gate_plan(model: nn.Module | ModelAdapter, values: GateValues) -> PruningPlan:
     """The plan that folds deterministic gate values into ``model``'s weights and removes what they
-    close (applied by :func:`prunekit.surgery.apply_plan`, the one surgery path).
+    close (applied by :func:`prunekit.core.surgery.apply_plan`, the one surgery path).
 
     Layer gates scale the output projection and its bias (what the gated model computes); head and
     neuron values are folded as unit scales; a sublayer that is off is removed (the identity);
@@ -337,13 +343,13 @@ def cofi(model: nn.Module | ModelAdapter, data: TaskData, config: CofiConfig) ->
     """CoFi's plan for ``model`` (the teacher, left unchanged) and a log.
 
     The student, a copy of ``data.student_init`` or of the teacher, is trained with gates, cut by
-    the gate plan (:func:`gate_plan`, applied by :func:`prunekit.surgery.apply_plan`), then
+    the gate plan (:func:`gate_plan`, applied by :func:`prunekit.core.surgery.apply_plan`), then
     fine-tuned. Since every weight is trained, the returned plan carries, besides the kept units,
     removals, hidden dims and gates, the trained weights of the pruned student
     (``plan.weights``): ``apply_plan(teacher, plan)`` rebuilds it.
 
     ``data`` holds the training features and dev scorer (``data.training``, from
-    :func:`prunekit.data.build_training_data`), the FLOPs length ``seq_len`` and the device;
+    :func:`prunekit.tasks.build_training_data`), the FLOPs length ``seq_len`` and the device;
     ``data.checkpoint_dir`` receives a checkpoint every ``save_steps`` steps and at the end of each
     stage; with ``data.resume`` the run continues from the checkpoint found there (same config and
     data).
@@ -436,7 +442,7 @@ def _cofi(teacher: nn.Module, student: nn.Module, data: TrainingData, config: Co
                 (Path(checkpoint_dir) / "finetune" / "prune_log.json").write_text(json.dumps(log))
         resume_finetune = False
     else:
-        from ..io import load_plan, load_pruned
+        from prunekit.core.io import load_plan, load_pruned
 
         folder = Path(checkpoint_dir) / "finetune"
         student = load_pruned(folder / "model")
@@ -705,7 +711,7 @@ def _save_checkpoint(accelerator, student: CofiStudent, run: _Run, checkpoint_di
     folder = Path(checkpoint_dir) / run.stage
     folder.mkdir(parents=True, exist_ok=True)
     if run.stage == "finetune" and (new_stage or not (folder / "model").is_dir()):
-        from ..io import as_pruned_model, save_plan
+        from prunekit.core.io import as_pruned_model, save_plan
 
         model = as_pruned_model(student.model)
         shutil.rmtree(folder / "model", ignore_errors=True)

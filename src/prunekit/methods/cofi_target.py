@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import ModelAdapter
-from ..l0 import SOFT_FACTOR, TEMPERATURE, CofiGates, GateValues, _on, keep_probability
+from prunekit.families import ModelAdapter
+from prunekit.methods.l0 import SOFT_FACTOR, TEMPERATURE, CofiGates, GateValues, _on, keep_probability
 
 
 def structure_size(values: GateValues, sizer: Any, adapter: ModelAdapter) -> float:
@@ -138,7 +138,7 @@ def _ungated_size(values: GateValues, sizer: Any, adapter: ModelAdapter, h: int)
 
 
 def _soft(log_alpha: torch.Tensor) -> torch.Tensor:
-    """The deterministic value of an open gate (as prunekit.l0.deterministic_gate gives it)."""
+    """The deterministic value of an open gate (as prunekit.methods.l0.deterministic_gate gives it)."""
     return torch.sigmoid(SOFT_FACTOR * log_alpha.detach().float() / TEMPERATURE)
 
 

@@ -29,7 +29,7 @@ Differences from the reference code, all from spec §7:
   aligned by construction.
 
 Budgets: FLOPs by default; with ``keep_latency`` and a latency table (``prunekit lut``) each unit
-costs its sublayer's fitted full latency divided by its units (``prunekit.lut.per_unit_costs``).
+costs its sublayer's fitted full latency divided by its units (``prunekit.methods.lut.per_unit_costs``).
 One calibration, many budgets: ``kprune_prepare`` computes what comes before the first decision
 (the teacher's targets, its first layer, and the first knowledge pass), which ``kprune(...,
 prepared=...)`` reuses.
@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import (
+from prunekit.core.accounting import (
     UnitCosts,
     budget_kind_of,
     check_budget,
@@ -57,14 +57,14 @@ from ..accounting import (
     params_unit_budget,
     unit_costs,
 )
-from ..adapters import ModelAdapter, SublayerKind, get_adapter, view_of
-from ..data.task_data import TaskData
-from ..errors import ConfigError
-from ..layerwise import LayerRunner, capture_residual, model_inputs
-from ..losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
-from ..lut import per_unit_costs
-from ..masks import apply_masks, frozen_for_masks
-from ..surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import apply_masks, frozen_for_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
+from prunekit.families import ModelAdapter, SublayerKind, get_adapter, view_of
+from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
+from prunekit.methods.lut import per_unit_costs
+from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
+from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class KpruneConfig:
     # QA: also mask question and special tokens (not [CLS]) with the batches' p_mask (spec P13)
     mask_special: bool = False
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
-    # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.losses)
+    # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.tasks.losses)
     top_k: int = DEFAULT_LM_TOP_K
 
     def __post_init__(self) -> None:
@@ -282,7 +282,7 @@ def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
     if any("p_mask" not in batch for batch in sample.batches):
         raise ConfigError(
             "mask_special needs calibration batches with a 'p_mask' (positions that cannot be an answer); "
-            "build the sample with prunekit.data.build_calibration_sample for a SQuAD task"
+            "build the sample with prunekit.tasks.build_calibration_sample for a SQuAD task"
         )
 
 

@@ -6,7 +6,7 @@ kprune_kwon.md §3 and §7.
    kept, and the diagonal Fisher of a unit is Σ_b g_b² (§3.2).
 2. Mask search: the exact two-type knapsack under the FLOPs budget (or the layer-dropping search
    under a latency budget), once at the target C and once at the teacher-assistant budget √C
-   (§3.3, §3.4; ``prunekit.search``).
+   (§3.3, §3.4; ``prunekit.methods.search``).
 3. Mask rearrangement: per layer and unit type, a greedy swap search with the block-diagonal
    Fisher built from the per-batch gradients; the number of kept units does not change (§3.5).
 4. Mask tuning: layer by layer, the kept units' mask values are re-fitted by damped linear least
@@ -20,7 +20,7 @@ Differences from the reference code, from spec §7:
   scales stay 1) and is logged; later layers are still tuned. The damping is a proper ridge,
   min ‖A x − b‖² + damp²·‖x − 1‖², solved in float64 by Cholesky, not LSMR on the Gram system.
 - P10: the latency search resets its budget for every configuration and can drop every layer.
-- P11: masks are pre-hooks on the output projections (``prunekit.masks``), not ``head_mask``.
+- P11: masks are pre-hooks on the output projections (``prunekit.core.masks``), not ``head_mask``.
 - P15: the masks are folded into the weights; the reference only ever returned masks.
 Kept as the reference does it: per-batch (not per-example) gradients (P8); the teacher-assistant
 model at √C as the tuning target; no tuning of the first layer's attention; for sequence-level heads
@@ -46,22 +46,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accounting import (
+from prunekit.core.accounting import (
     budget_kind_of,
     check_budget,
     count_non_embedding_params,
     kv_head_flops,
     params_unit_budget,
 )
-from ..adapters import ModelAdapter, view_of
-from ..data.task_data import TaskData
-from ..errors import ConfigError
-from ..layerwise import LayerRunner, capture_residual, model_inputs
-from ..losses import TASK_KINDS
-from ..lut import per_unit_costs, sublayer_costs
-from ..masks import apply_masks, frozen_for_masks, full_masks
-from ..search import SublayerId, full_widths, knapsack_search, params_costs, total_cost
-from ..surgery import LayerPlan, PruningPlan
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
+from prunekit.core.surgery import LayerPlan, PruningPlan
+from prunekit.families import ModelAdapter, view_of
+from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
+from prunekit.methods.lut import per_unit_costs, sublayer_costs
+from prunekit.methods.search import SublayerId, full_widths, knapsack_search, params_costs, total_cost
+from prunekit.tasks.losses import TASK_KINDS
+from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,143 @@
+"""The files that make a saved pruned folder explain and load itself (issue 11, item 4).
+
+- ``README.md``: what was pruned, from what, by which method to which budget, and how to load it.
+- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``; for
+  the decoder families their own ``configuration_prunekit_<family>.py`` and
+  ``modeling_prunekit_<family>.py``), named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
+  pruned model with ``trust_remote_code=True``. These files never import prunekit. With prunekit
+  imported its own registered classes are used and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# The encoder families share one pair of files; every other family has its own pair, named by its
+# model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
+# Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.
+REMOTE_FILES = ("configuration_prunekit.py", "modeling_prunekit.py")
+_SHARED_FILES_FAMILIES = ("bert", "roberta", "distilbert")
+README = "README.md"
+_AUTO_FOR_HEAD = {"sequence_classification": "AutoModelForSequenceClassification",
+                  "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM",
+                  "base": "AutoModel"}
+
+
+def remote_files(family: str) -> tuple[str, ...] | None:
+    """The remote-code files of ``family``: the one file its adapter names (``remote_code``), the
+    encoders' shared (configuration, modeling) pair, or the family's own pair by name; None if it
+    has none."""
+    adapter = _remote_adapter(family)
+    if adapter is not None:
+        return (Path(adapter.remote_code).name,)
+    if family in _SHARED_FILES_FAMILIES:
+        return REMOTE_FILES
+    own = (f"configuration_prunekit_{family}.py", f"modeling_prunekit_{family}.py")
+    return own if all((REMOTE_CODE_DIR / name).is_file() for name in own) else None
+
+
+def auto_map(family: str) -> dict[str, str]:
+    """config.json's ``auto_map`` for a pruned model of ``family``: the configuration class and,
+    for each head of the family's adapter, its pruned class in the remote code."""
+    from prunekit.families import ADAPTERS
+
+    files = remote_files(family)
+    if files is None:
+        raise ValueError(f"no remote code for the {family} family")
+    config_module, model_module = (name.removesuffix(".py") for name in (files[0], files[-1]))
+    classes = ADAPTERS[family].model_classes
+    config_class = next(iter(classes.values())).config_class.__name__
+    mapping = {"AutoConfig": f"{config_module}.Prunekit{config_class}"}
+    for head, cls in classes.items():
+        mapping[_AUTO_FOR_HEAD[head]] = f"{model_module}.Pruned{cls.__name__}"
+    return mapping
+
+
+def add_remote_code(folder: Path) -> None:
+    """Copy the remote-code files into ``folder`` and name them in its config.json."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    family = config.get("prunekit_base_model_type")
+    files = remote_files(family) if isinstance(family, str) else None
+    if files is None:
+        return  # not a prunekit config, or a family without remote code: nothing to map
+    for name in files:
+        shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
+    config["auto_map"] = auto_map(family)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _remote_adapter(family: str | None) -> Any:
+    """The adapter of ``family`` when it names its own remote-code file, else None."""
+    from prunekit.families import ADAPTERS  # here: the adapters import the remote-code modules
+
+    adapter = ADAPTERS.get(family or "")
+    return adapter if getattr(adapter, "remote_code", None) else None
+
+
+def _head(config: dict[str, Any]) -> str:
+    from prunekit.core.io import _head_of_architectures
+
+    return _head_of_architectures(config.get("architectures") or [])
+
+
+def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
+    """A short README.md for a saved folder called ``name``: what, from what, how to load."""
+    report = report or {}
+    family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
+    auto = _AUTO_FOR_HEAD[_head(config)]
+    files = remote_files(family) if isinstance(family, str) else None
+    layers = config.get("prunekit_layers") or []
+    lines = [f"# A {family} model pruned by prunekit", ""]
+    what = []
+    if report.get("method"):
+        budget = report.get("budget") or {}
+        what.append(f"- Method: `{report['method']}`"
+                    + (f", budget keep_{budget['kind']} {budget['keep']:g}" if budget else "")
+                    + (f", task `{report['task']}`" if report.get("task") else "") + ".")
+    if report.get("teacher"):
+        what.append(f"- Pruned from: `{report['teacher']}`.")
+    if report.get("flops_kept") is not None:
+        what.append(f"- Encoder FLOPs kept: {report['flops_kept']:.4f}; parameters kept: "
+                    f"{report.get('params_kept', float('nan')):.4f}"
+                    + (f"; achieved keep_{report['budget']['kind']} {report['achieved_keep']:.4f}"
+                       if report.get("achieved_keep") is not None else "") + ".")
+    if layers:
+        heads = ", ".join(str(layer.get("num_heads")) for layer in layers)
+        neurons = ", ".join(str(layer.get("intermediate_size")) for layer in layers)
+        what.append(f"- Heads kept per layer: {heads}; FFN neurons kept per layer: {neurons}.")
+    if config.get("prunekit_hidden_size"):
+        what.append(f"- Residual stream narrowed to {config['prunekit_hidden_size']} dimensions.")
+    version = (report.get("versions") or {}).get("prunekit")
+    what.append("- Written by prunekit" + (f" {version}" if version else "")
+                + "; the full record is in `prune_report.json`." if report else "- Written by prunekit.")
+    if "prunekit_base_model_type" not in config:  # a --uniform folder: the family's stock class
+        architecture = (config.get("architectures") or ["the family's class"])[0]
+        lines += what + ["", "## Loading it", "", f"Every layer has the same widths, so this is a stock "
+                         f"`{architecture}` folder: it loads with no prunekit and no remote code.", "",
+                         "```python", f"from transformers import {auto}",
+                         f'model = {auto}.from_pretrained("PATH")', "```", ""]
+        return "\n".join(lines).replace("PATH", name)
+    family = config.get("prunekit_base_model_type")
+    files = remote_files(family) if isinstance(family, str) else None
+    lines += what + ["", "## Loading it", "", "```python", "import prunekit",
+                     'model = prunekit.load_pruned("PATH")', "", "# or, after `import prunekit`, the Auto class:",
+                     f"from transformers import {auto}", f'model = {auto}.from_pretrained("PATH")', "```", ""]
+    if files is not None:  # a family without remote code (yet) needs prunekit to load
+        lines += ["Without prunekit installed, plain transformers runs the code saved in this folder "
+                  f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
+                  "```python", f"from transformers import {auto}",
+                  f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", ""]
+    lines += ["The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
+              "heads or neurons; a removed sublayer is the identity).", ""]
+    return "\n".join(lines).replace("PATH", name)
+
+
+def write_readme(folder: Path, report: dict[str, Any] | None, name: str) -> None:
+    """Write README.md into ``folder`` (a temporary folder that becomes ``name``)."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / README).write_text(readme_text(name, config, report))

@@ -1,0 +1,323 @@
+"""Checks that run before any work (issue 11): everything a run can know is wrong before it starts
+is refused up front with one line that names the problem and the fix, so that no run spends
+minutes pruning and then fails, or, worse, finishes with a silently wrong result.
+
+Each function checks one thing and raises a :mod:`prunekit.core.errors` error (or, for what is
+allowed but almost certainly not meant, logs a warning and returns it). The API, the CLI and the
+methods call them at their entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.core.errors import ConfigError, DataError, ModelError
+from prunekit.core.view import LayerShape
+
+logger = logging.getLogger(__name__)
+
+# Files of which a saved tokenizer has at least one; a folder with none of them would make
+# transformers build an empty tokenizer (five special tokens) that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "merges.txt")
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------
+def check_positive(name: str, value: float | None, minimum: float = 1, integer: bool = True) -> None:
+    """``value`` (None: not given) must be >= ``minimum``; ``name`` is how the user wrote it."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and float(value) != int(value)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if minimum == 0 and value < 0:
+        raise ConfigError(f"{name} must be 0 or more, got {value}")
+    if minimum > 0 and (value < minimum or value <= 0):
+        what = "a positive integer" if integer else "positive"
+        raise ConfigError(f"{name} must be {what}, got {value}")
+
+
+# CLI flags that are sizes: (attribute, smallest allowed value, integer?). A flag a subcommand does
+# not have is skipped, so one table serves every subcommand.
+_CLI_SIZES: tuple[tuple[str, float, bool], ...] = (
+    ("num_tokens", 1, True), ("num_sequences", 1, True), ("batch_size", 1, True), ("bench_batch_size", 1, True),
+    ("seq_len", 1e-9, False), ("bench_seq_len", 1, True), ("max_length", 1, True), ("doc_stride", 0, True),
+    ("rounds", 1, True), ("repeats", 1, True), ("warmup", 0, True), ("neuron_step", 1, True), ("threads", 1, True),
+    ("max_examples", 1, True), ("max_eval_examples", 1, True), ("max_train_samples", 1, True),
+    ("train_samples", 0, True), ("epochs", 1e-9, False), ("finetune_epochs", 0, False), ("seed", 0, True),
+)
+
+
+def check_cli_sizes(args: argparse.Namespace) -> None:
+    """Every size flag of a parsed command line: zero or below is refused, never replaced by a default."""
+    for attr, minimum, integer in _CLI_SIZES:
+        check_positive("--" + attr.replace("_", "-"), getattr(args, attr, None), minimum, integer)
+    for attr in ("batch_sizes", "seq_lens"):
+        text = getattr(args, attr, None)
+        if text is None:
+            continue
+        for part in str(text).split(","):
+            try:
+                value = int(part)
+            except ValueError:
+                raise ConfigError(f"--{attr.replace('_', '-')} {text!r} is not a comma-separated list of "
+                                  "integers, e.g. 1,8,32") from None
+            check_positive(f"--{attr.replace('_', '-')}", value)
+
+
+def check_sample_size(num_tokens: int | None, num_sequences: int | None) -> None:
+    """A calibration sample size of 0 or below must not fall back to the method's default."""
+    check_positive("num_tokens", num_tokens)
+    check_positive("num_sequences", num_sequences)
+
+
+def max_positions(config: Any) -> int | None:
+    """How many token positions a model can embed (RoBERTa's first two are taken by padding)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    base = getattr(config, "prunekit_base_model_type", None) or getattr(config, "model_type", "")
+    if base == "roberta":
+        positions -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return int(positions)
+
+
+def check_seq_len(config: Any, length: float | None, name: str) -> None:
+    """A sequence length above the model's positions cannot run (or counts FLOPs the model never has)."""
+    limit = max_positions(config)
+    if length is None or limit is None:
+        return
+    if length > limit:
+        raise ConfigError(f"{name} {length:g} exceeds the model's {limit} positions "
+                          f"(max_position_embeddings); use {limit} or less")
+
+
+# ---- budgets ------------------------------------------------------------------------------------------
+def check_distinct_budgets(kind: str, values: Sequence[float]) -> None:
+    """Two equal budgets would write the same folder twice (the second after minutes of work)."""
+    seen: set[float] = set()
+    for value in values:
+        if float(value) in seen:
+            raise ConfigError(f"keep_{kind} lists {value:g} twice; give each budget once")
+        seen.add(float(value))
+
+
+def check_lut_used(budget_kind: str, options: Mapping[str, Any]) -> None:
+    """A latency table is read only for a latency budget; given with another it would be ignored."""
+    if options.get("lut") is not None and budget_kind != "latency":
+        raise ConfigError(f"a latency table (--lut / lut=) was given but the budget is keep_{budget_kind}, "
+                          "which does not use it; budget latency with --keep-latency, or drop --lut")
+
+
+def warn_if_all_pruned(model: torch.nn.Module, budget: str) -> str | None:
+    """After pruning: warn (and return the warning) when a budget left no heads or no neurons at
+    all; the model then barely depends on its input."""
+    from prunekit.families import get_adapter
+
+    adapter = get_adapter(model)
+    shapes = adapter.layer_shapes()
+    heads = sum(shape.num_heads for shape in shapes)
+    neurons = sum(shape.intermediate_size for shape in shapes)
+    if heads and neurons:
+        return None
+    full_heads = adapter.full_num_heads * adapter.num_layers
+    full_neurons = adapter.full_intermediate_size * adapter.num_layers
+    message = (f"{budget} leaves {heads} of {full_heads} heads and {neurons} of {full_neurons} FFN neurons: "
+               f"{'every unit' if not heads and not neurons else 'every ' + ('head' if not heads else 'neuron')} "
+               "was pruned, so the model hardly depends on its input; give a larger budget")
+    logger.warning(message)
+    return message
+
+
+def cofi_schedule(config: Any, num_features: int, num_processes: int = 1) -> dict[str, int]:
+    """CoFi's pruning-stage steps as training counts them: total, pre-pruning and warm-up."""
+    batches = math.ceil(num_features / (config.batch_size * num_processes))
+    per_epoch = max(1, batches // config.gradient_accumulation_steps)
+    total = max(1, int(round(config.epochs * per_epoch)))
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return {"steps_per_epoch": per_epoch, "total": total,
+            "prepruning": int(round(config.prepruning_epochs * per_epoch)),
+            "warmup": max(1, int(round(config.warmup_epochs * per_epoch)))}
+
+
+def check_cofi_schedule(config: Any, num_features: int, num_processes: int = 1) -> None:
+    """Refuse a CoFi schedule whose target sparsity is never reached: the warm-up must end, with
+    at least one step at the full target, before the pruning stage does."""
+    check_positive("max_steps", config.max_steps)
+    steps = cofi_schedule(config, num_features, num_processes)
+    pruning = steps["total"] - steps["prepruning"]
+    if steps["warmup"] >= pruning:
+        budget = f"keep_{config.target_kind} {1.0 - config.target_sparsity:g}"
+        raise ConfigError(
+            f"CoFi's schedule cannot reach its target {budget}: the sparsity warm-up takes {steps['warmup']} "
+            f"steps (warmup_epochs {config.warmup_epochs:g} x {steps['steps_per_epoch']} steps per epoch) but the "
+            f"pruning stage has only {pruning} after pre-pruning; raise --epochs (or max_steps), or lower "
+            "--set warmup_epochs")
+
+
+# ---- model, tokenizer, task ---------------------------------------------------------------------------
+def check_tokenizer_files(folder: Path) -> None:
+    """A local model folder must hold a tokenizer (or one must be given with --tokenizer)."""
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); pass the "
+                         "tokenizer with --tokenizer PATH (tokenizer= in Python), or save it into the folder "
+                         "with tokenizer.save_pretrained")
+
+
+def check_tokenizer(tokenizer: Any, where: str) -> None:
+    """A loaded tokenizer that knows only its special tokens turns every word into [UNK]."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    specials = len(set(getattr(tokenizer, "all_special_tokens", []) or []))
+    if size is not None and size <= max(specials, 5):
+        raise ModelError(f"the tokenizer from {where} has only {size} entries (its special tokens), so every "
+                         "word would become [UNK]; pass a real tokenizer with --tokenizer PATH")
+
+
+def check_head_fits_task(config: Any, task: Any) -> None:
+    """The head's label count and problem type must be the task's, also when nothing is evaluated."""
+    if task.head != "sequence_classification":
+        return
+    num_labels = getattr(config, "num_labels", None)
+    problem = getattr(config, "problem_type", None)
+    want = "a regression head (1 output)" if task.is_regression else f"{task.num_labels} labels"
+    have = "a regression head (1 output)" if num_labels == 1 else f"{num_labels} labels"
+    if num_labels is not None and num_labels != task.num_labels:
+        raise ModelError(f"the model's head has {have} but task {task.name!r} needs {want}; "
+                         f"prune a model fine-tuned on {task.name} (prunekit finetune) or pick the matching task")
+    if problem is not None and (problem == "regression") != task.is_regression:
+        raise ModelError(f"the model's head is for {problem.replace('_', ' ')} but task {task.name!r} is "
+                         f"{'regression' if task.is_regression else 'classification'}; prune a model "
+                         f"fine-tuned on {task.name} (prunekit finetune)")
+
+
+def check_not_meta(model: torch.nn.Module) -> None:
+    """A model on the meta device has shapes but no weights; pruning it would compute nothing."""
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        raise ModelError("the model's weights are on the meta device (not loaded); load it with "
+                         "from_pretrained without device_map='meta' or init_empty_weights, then prune it")
+
+
+def check_config_dict(folder: Path, config: Any) -> None:
+    """config.json must be a JSON object, and prunekit's layer list must be well formed."""
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / 'config.json'} holds a JSON {type(config).__name__}, not an object with the "
+                         "model's settings; the folder is not a model")
+    if "prunekit_layers" in config or "prunekit_hidden_size" in config:
+        check_prunekit_layers(folder, config)
+
+
+def check_prunekit_layers(folder: Path, config: Mapping[str, Any]) -> None:
+    """``prunekit_layers``: one {num_heads, intermediate_size[, attention_removed, ffn_removed,
+    num_kv_heads, kv_map]} per layer, each width between 0 and the config's;
+    ``prunekit_hidden_size`` None or in (0, d]."""
+    where = f"prunekit_layers in {folder / 'config.json'}"
+    layers = config.get("prunekit_layers")
+    num_layers = config.get("num_hidden_layers", config.get("n_layers"))
+    heads = config.get("num_attention_heads", config.get("n_heads"))
+    ffn = config.get("intermediate_size", config.get("hidden_dim"))
+    hidden = config.get("hidden_size", config.get("dim"))
+    if layers is not None:
+        if not isinstance(layers, list):
+            raise ModelError(f"{where} must be a list with one entry per layer, got a {type(layers).__name__}")
+        if isinstance(num_layers, int) and len(layers) != num_layers:
+            raise ModelError(f"{where} lists {len(layers)} layers but the model has {num_layers}")
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                raise ModelError(f"{where}: entry {index} must be an object like "
+                                 f'{{"num_heads": 12, "intermediate_size": 3072}}, got {layer!r}')
+            unknown = set(layer) - {f.name for f in dataclasses.fields(LayerShape)}
+            if unknown:
+                raise ModelError(f"{where}: entry {index} has unknown key(s) {', '.join(sorted(unknown))}")
+            _check_kv_fields(where, index, layer, config.get("num_key_value_heads"))
+            for key, limit in (("num_heads", heads), ("intermediate_size", ffn)):
+                value = layer.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (
+                        isinstance(limit, int) and value > limit):
+                    raise ModelError(f"{where}: entry {index} has {key} {value!r}; it must be an integer from 0 "
+                                     f"to {limit}")
+            for key in ("attention_removed", "ffn_removed"):
+                if not isinstance(layer.get(key, False), bool):
+                    raise ModelError(f"{where}: entry {index} has {key} {layer[key]!r}; it must be true or false")
+            try:  # the shape's own rules (key/value heads and their map agree with the query heads)
+                LayerShape(**layer)
+            except (TypeError, ValueError) as err:
+                raise ModelError(f"{where}: entry {index} is not a valid layer shape: {err}") from err
+    narrowed = config.get("prunekit_hidden_size")
+    if narrowed is not None and (isinstance(narrowed, bool) or not isinstance(narrowed, int) or narrowed < 1
+                                 or (isinstance(hidden, int) and narrowed > hidden)):
+        raise ModelError(f"prunekit_hidden_size in {folder / 'config.json'} is {narrowed!r}; it must be null or "
+                         f"an integer from 1 to {hidden}")
+
+
+def _check_kv_fields(where: str, index: int, layer: Mapping[str, Any], full_kv: Any) -> None:
+    """Grouped-query families: ``num_kv_heads`` from 0 to the config's key/value heads and
+    ``kv_map``, one key/value head per query head, using each of them."""
+    if "num_kv_heads" not in layer and "kv_map" not in layer:
+        return
+    kv, kv_map = layer.get("num_kv_heads"), layer.get("kv_map")
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv < 0 or (isinstance(full_kv, int) and kv > full_kv):
+        raise ModelError(f"{where}: entry {index} has num_kv_heads {kv!r}; it must be an integer from 0 to {full_kv}")
+    if not isinstance(kv_map, list) or len(kv_map) != layer.get("num_heads") or any(
+            isinstance(k, bool) or not isinstance(k, int) for k in kv_map) or set(kv_map) != set(range(kv)):
+        raise ModelError(f"{where}: entry {index} has kv_map {kv_map!r}; it must list, for each of its "
+                         f"{layer.get('num_heads')} query heads, one of its {kv} key/value heads, using each")
+
+
+# ---- data, devices, paths ------------------------------------------------------------------------------
+def read_utf8(path: Path, encoding: str = "utf-8-sig") -> str:
+    """The text of ``path``; a file that is not UTF-8 is a DataError naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text: line {line} holds the byte 0x{raw[err.start]:02x}; "
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from err
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """An unknown or unavailable device is refused before any model is loaded."""
+    from prunekit.core.runtime import resolve_device
+
+    resolve_device(device)
+
+
+def check_writable_file(path: str | Path | None, flag: str = "--json") -> None:
+    """A file to be written at the end (metrics JSON) must be writable before the work starts."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        example = target / ("lut.json" if flag == "--out" else "metrics.json")
+        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {example}")
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{flag} {path} is not writable; choose another file")
+        return
+    parent = target.parent if str(target.parent) else Path(".")
+    ancestor = parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be written: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be written: {ancestor} is not writable; choose another file")
+
+
+def write_json(path: str | Path, content: Any) -> None:
+    """Write a JSON result file (its folder made when missing), as checked by check_writable_file."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(content, indent=2) + "\n")
+

@@ -1,0 +1,86 @@
+"""What a report records about where it ran: device choice, library versions, peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import logging
+import os
+import platform
+import resource
+import sys
+
+import torch
+
+from prunekit.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+HEAP_MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None picks CUDA when present, else CPU; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "meta":
+        raise ConfigError("device 'meta' holds no weights and cannot run a model; use cpu, cuda or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} was asked for but there are only {torch.cuda.device_count()} "
+                          "CUDA GPU(s); use cuda:0 .. cuda:N-1")
+    if device.type not in ("cpu", "cuda") and not _available(device):
+        raise ConfigError(f"device {str(device)!r} is not available on this machine; use cpu, cuda or auto")
+    return device
+
+
+def _available(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("prunekit", "transformers", "safetensors", "datasets", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Serve CPU tensors of ``threshold`` bytes or more from their own mappings (glibc only).
+
+    Calibration passes allocate per-batch temporaries that grow with the batches' lengths while
+    long-lived per-batch state sits between them on the heap; freed chunks then cannot be reused
+    or returned, and glibc's default (an mmap threshold that rises to the largest block freed)
+    moves more of them onto that heap. On Kprune's SST-2 run this held 0.4 GB of freed memory
+    (peak 1.43 GB -> 1.22 GB with a fixed 4 MiB threshold, at the same speed; at 64 KiB the run
+    was 60% slower). A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is kept.
+    Returns whether the setting was applied."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    if applied:
+        logger.debug("malloc mmap threshold fixed at %d bytes", threshold)
+    return applied

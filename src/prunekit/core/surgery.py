@@ -1,0 +1,445 @@
+"""Surgery: turn kept-unit decisions into a physically smaller model.
+
+Invariant (tested): the physically pruned model computes what the masked model computes. Real-valued
+mask scales are folded into the output projection's columns before slicing (spec P15); a sublayer
+pruned to zero units takes the adapter's explicit bias-only path (spec P4: post-norm norm(X + b_out),
+pre-norm X + b_out, or X without an output bias), never an empty matmul.
+
+Heads are query heads. Under grouped-query attention a key/value head stays while at least one
+query head of its group does and goes with the last one (exact: no kept query head reads it);
+:func:`prune_kv_groups` removes whole groups with their query heads.
+
+CoFi adds two coarser structures (cofi.md §7, §8): a *removed* sublayer is the identity (out = X,
+its LayerNorm skipped too, unlike an emptied one), and the residual stream can be *narrowed* to a
+subset of its hidden dimensions in every layer at once.
+
+Only primitives live here (slice a Linear's rows or columns); the adapter says which Linears belong
+to a head or a neuron and puts the narrower ones back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.core.masks import expand_head_mask
+from prunekit.families import AttentionParts, FfnParts, ModelAdapter, SublayerKind, get_adapter
+
+
+def _check_index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
+    index = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep, dtype=torch.long)
+    if index.dim() != 1:
+        raise ValueError(f"{what}: kept indices must be 1-D")
+    if index.numel():
+        if int(index.min()) < 0 or int(index.max()) >= size:
+            raise ValueError(f"{what}: kept indices must lie in [0, {size}), got {index.tolist()}")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError(f"{what}: kept indices repeat: {index.tolist()}")
+    return torch.sort(index).values
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear with only the output rows (``dim=0``) or input columns (``dim=1``) in ``index``."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"slice_linear expects nn.Linear, got {type(linear).__name__}")
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(dim, index)
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            # Removing input columns leaves the bias whole; removing rows removes their bias entries.
+            new.bias.copy_(linear.bias.detach().index_select(0, index) if dim == 0 else linear.bias.detach())
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    if linear.bias is not None:
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new
+
+
+def _replacement(weight: torch.Tensor | None, like: nn.Linear, shape: tuple[int, int], what: str) -> None:
+    if weight is None:
+        return
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"{what}: replacement output weight must have shape {shape}, got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{what}: replacement output weight has NaN or inf entries")
+    with torch.no_grad():
+        like.weight.copy_(weight.to(dtype=like.weight.dtype, device=like.weight.device))
+
+
+def prune_heads(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only heads ``keep`` of ``layer``'s attention.
+
+    Args:
+        keep: kept query heads (indices into the layer's current ones). The key/value heads kept
+            are those read by a kept query head, renumbered in order.
+        scales: optional real mask values, (H,) per head or (H*d_h,) per dimension, over the
+            layer's current heads; folded into the output projection before slicing.
+        out_weight: optional new output-projection weight (d, len(keep) * d_h) for the kept heads,
+            e.g. re-fitted by least squares; replaces the sliced (and scaled) weight.
+    """
+    parts = adapter.attention(layer)
+    if parts is None:
+        if len(keep):
+            raise ValueError(f"layer {layer}: no attention heads left to keep")
+        return
+    what = f"layer {layer} attention"
+    heads = _check_index(keep, parts.num_heads, what)
+    out = parts.out
+    if scales is not None:
+        column_scale = expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim)
+        out = slice_linear(out, torch.arange(parts.width), dim=1)  # a copy, so the caller's model view stays intact
+        with torch.no_grad():
+            out.weight.mul_(column_scale.to(out.weight))  # (d, H*d_h) * (H*d_h,)
+    if heads.numel() == 0:
+        adapter.set_empty_attention(layer, out.bias.detach().clone() if out.bias is not None else None)
+        return
+    columns = _head_columns(heads, parts.head_dim)  # (h_kept * d_h,)
+    kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
+    new = AttentionParts(
+        query=slice_linear(parts.query, columns, dim=0),
+        key=slice_linear(parts.key, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
+        value=slice_linear(parts.value, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
+        out=slice_linear(out, columns, dim=1),
+        num_heads=heads.numel(),
+        head_dim=parts.head_dim,
+        num_kv_heads=len(kept_kv),
+        kv_map=tuple(kept_kv.index(parts.kv_map[h]) for h in heads.tolist()),
+    )
+    _replacement(out_weight, new.out, (new.out.out_features, columns.numel()), what)
+    adapter.set_attention(layer, new)
+
+
+def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows (of q, or k/v) or columns (of out) of ``heads``, head by head: (len(heads) * d_h,)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def heads_of_groups(adapter: ModelAdapter, layer: int, groups: Sequence[int] | torch.Tensor) -> list[int]:
+    """The query heads of ``layer`` that read the key/value heads ``groups`` (sorted)."""
+    parts = adapter.attention(layer)
+    if parts is None:
+        if len(groups):
+            raise ValueError(f"layer {layer}: no attention heads left, so no key/value groups to keep")
+        return []
+    kept = set(_check_index(groups, parts.num_kv_heads, f"layer {layer} key/value groups").tolist())
+    return [head for head, kv in enumerate(parts.kv_map) if kv in kept]
+
+
+def prune_kv_groups(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only the key/value groups ``keep`` of ``layer``, each whole: its key/value head and
+    every query head reading it; ``scales`` and ``out_weight`` as in :func:`prune_heads`."""
+    prune_heads(adapter, layer, heads_of_groups(adapter, layer, keep), scales=scales, out_weight=out_weight)
+
+
+def prune_neurons(
+    adapter: ModelAdapter,
+    layer: int,
+    keep: Sequence[int] | torch.Tensor,
+    scales: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+) -> None:
+    """Keep only FFN neurons ``keep`` of ``layer``; ``scales`` (d_ff,) and ``out_weight``
+    (d, len(keep)) as in :func:`prune_heads`."""
+    parts = adapter.ffn(layer)
+    if parts is None:
+        if len(keep):
+            raise ValueError(f"layer {layer}: no FFN neurons left to keep")
+        return
+    what = f"layer {layer} FFN"
+    neurons = _check_index(keep, parts.width, what)
+    down = parts.down
+    if scales is not None:
+        if scales.shape != (parts.width,):
+            raise ValueError(f"{what}: scales must have shape ({parts.width},), got {tuple(scales.shape)}")
+        down = slice_linear(down, torch.arange(parts.width), dim=1)
+        with torch.no_grad():
+            down.weight.mul_(scales.detach().to(down.weight))  # (d, d_ff) * (d_ff,)
+    if neurons.numel() == 0:
+        adapter.set_empty_ffn(layer, down.bias.detach().clone() if down.bias is not None else None)
+        return
+    new = FfnParts(
+        up=slice_linear(parts.up, neurons, dim=0),
+        down=slice_linear(down, neurons, dim=1),
+        gate=slice_linear(parts.gate, neurons, dim=0) if parts.gate is not None else None,
+    )
+    _replacement(out_weight, new.down, (new.down.out_features, neurons.numel()), what)
+    adapter.set_ffn(layer, new)
+
+
+def remove_sublayer(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> None:
+    """Remove sublayer ``kind`` ("attn" or "ffn") of ``layer``: it becomes the identity, out = X
+    with no bias and no norm, in either norm placement (CoFi's z_MHA / z_FFN = 0, cofi.md §8 pitfall 1). Works on a
+    full, narrowed or emptied sublayer; removing a removed one is a no-op."""
+    if not 0 <= layer < adapter.num_layers:
+        raise ValueError(f"layer {layer} does not exist; the model has {adapter.num_layers} layers")
+    if kind not in ("attn", "ffn"):
+        raise ValueError(f"unknown sublayer kind {kind!r}; choose 'attn' or 'ffn'")
+    if not adapter.is_removed(layer, kind):
+        adapter.remove(layer, kind)
+
+
+def narrow_hidden(adapter: ModelAdapter, keep: Sequence[int] | torch.Tensor) -> None:
+    """Keep only hidden dimensions ``keep`` of the residual stream, in every layer, the embeddings
+    and the task head's input (CoFi's z_hidn, cofi.md §8 pitfall 3); indices refer to the model's
+    current hidden dimensions. At least one dimension must be kept."""
+    index = _check_index(keep, adapter.hidden_size, "hidden dimensions")
+    if index.numel() == 0:
+        raise ValueError("hidden dimensions: at least one must be kept (LayerNorm over no dimensions is undefined)")
+    adapter.narrow_hidden(index)
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """What a method decided for one layer. ``None`` leaves that sublayer's units untouched;
+    ``attention_removed`` / ``ffn_removed`` remove the sublayer (identity, LayerNorm skipped).
+
+    Indices refer to the units of the model the plan is applied to (the teacher). Tensors (the
+    ``*_scales``, ``*_out_weight`` and ``*_gate`` fields) are stored in ``plan.safetensors``:
+
+    - ``head_scales`` (H,), ``neuron_scales`` (d_ff,): real mask values over all current units,
+      folded into the output projection's columns before slicing (Kwon et al.'s tuned masks,
+      CoFi's head and neuron gates). Lists are accepted and become tensors.
+    - ``attention_out_weight`` (d, h_kept·d_h), ``ffn_out_weight`` (d, n_kept): the final
+      output-projection weight of the kept units, replacing the sliced one (Kprune's
+      least-squares re-fit, spec §1.7). Each sublayer is re-fitted once, at its own step, from
+      the teacher's weights of that sublayer, so the final weight is all a replay needs.
+    - ``attention_gate``, ``ffn_gate`` (scalars): CoFi's sublayer gates z_MHA / z_FFN, which
+      scale the output projection's weight and bias before the unit scales are folded.
+    - ``kv_groups``: kept key/value groups, for families whose query heads share key/value heads
+      (``ModelAdapter.grouped_kv``): each kept whole, with every query head reading it, unless
+      ``heads`` names a subset of those query heads; a group none of whose query heads is kept goes.
+      A plan that sets them for a family without groups is refused.
+    """
+
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+    kv_groups: list[int] | None = None
+    head_scales: torch.Tensor | None = None
+    neuron_scales: torch.Tensor | None = None
+    attention_out_weight: torch.Tensor | None = None
+    ffn_out_weight: torch.Tensor | None = None
+    attention_gate: torch.Tensor | None = None
+    ffn_gate: torch.Tensor | None = None
+    attention_removed: bool = False
+    ffn_removed: bool = False
+
+    def __post_init__(self) -> None:
+        for name in TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                setattr(self, name, torch.as_tensor(value))  # python floats: float64, as before
+        for name in ("heads", "neurons", "kv_groups"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.tolist())
+
+    def to_dict(self) -> dict:
+        """The JSON part: kept indices and removals (tensors are named in the plan's ``tensors``)."""
+        data: dict = {"heads": self.heads, "neurons": self.neurons}
+        if self.kv_groups is not None:
+            data["kv_groups"] = list(self.kv_groups)
+        # Written only when set, so plans without removals serialise as before.
+        for flag in ("attention_removed", "ffn_removed"):
+            if getattr(self, flag):
+                data[flag] = True
+        return data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerPlan) and _same(self, other)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: _tensor(getattr(self, name)) for name in TENSOR_FIELDS if getattr(self, name) is not None}
+
+
+def _same(first: LayerPlan | PruningPlan, second: LayerPlan | PruningPlan) -> bool:
+    """Equal indices and removals, and every tensor equal in shape, dtype and value."""
+    if first.to_dict() != second.to_dict():
+        return False
+    a, b = first.tensors(), second.tensors()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _tensor(value: Any) -> torch.Tensor | None:
+    """A plan field as a tensor (fields set after construction may still be lists or floats)."""
+    return value if value is None or isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+TENSOR_FIELDS = ("head_scales", "neuron_scales", "attention_out_weight", "ffn_out_weight", "attention_gate",
+                 "ffn_gate")
+
+
+@dataclass(eq=False)
+class PruningPlan:
+    """Everything a method decided, the one hand-off from a method to surgery: per layer the kept
+    units, replacement tensors and removals (:class:`LayerPlan`), the kept hidden dimensions
+    (``hidden``, None: all), and for methods that train (CoFi) the trained weights of the pruned
+    model (``weights``, a state dict loaded after the cuts, since they are not a function of the
+    teacher). ``apply_plan(teacher, plan)`` rebuilds the pruned model.
+
+    ``to_dict`` is the JSON part (plan.json); ``tensors`` / ``from_parts`` the rest
+    (plan.safetensors, :func:`prunekit.core.io.save_plan`). Dicts written before tensors existed load
+    too (their scales were lists).
+    """
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    hidden: list[int] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PruningPlan) and _same(self, other)
+
+    def to_dict(self) -> dict:
+        data: dict = {"layers": [layer.to_dict() for layer in self.layers]}
+        if self.hidden is not None:
+            data["hidden"] = list(self.hidden)
+        data["tensors"] = sorted(self.tensors())
+        return data
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the plan by name: ``layers.{i}.{field}`` and ``weights.{state-dict key}``."""
+        out = {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers)
+               for name, value in layer.tensors().items()}
+        out |= {f"weights.{key}": value for key, value in (self.weights or {}).items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, tensors: dict[str, torch.Tensor] | None = None) -> PruningPlan:
+        tensors = dict(tensors or {})
+        missing = sorted(set(data.get("tensors", [])) - set(tensors))
+        if missing:
+            raise ValueError(f"the plan names tensors it was not given: {', '.join(missing[:5])}")
+        layers = []
+        for i, layer in enumerate(data["layers"]):
+            fields_ = {k: v for k, v in layer.items() if k != "tensors"}
+            fields_ |= {name: tensors[f"layers.{i}.{name}"] for name in TENSOR_FIELDS if f"layers.{i}.{name}" in tensors}
+            layers.append(LayerPlan(**fields_))
+        weights = {key[len("weights."):]: value for key, value in tensors.items() if key.startswith("weights.")}
+        return cls(layers=layers, hidden=data.get("hidden"), weights=weights or None)
+
+    def masks(self, model: nn.Module | ModelAdapter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The masked-model form of this plan: per-layer head and neuron mask vectors.
+
+        Only heads and neurons with their scales: removals, sublayer gates, re-fitted weights and
+        ``hidden`` have no column-mask form (a removed sublayer also skips its LayerNorm, a
+        narrowed stream changes every LayerNorm's statistics), so they are ignored here; CoFi's
+        gates (``prunekit.core.masks``) express them.
+        """
+        adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
+        head_masks, neuron_masks = {}, {}
+        for layer, step in enumerate(self.layers):
+            attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+            if step.heads is not None and attn is not None:
+                head_masks[layer] = _mask_vector(attn.num_heads, step.heads, step.head_scales, attn.out.weight)
+            if step.neurons is not None and ffn is not None:
+                neuron_masks[layer] = _mask_vector(ffn.width, step.neurons, step.neuron_scales, ffn.down.weight)
+        return head_masks, neuron_masks
+
+
+def _mask_vector(size: int, keep: list[int], scales: Any, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=like.dtype, device=like.device)
+    mask[list(keep)] = 1.0
+    if scales is not None:
+        mask = mask * _tensor(scales).to(dtype=like.dtype, device=like.device)
+    return mask
+
+
+def _apply_gate(linear: nn.Module, gate: torch.Tensor | None) -> None:
+    """CoFi's sublayer gate: scale the output projection's weight and bias in place (what the
+    gated model computes), before the unit scales are folded."""
+    if gate is None:
+        return
+    gate = _tensor(gate)
+    with torch.no_grad():
+        linear.weight.mul_(gate.to(linear.weight))
+        if linear.bias is not None:
+            linear.bias.mul_(gate.to(linear.bias))
+
+
+def _kept_heads(adapter: ModelAdapter, layer: int, step: LayerPlan) -> list[int] | None:
+    """The query heads a layer keeps: ``heads``, within the kept key/value groups when given."""
+    if step.kv_groups is None:
+        return step.heads
+    in_groups = heads_of_groups(adapter, layer, step.kv_groups)
+    if step.heads is None:
+        return in_groups
+    outside = sorted(set(step.heads) - set(in_groups))
+    if outside:
+        raise ValueError(f"layer {layer}: heads {outside} lie outside the kept key/value groups {step.kv_groups}")
+    return sorted(step.heads)
+
+
+def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
+    """Physically prune ``model`` (or the model of a view) in place as ``plan`` says; returns the
+    model. The one surgery path: every method's result is applied here.
+
+    Order: per layer, sublayer gates, then heads and neurons with their scales and replacement
+    weights (indices into the current units); then removals; then the hidden narrowing (indices
+    into the current hidden dims, which unit pruning leaves alone); then trained weights.
+    """
+    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
+    if len(plan.layers) > adapter.num_layers:
+        raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
+    if not adapter.grouped_kv and any(step.kv_groups is not None for step in plan.layers):
+        raise ValueError("the plan keeps key/value groups, but this model family has none (its heads each have their own)")
+    if plan.hidden is not None:  # checked first, so a bad index leaves the model untouched
+        hidden = _check_index(plan.hidden, adapter.hidden_size, "hidden dimensions")
+        if hidden.numel() == 0:
+            raise ValueError("hidden dimensions: at least one must be kept")
+    for layer, step in enumerate(plan.layers):
+        if step.attention_gate is not None and adapter.attention(layer) is not None:
+            _apply_gate(adapter.attention(layer).out, step.attention_gate)
+        heads = _kept_heads(adapter, layer, step)
+        if heads is not None:
+            prune_heads(adapter, layer, heads, scales=_tensor(step.head_scales),
+                        out_weight=_tensor(step.attention_out_weight))
+        if step.ffn_gate is not None and adapter.ffn(layer) is not None:
+            _apply_gate(adapter.ffn(layer).down, step.ffn_gate)
+        if step.neurons is not None:
+            prune_neurons(adapter, layer, step.neurons, scales=_tensor(step.neuron_scales),
+                          out_weight=_tensor(step.ffn_out_weight))
+    for layer, step in enumerate(plan.layers):
+        if step.attention_removed:
+            remove_sublayer(adapter, layer, "attn")
+        if step.ffn_removed:
+            remove_sublayer(adapter, layer, "ffn")
+    if plan.hidden is not None:
+        narrow_hidden(adapter, plan.hidden)
+    if plan.weights is not None:
+        _load_weights(adapter.model, plan.weights)
+    return adapter.model
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Trained weights of the pruned model; every tensor must match the cut model's in name and shape."""
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"the plan's trained weights do not fit the pruned model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(f"the plan's trained weight {key} has shape {tuple(value.shape)}, "
+                             f"the pruned model's {tuple(state[key].shape)}")
+    # Through load_state_dict, not by copying into state_dict()'s tensors: a family whose state dict
+    # is not its parameters as they are (GPT-2's Conv1D layout and fused c_attn, built on the fly)
+    # reads it back in its own _load_from_state_dict / load hooks.
+    model.load_state_dict({key: value.to(dtype=state[key].dtype, device=state[key].device)
+                           for key, value in weights.items()})

@@ -1,0 +1,99 @@
+"""Model adapters: the only code that knows Hugging Face module names (style.md §4).
+
+``ADAPTERS`` maps a config ``model_type`` to its adapter class; it is filled here, once.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from prunekit.core.errors import ModelError
+from prunekit.core.view import (
+    PROJECTIONS,
+    AttentionParts,
+    BlockFacts,
+    FfnParts,
+    LayerShape,
+    ModelAdapter,
+    NormKind,
+    NormPlacement,
+    SublayerKind,
+)
+from prunekit.families.bert import BertAdapter
+from prunekit.families.distilbert import DistilBertAdapter
+from prunekit.families.gpt2 import GPT2Adapter
+from prunekit.families.llama import LlamaAdapter, MistralAdapter
+from prunekit.families.opt import OPTAdapter
+from prunekit.families.qwen2 import Qwen2Adapter
+from prunekit.families.qwen3 import Qwen3Adapter
+from prunekit.families.roberta import RobertaAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    model_type: adapter
+    for adapter in (
+        BertAdapter,
+        RobertaAdapter,
+        DistilBertAdapter,
+        LlamaAdapter,
+        MistralAdapter,
+        Qwen2Adapter,
+        Qwen3Adapter,
+        OPTAdapter,
+        GPT2Adapter,
+    )
+    for model_type in adapter.model_types
+}
+
+
+def supported_models() -> list[str]:
+    """Names of every Hugging Face model class prunekit can prune."""
+    return sorted(cls.__name__ for adapter in set(ADAPTERS.values()) for cls in adapter.model_classes.values())
+
+
+def base_model_type(config) -> str:
+    """The family's model_type, also for prunekit's own pruned configs (``prunekit_bert`` -> ``bert``)."""
+    return getattr(config, "prunekit_base_model_type", None) or getattr(config, "model_type", "")
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``; a clear ModelError for anything prunekit does not support."""
+    config = getattr(model, "config", None)
+    model_type = base_model_type(config) if config is not None else ""
+    adapter_cls = ADAPTERS.get(model_type)
+    accepted = tuple(adapter_cls.model_classes.values()) if adapter_cls else ()
+    if adapter_cls is None or not isinstance(model, accepted):
+        hint = ""
+        close = difflib.get_close_matches(model_type, list(ADAPTERS), n=1)
+        if close and model_type:
+            hint = f" (model_type {model_type!r}; did you mean {close[0]!r}?)"
+        raise ModelError(
+            f"prunekit does not support {type(model).__name__}{hint}. Supported model classes: "
+            f"{', '.join(supported_models())}. Load a fine-tuned model with one of these heads, "
+            "e.g. AutoModelForSequenceClassification.from_pretrained(...)."
+        )
+    return adapter_cls(model)
+
+
+def view_of(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """The model view of ``model``: a view passed in is used as it is (not re-derived)."""
+    return model if isinstance(model, ModelAdapter) else get_adapter(model)
+
+
+__all__ = [
+    "ADAPTERS",
+    "PROJECTIONS",
+    "AttentionParts",
+    "BlockFacts",
+    "FfnParts",
+    "LayerShape",
+    "ModelAdapter",
+    "NormKind",
+    "NormPlacement",
+    "SublayerKind",
+    "base_model_type",
+    "get_adapter",
+    "supported_models",
+    "view_of",
+]

@@ -1,0 +1,137 @@
+"""Run a model one layer at a time, through the model's own forward.
+
+Layer-wise methods (Kprune's sublayer loop, Kwon et al.'s mask tuning) keep per-batch hidden states
+at a layer boundary and run only the layers above it. Rather than re-implement each family's
+forward (attention-mask construction, task heads), the runner temporarily swaps the layers below
+the start for pass-through modules and injects the cached hidden states; a hook that raises stops
+the forward early when only one layer's output is wanted. Everything is restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.families import ModelAdapter, SublayerKind
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a batch the model's forward takes (labels and bookkeeping removed)."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _Inject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.value
+
+
+class LayerRunner:
+    """Feeds cached hidden states into layer ``l`` of a model and runs from there."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        self.model = model
+        self.adapter = adapter
+
+    @contextmanager
+    def starting_at(self, layer: int) -> Iterator[_Inject]:
+        """Inside the block, the model's forward starts at ``layer`` with ``inject.value`` as input."""
+        layers = self.adapter.layers()
+        saved = [layers[i] for i in range(layer)]
+        inject = _Inject()
+        try:
+            for i in range(layer - 1):
+                layers[i] = _PassThrough()
+            if layer > 0:
+                layers[layer - 1] = inject
+            yield inject
+        finally:
+            for i, module in enumerate(saved):
+                layers[i] = module
+
+    def forward_from(self, layer: int, hidden: torch.Tensor | None, batch: Mapping[str, torch.Tensor]) -> Any:
+        """The model's full output, computed from ``hidden`` at the input of ``layer``."""
+        with self.starting_at(layer) as inject:
+            inject.value = hidden
+            return self.model(**model_inputs(batch))
+
+    def layer_input(self, layer: int, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The input of ``layer`` for ``batch``, computed from the embeddings (B, T, d)."""
+        captured: list[torch.Tensor] = []
+
+        def hook(module, args):
+            captured.append(args[0])
+            raise _Stop
+
+        handle = self.adapter.layers()[layer].register_forward_pre_hook(hook)
+        try:
+            self.model(**model_inputs(batch))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Output of ``layer`` given its input ``hidden`` (B, T, d) -> (B, T, d)."""
+        captured: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = self.adapter.layers()[layer].register_forward_hook(hook)
+        try:
+            self.forward_from(layer, hidden, batch)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+@contextmanager
+def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> Iterator[dict[str, torch.Tensor]]:
+    """Record a sublayer's input X (B, T, d) and its output projection's output O = Z Wᵀ + b.
+
+    The residual sum before the LayerNorm is then ``X + O`` (spec §1.3).
+    """
+    record: dict[str, torch.Tensor] = {}
+    parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
+    if parts is None:
+        raise ValueError(f"layer {layer} {kind} sublayer is empty; nothing to capture")
+    out_linear = parts.out if kind == "attn" else parts.down
+
+    def take_input(module, args):
+        record["input"] = args[0].detach()
+
+    def take_output(module, args, output):
+        record["output"] = output.detach()
+
+    handles = [
+        adapter.sublayer_module(layer, kind).register_forward_pre_hook(take_input),
+        out_linear.register_forward_hook(take_output),
+    ]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
