@@ -7,7 +7,7 @@ ids are the argmax of the logits, regression scores are the squeezed single logi
 
 SQuAD tasks take the extractive-QA path: `evaluate_squad` cuts each question's context into
 overlapping features (384 tokens, stride 128), `predict_qa` computes their start and end logits
-(features batched by length), `prunekit.tasks.qa.squad.postprocess_predictions` picks one answer per
+(features batched by length), `prunekit.tasks.qa.postprocess_predictions` picks one answer per
 question, and `prunekit.tasks.metrics.squad_scores` gives exact match and F1 (issue 4, item 3).
 
 The model is run in eval mode under `torch.inference_mode`; its train/eval mode and device are
@@ -30,9 +30,9 @@ from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.preflight import check_not_meta
 from prunekit.tasks.glue.data import iter_feature_batches, load_examples, tokenize_examples
 from prunekit.tasks.glue.metrics import compute_metrics
+from prunekit.tasks.qa import collate_qa, postprocess_predictions, prepare_features
 from prunekit.tasks.qa.data import QaSource, load_squad_split, squad_task
 from prunekit.tasks.qa.metrics import squad_scores
-from prunekit.tasks.qa.squad import collate_qa, postprocess_predictions, prepare_features
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)

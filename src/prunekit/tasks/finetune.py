@@ -11,7 +11,7 @@ atomically: everything goes into a temporary folder next to `out_dir`, which is 
 SQuAD tasks train a `*ForQuestionAnswering` head on features of the training questions
 (384 tokens, stride 128, question first) with the mean of the start and end cross-entropies, and
 report exact match and F1 on the dev questions. Train and dev examples may be passed in
-directly, e.g. the two parts of `prunekit.tasks.qa.squad.split_by_article`.
+directly, e.g. the two parts of `prunekit.tasks.qa.split_by_article`.
 
 Global RNG state is not touched: the run seeds inside `torch.random.fork_rng`, which restores the
 caller's generators afterwards (style.md §10).
@@ -43,7 +43,7 @@ from prunekit.tasks.dispatch import load_examples
 from prunekit.tasks.evaluate import evaluate_squad, predict
 from prunekit.tasks.glue.data import collate, tokenize_examples
 from prunekit.tasks.glue.metrics import compute_metrics
-from prunekit.tasks.qa.squad import collate_qa, prepare_features
+from prunekit.tasks.qa import collate_qa, prepare_features
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def finetune(
         config: hyperparameters; default `FinetuneConfig()`.
         overwrite: allow replacing an existing non-empty `out_dir`.
         train_examples, dev_examples: example dicts to use instead of the source's train / dev
-            split (SQuAD: as `prunekit.tasks.qa.squad.load_squad` returns them).
+            split (SQuAD: as `prunekit.tasks.qa.load_squad` returns them).
         tokenizer: a tokenizer folder or hub id, when the model's own folder has none.
 
     Returns:

@@ -72,7 +72,7 @@ def build_training_data(task: Any, tokenizer: Any, source: Any, max_length: int 
     from prunekit.tasks.evaluate import evaluate_squad, predict
     from prunekit.tasks.glue.data import collate, tokenize_examples
     from prunekit.tasks.glue.metrics import compute_metrics
-    from prunekit.tasks.qa.squad import collate_qa, prepare_features
+    from prunekit.tasks.qa import collate_qa, prepare_features
     from prunekit.tasks.spec import get_task
 
     spec = get_task(task)
