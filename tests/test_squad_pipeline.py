@@ -33,7 +33,7 @@ from prunekit.tasks import build_calibration_sample, load_examples
 from prunekit.tasks.evaluate import evaluate
 from prunekit.tasks.finetune import FinetuneConfig, finetune
 from prunekit.tasks.losses import distill_loss, teacher_targets
-from prunekit.tasks.qa.squad import collate_qa, prepare_features, split_by_article
+from prunekit.tasks.qa import collate_qa, prepare_features, split_by_article
 from prunekit.tasks.spec import TASKS, TaskSpec
 
 DEV_V1 = Path(__file__).parents[2] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"

@@ -43,7 +43,7 @@ MOVED: dict[str, str] = {
     "prunekit.l0": "prunekit.methods.l0",
     "prunekit.data": "prunekit.tasks",
     "prunekit.data.glue": "prunekit.tasks.glue.data",
-    "prunekit.data.squad": "prunekit.tasks.qa.squad",
+    "prunekit.data.squad": "prunekit.tasks.qa",
     "prunekit.data.qa": "prunekit.tasks.qa.data",
     "prunekit.data.causal_lm": "prunekit.tasks.causal_lm.data",
     "prunekit.data.calibration": "prunekit.tasks.calibration",

@@ -50,7 +50,9 @@ from prunekit.methods.lut import sublayer_costs
 from prunekit.methods.search import current_widths, full_widths, total_cost
 from prunekit.reports import kv_heads_panel, plot_structure
 from prunekit.tasks import CalibrationSample, TaskData, build_calibration_sample, build_training_data
+from prunekit.tasks.causal_lm.family import calibration_window
 from prunekit.tasks.dispatch import check_split
+from prunekit.tasks.family import family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -165,12 +167,8 @@ class PruneOptions:
 
 
 def loss_kind(task: TaskSpec) -> str:
-    """Which distillation loss a task's head takes (prunekit.tasks.losses)."""
-    if task.head == "question_answering":
-        return "qa"
-    if task.kind == "causal_lm":
-        return "lm"
-    return "regression" if task.is_regression else "classification"
+    """Which distillation loss a task's head takes (prunekit.tasks.losses), as its family says."""
+    return family_of(task).loss_kind(task)
 
 
 Budget = tuple[str, float]  # ("flops" | "latency" | "params", fraction kept)
@@ -217,9 +215,9 @@ def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, tas
         method_options.setdefault("seed", options.seed)  # e.g. the random baseline draws from the run's seed
     if spec.training and options.batch_size is not None:
         method_options.setdefault("batch_size", options.batch_size)  # no calibration batches to size
-    if task.kind == "causal_lm" and "temperature" in known:
-        # Predictive knowledge of a causal LM is the KL of its own next-token distribution (T = 1).
-        method_options.setdefault("temperature", 1.0)
+    for name, value in family_of(task).method_defaults.items():
+        if name in known:
+            method_options.setdefault(name, value)  # e.g. a causal LM's temperature 1
     if task.flops_seq_len is not None and "seq_len" in known and method_options.get("seq_len") is None:
         # SQuAD counts FLOPs at 170 tokens as both reference papers do (spec §2, P13); GLUE tasks
         # have none and keep the calibration sample's mean length.
@@ -271,13 +269,7 @@ def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, flo
 def calibration_length(task: TaskSpec, options: PruneOptions, model: nn.Module) -> int:
     """The causal-LM calibration window L: the option, else the task's 2048, capped at the model's
     max_position_embeddings (windows longer than the model's positions cannot be run)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if options.calibration_length is not None:
-        if positions and options.calibration_length > positions:
-            raise ConfigError(f"calibration_length {options.calibration_length} exceeds the model's "
-                              f"max_position_embeddings ({positions}); pass at most {positions}")
-        return options.calibration_length
-    return min(task.max_length, int(positions)) if positions else task.max_length
+    return calibration_window(task, model, options.calibration_length)
 
 
 def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, options: PruneOptions,
@@ -308,22 +300,11 @@ def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, opti
     else:
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build the calibration sample from data")
-        size = {"num_tokens": options.num_tokens, "num_sequences": options.num_sequences}
-        if task.kind == "causal_lm":
-            # N windows of L tokens, the same for every method (the methods' GLUE-sized defaults
-            # do not apply): num_sequences, else num_tokens // L, else the task's 128.
-            length = calibration_length(task, options, teacher)
-            count = options.num_sequences or (max(1, options.num_tokens // length) if options.num_tokens else None)
-            sample = build_calibration_sample(task, tokenizer, data, num_sequences=count, seed=options.seed,
-                                              batch_size=options.batch_size or task.batch_size, max_length=length)
-            return TaskData(kind=kind, sample=sample.to(device), device=device)
-        if options.num_tokens is None and options.num_sequences is None:
-            size |= spec.sample_size
-        sample = build_calibration_sample(
-            task, tokenizer, data, num_tokens=size["num_tokens"] or 100_000, num_sequences=size["num_sequences"],
-            seed=options.seed, batch_size=options.batch_size or task.batch_size,
-            sort_by_length=options.sort_by_length,
-        )
+        size = family_of(task).sample_size(task, teacher, options.num_tokens, options.num_sequences,
+                                           calibration_length=options.calibration_length, defaults=spec.sample_size)
+        sample = build_calibration_sample(task, tokenizer, data, **size, seed=options.seed,
+                                          batch_size=options.batch_size or task.batch_size,
+                                          sort_by_length=options.sort_by_length)
     return TaskData(kind=kind, sample=sample.to(device), device=device)
 
 
@@ -562,7 +543,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
         if options.run_eval:
             from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
-            window = {"window": options.eval_window, "stride": options.eval_stride} if task.kind == "causal_lm" else {}
+            window = family_of(task).pick_options(window=options.eval_window, stride=options.eval_stride)
             if teacher_eval is None:
                 teacher_eval = evaluate(teacher, tokenizer, task, data, device=device, **window)
             result.report["eval"] = {
@@ -573,7 +554,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
                                       seq_lens=[options.bench_seq_len], device=device)
             result.report["latency"] = latency
-            if task.kind == "causal_lm":
+            if family_of(task).generates:
                 result.report["generation"] = measure_generation(
                     result.model, baseline=teacher, prompt_len=options.bench_seq_len,
                     new_tokens=options.bench_new_tokens, device=device)

@@ -248,9 +248,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
     from prunekit.methods import get_method
-    from prunekit.tasks.spec import get_task
+    from prunekit.tasks.family import family_of
 
-    lm = get_task(args.task).kind == "causal_lm"
+    lm = family_of(args.task).generates  # calibrated on windows, scored in perplexity windows
     if lm and options.get("seq_len") is not None:
         # A causal LM's --seq-len is its calibration window; FLOPs are counted at that length.
         options["calibration_length"] = int(options.pop("seq_len"))

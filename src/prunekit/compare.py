@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from prunekit.api import PruneOptions, budget_name, calibration_length, prune_many
+from prunekit.api import PruneOptions, budget_name, prune_many
 from prunekit.bench import measure_generation, measure_latency
 from prunekit.core import preflight
 from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
@@ -37,6 +37,7 @@ from prunekit.core.runtime import library_versions, resolve_device
 from prunekit.methods import get_method
 from prunekit.reports import markdown_table, plot_compare
 from prunekit.tasks import build_calibration_sample
+from prunekit.tasks.family import family_of
 from prunekit.tasks.spec import get_task
 
 logger = logging.getLogger(__name__)
@@ -137,16 +138,12 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     preflight.check_head_fits_task(teacher.config, task_spec)
     if run_bench:
         preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
-    lm = task_spec.kind == "causal_lm"
-    if num_tokens is None and num_sequences is None and not lm:
-        num_tokens = 100_000
-    length = calibration_length(task_spec, PruneOptions(calibration_length=o.calibration_length), teacher) if lm else None
-    if lm and num_sequences is None and num_tokens:
-        num_sequences = max(1, num_tokens // length)
-    sample = build_calibration_sample(task_spec, tokenizer, data, num_tokens=num_tokens or 100_000,
-                                      num_sequences=num_sequences, seed=seed, batch_size=task_spec.batch_size,
-                                      max_length=length)
-    window = {"window": o.eval_window} if lm else {}
+    family = family_of(task_spec)
+    lm = family.generates  # timed on decoding too, and benchmarked one sequence at a time
+    # One sample for every method: the given size, else 100,000 tokens (a causal LM: its windows).
+    size = family.sample_size(task_spec, teacher, num_tokens, num_sequences, calibration_length=o.calibration_length)
+    sample = build_calibration_sample(task_spec, tokenizer, data, **size, seed=seed, batch_size=task_spec.batch_size)
+    window = family.pick_options(window=o.eval_window)
     # The task's FLOPs length (SQuAD: 170, as both papers) unless given; else the sample's mean.
     seq_len = seq_len or task_spec.flops_seq_len
     flops_seq_len = seq_len or sample.mean_length

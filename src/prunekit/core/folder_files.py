@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# The files live with the model families (prunekit.families.remote_code); they are copied, never imported here.
+REMOTE_CODE_DIR = Path(__file__).parents[1] / "families" / "remote_code"
 # The encoder families share one pair of files; every other family has its own pair, named by its
 # model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
 # Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.

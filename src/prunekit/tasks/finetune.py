@@ -8,10 +8,12 @@ linear warm-up then linear decay to zero, gradient clipping, seeded shuffling th
 Face folder (safetensors weights, config with id2label, tokenizer) plus `finetune_report.json`,
 atomically: everything goes into a temporary folder next to `out_dir`, which is then renamed.
 
-SQuAD tasks train a `*ForQuestionAnswering` head on features of the training questions
-(384 tokens, stride 128, question first) with the mean of the start and end cross-entropies, and
-report exact match and F1 on the dev questions. Train and dev examples may be passed in
-directly, e.g. the two parts of `prunekit.tasks.qa.squad.split_by_article`.
+The task's family (`prunekit.tasks.family`) supplies the head, the training features, their
+collation, the supervised loss and the dev scorer: SQuAD tasks train a `*ForQuestionAnswering`
+head on features of the training questions (384 tokens, stride 128, question first) with the mean
+of the start and end cross-entropies, and report exact match and F1 on the dev questions. Train
+and dev examples may be passed in directly, e.g. the two parts of
+`prunekit.tasks.qa.split_by_article`.
 
 Global RNG state is not touched: the run seeds inside `torch.random.fork_rng`, which restores the
 caller's generators afterwards (style.md §10).
@@ -32,18 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prunekit.core.errors import ConfigError
 from prunekit.core.io import atomic_output_dir, check_output_dir, load_tokenizer
 from prunekit.core.preflight import check_seq_len
 from prunekit.core.runtime import library_versions, resolve_device
-from prunekit.tasks.dispatch import load_examples
-from prunekit.tasks.evaluate import evaluate_squad, predict
-from prunekit.tasks.glue.data import collate, tokenize_examples
-from prunekit.tasks.glue.metrics import compute_metrics
-from prunekit.tasks.qa.squad import collate_qa, prepare_features
+from prunekit.tasks.family import Collate, TaskFamily, family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -131,80 +128,48 @@ def finetune(
         config: hyperparameters; default `FinetuneConfig()`.
         overwrite: allow replacing an existing non-empty `out_dir`.
         train_examples, dev_examples: example dicts to use instead of the source's train / dev
-            split (SQuAD: as `prunekit.tasks.qa.squad.load_squad` returns them).
+            split (SQuAD: as `prunekit.tasks.qa.load_squad` returns them).
         tokenizer: a tokenizer folder or hub id, when the model's own folder has none.
 
     Returns:
         The output folder, holding the model, its tokenizer and `finetune_report.json`.
     """
-    # Imported here so that importing prunekit stays light; only fine-tuning needs the Auto classes.
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
     wall_start = time.perf_counter()
     spec = get_task(task)
+    family = family_of(spec)
     cfg = config if config is not None else FinetuneConfig()
     out = Path(out_dir).expanduser()
     inputs = (model_name_or_path, source, tokenizer)
     check_output_dir(out, overwrite, inputs)
     device = cfg.resolved_device()
     max_length = cfg.max_length or spec.max_length
-    is_qa = spec.kind == "squad"
-    if cfg.doc_stride is not None and not is_qa:
-        raise ConfigError(f"doc_stride applies to SQuAD tasks only; task {spec.name!r} is a {spec.kind} task")
-    doc_stride = (cfg.doc_stride if cfg.doc_stride is not None else spec.doc_stride) if is_qa else None
-    if is_qa and doc_stride >= max_length:
-        raise ConfigError(f"doc_stride ({doc_stride}) must be below max_length ({max_length}); lower it or raise max_length")
+    options = family.resolve_options(spec, max_length, doc_stride=cfg.doc_stride)  # e.g. SQuAD's doc_stride
     if source is None and (train_examples is None or dev_examples is None):
         raise ConfigError("no data given: pass a data source, or both train_examples and dev_examples")
 
     # Read both splits before any training, so a missing dev file fails in seconds, not hours.
-    train = load_examples(spec, source if train_examples is None else train_examples, "train")
+    train = family.load_examples(spec, source if train_examples is None else train_examples, "train")
     if cfg.max_train_samples is not None:
         train = train[: cfg.max_train_samples]
-    dev = load_examples(spec, source if dev_examples is None else dev_examples, "dev")
+    dev = family.load_examples(spec, source if dev_examples is None else dev_examples, "dev")
 
     tokenizer = load_tokenizer(tokenizer or model_name_or_path)
-    pad_id = tokenizer.pad_token_id
-    if is_qa:
-        train_features = prepare_features(train, tokenizer, max_length, doc_stride, for_training=True)
-        batch_loss = _qa_batch_loss(pad_id, device)
-    else:
-        train_features = tokenize_examples(spec, tokenizer, train, max_length=max_length)
-        dev_features = tokenize_examples(spec, tokenizer, dev, max_length=max_length)
-        batch_loss = _classification_batch_loss(spec, pad_id, device)
+    train_features = family.training_features(spec, tokenizer, train, max_length, **options)
+    score = family.dev_scorer(spec, tokenizer, dev, max_length, device, **options)
+    batch_loss = _batch_loss(family, spec, family.collate_fn(spec, tokenizer.pad_token_id), device)
 
     started = time.perf_counter()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)  # the new head's initialisation and dropout depend on it
-        if is_qa:
-            model = AutoModelForQuestionAnswering.from_pretrained(
-                model_name_or_path, dtype=torch.float32, ignore_mismatched_sizes=True
-            )
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_name_or_path,
-                num_labels=spec.num_labels,
-                problem_type=spec.problem_type,
-                id2label=spec.id2label,
-                label2id=spec.label2id,
-                dtype=torch.float32,
-                # A checkpoint fine-tuned on another task (e.g. MNLI -> RTE, 3 -> 2 labels) gets a fresh
-                # head instead of a size-mismatch error; transformers logs which tensors were re-initialised.
-                ignore_mismatched_sizes=True,
-            )
+        model = family.pretrained_model(spec, model_name_or_path)
         check_seq_len(model.config, max_length, "max_length")
         model.to(device)
         train_stats = _train(model, spec, train_features, cfg, device, batch_loss)
     train_time = time.perf_counter() - started
 
-    if is_qa:
-        dev_metrics = evaluate_squad(model, tokenizer, spec, dev, max_length=max_length, doc_stride=doc_stride,
-                                     device=device)
-        dev_metrics.pop("num_examples")
-    else:
-        predictions = predict(model, spec, dev_features, pad_id, device=device)
-        dev_metrics = compute_metrics(spec, predictions, [f["label"] for f in dev_features])
+    dev_metrics = score(model)
+    dev_metrics.pop("num_examples", None)
     logger.info("%s dev after fine-tuning: %s", spec.name, ", ".join(f"{k} {v:.2f}" for k, v in dev_metrics.items()))
 
     report = {
@@ -213,11 +178,10 @@ def finetune(
         "source": str(source) if source is not None else None,
         "examples_passed_in": {"train": train_examples is not None, "dev": dev_examples is not None},
         "config": dataclasses.asdict(cfg),
-        "resolved": {"max_length": max_length, "device": str(device)}
-        | ({"doc_stride": doc_stride} if is_qa else {}),
+        "resolved": {"max_length": max_length, "device": str(device)} | options,
         "num_train_examples": len(train),
         "num_dev_examples": len(dev),
-        **({"num_train_features": len(train_features)} if is_qa else {}),
+        **({"num_train_features": len(train_features)} if family.splits_examples else {}),
         **train_stats,
         "metrics": dev_metrics,  # dev split, 0-100 scale
         "train_time_s": round(train_time, 3),
@@ -236,29 +200,10 @@ def finetune(
 BatchLoss = Callable[[torch.nn.Module, list[dict[str, Any]]], torch.Tensor]
 
 
-def _classification_batch_loss(spec: TaskSpec, pad_token_id: int | None, device: torch.device) -> BatchLoss:
+def _batch_loss(family: TaskFamily, spec: TaskSpec, collate: Collate, device: torch.device) -> BatchLoss:
     def loss(model: torch.nn.Module, features: list[dict[str, Any]]) -> torch.Tensor:
-        batch = collate(features, pad_token_id, regression=spec.is_regression)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")  # (B,)
-        logits = model(**batch).logits  # (B, C) or (B, 1)
-        return _task_loss(spec, logits, labels)
-
-    return loss
-
-
-def _qa_batch_loss(pad_token_id: int, device: torch.device) -> BatchLoss:
-    """Mean of the start and end cross-entropies over token positions (Hugging Face's QA loss)."""
-
-    def loss(model: torch.nn.Module, features: list[dict[str, Any]]) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in collate_qa(features, pad_token_id).items()}
-        start, end = batch.pop("start_positions"), batch.pop("end_positions")  # (B,) each
-        output = model(**batch)
-        # Padding positions take part in the softmax, as in Hugging Face's loss; their logits are
-        # learnt to be low like any other non-answer position.
-        start_loss = F.cross_entropy(output.start_logits.float(), start)  # (B, T) vs (B,)
-        end_loss = F.cross_entropy(output.end_logits.float(), end)
-        return 0.5 * (start_loss + end_loss)
+        batch = {k: v.to(device) for k, v in collate(features).items()}
+        return family.training_loss(spec, model, batch)
 
     return loss
 
@@ -307,17 +252,6 @@ def _train(
             logger.info("epoch %d/%d: mean training loss %.4f", epoch + 1, cfg.epochs, epoch_losses[-1])
     model.eval()
     return {"train_steps": step, "warmup_steps": warmup_steps, "epoch_mean_losses": epoch_losses}
-
-
-def _task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, or MSE on the squeezed single logit with matching (B,) shapes.
-
-    Computed here rather than by the model so the shapes are explicit (the (B, 1) vs (B,)
-    broadcast of kprune_kwon.md P3 cannot happen).
-    """
-    if spec.is_regression:
-        return F.mse_loss(logits.reshape(-1).float(), labels.float())  # (B,) vs (B,)
-    return F.cross_entropy(logits.float(), labels)
 
 
 def _linear_schedule(step: int, warmup_steps: int, total_steps: int) -> float:

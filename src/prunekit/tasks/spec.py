@@ -22,12 +22,14 @@ from typing import Any
 
 from prunekit.core.errors import ConfigError
 
-__all__ = ["GlueTsvLayout", "TaskSpec", "TASKS", "get_task"]
+__all__ = ["GlueTsvLayout", "TaskSpec", "TASKS", "add_task_kind", "get_task"]
 
 # Predictive-knowledge losses a task can name (architecture.md, flow step 1): KL with temperature
 # (classification), MSE (regression), start/end KL (extractive QA), next-token KL (decoders).
 _DISTILL_LOSSES = ("kl", "mse", "start_end_kl", "next_token_kl")
-_KINDS = ("glue", "squad", "causal_lm")
+# The task families a task may name: the built-in ones, and those added by
+# prunekit.tasks.family.register_family (through add_task_kind).
+_KINDS: dict[str, None] = dict.fromkeys(("glue", "squad", "causal_lm"))
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class TaskSpec:
     """
 
     name: str
-    kind: str  # "glue", "squad" or "causal_lm"
+    kind: str  # the task family: "glue", "squad", "causal_lm" or a registered one (prunekit.tasks.family)
     text_columns: tuple[str, ...]
     num_labels: int  # 1 for regression (STS-B)
     metrics: tuple[str, ...]  # names in prunekit.tasks.metrics.METRICS (GLUE), or keys of squad_scores (SQuAD)
@@ -110,7 +112,8 @@ class TaskSpec:
         # A malformed task must fail when the registry is built, never later (style.md §13).
         where = f"task {self.name!r}"
         if self.kind not in _KINDS:
-            raise ConfigError(f"{where}: kind must be one of {_KINDS}, got {self.kind!r}")
+            raise ConfigError(f"{where}: kind must be one of {tuple(_KINDS)} (the registered task families), "
+                              f"got {self.kind!r}")
         if self.flops_seq_len is not None and self.flops_seq_len <= 0:
             raise ConfigError(f"{where}: flops_seq_len must be a positive number of tokens, or None")
         if self.kind == "squad":
@@ -132,6 +135,9 @@ class TaskSpec:
         if self.head == "sequence_classification":
             if self.is_regression != (self.num_labels == 1):
                 raise ConfigError(f"{where}: a regression task has num_labels=1 and a classification task >= 2")
+            if self.distill_loss != ("mse" if self.is_regression else "kl"):
+                raise ConfigError(f"{where}: a regression task has distill_loss 'mse' and a classification "
+                                  f"task 'kl', got {self.distill_loss!r}")
             if not self.is_regression and len(self.label_values) != self.num_labels:
                 raise ConfigError(
                     f"{where}: label_values {self.label_values} must list one value per class ({self.num_labels})"
@@ -396,3 +402,8 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
     close = difflib.get_close_matches(key, list(TASKS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}.{hint}")
+
+
+def add_task_kind(kind: str) -> None:
+    """Let TaskSpecs name ``kind``: called by `prunekit.tasks.family.register_family` for its family."""
+    _KINDS.setdefault(kind)

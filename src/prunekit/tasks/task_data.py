@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.tasks.family import family_of
+from prunekit.tasks.spec import get_task
+
 
 @dataclass
 class TrainingData:
@@ -26,7 +29,7 @@ class TrainingData:
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     evaluate: Callable[[nn.Module], dict[str, float]]
     main_metric: str
-    kind: str  # "classification", "regression" or "qa" (prunekit.tasks.losses)
+    kind: str  # the distillation-loss kind (prunekit.tasks.losses), from the task's family
 
 
 @dataclass
@@ -34,7 +37,8 @@ class TaskData:
     """A method's task data.
 
     Attributes:
-        kind: the distillation-loss kind, "classification", "regression" or "qa".
+        kind: the distillation-loss kind, "classification", "regression", "qa" or "lm"
+            (``prunekit.tasks.family.family_of(task).loss_kind(task)``).
         sample: the calibration sample (calibration-based methods).
         training: training features and dev scorer (training-based methods).
         prepared: the method's budget-independent state from its ``prepare`` step, reused
@@ -60,7 +64,8 @@ def build_training_data(task: Any, tokenizer: Any, source: Any, max_length: int 
                         doc_stride: int | None = None, max_train_samples: int | None = None,
                         max_eval_samples: int | None = None,
                         device: torch.device | str | None = None) -> TrainingData:
-    """Training features of the task's train split and a scorer on its dev split.
+    """Training features of the task's train split and a scorer on its dev split, made by the
+    task's family (`prunekit.tasks.family`).
 
     Args:
         source: the task's data (GLUE folder, file or hub name; SQuAD file, folder or a pair of
@@ -68,39 +73,18 @@ def build_training_data(task: Any, tokenizer: Any, source: Any, max_length: int 
         max_length, doc_stride: tokens per feature and SQuAD's window overlap (None: the task's).
         max_train_samples, max_eval_samples: first N training / dev examples only.
     """
-    from prunekit.tasks.dispatch import load_examples
-    from prunekit.tasks.evaluate import evaluate_squad, predict
-    from prunekit.tasks.glue.data import collate, tokenize_examples
-    from prunekit.tasks.glue.metrics import compute_metrics
-    from prunekit.tasks.qa.squad import collate_qa, prepare_features
-    from prunekit.tasks.spec import get_task
-
     spec = get_task(task)
+    family = family_of(spec)
+    max_length = max_length or spec.max_length
+    options = family.resolve_options(spec, max_length, doc_stride=doc_stride)
     train_source, dev_source = source if isinstance(source, tuple) else (source, source)
-    train = load_examples(spec, train_source, "train")
-    dev = load_examples(spec, dev_source, "dev")
+    train = family.load_examples(spec, train_source, "train")
+    dev = family.load_examples(spec, dev_source, "dev")
     if max_train_samples is not None:
         train = train[:max_train_samples]
     if max_eval_samples is not None:
         dev = dev[:max_eval_samples]
-    max_length = max_length or spec.max_length
-    pad_id = tokenizer.pad_token_id
-    if spec.kind == "squad":
-        stride = doc_stride if doc_stride is not None else spec.doc_stride
-        features = prepare_features(train, tokenizer, max_length, stride, for_training=True)
-
-        def score_qa(model: nn.Module) -> dict[str, float]:
-            return evaluate_squad(model, tokenizer, spec, dev, max_length=max_length, doc_stride=stride,
-                                  device=device)
-
-        return TrainingData(features, lambda batch: collate_qa(batch, pad_id), score_qa, spec.main_metric, "qa")
-    features = tokenize_examples(spec, tokenizer, train, max_length=max_length)
-    dev_features = tokenize_examples(spec, tokenizer, dev, max_length=max_length)
-    labels = [f["label"] for f in dev_features]
-
-    def score(model: nn.Module) -> dict[str, float]:
-        return compute_metrics(spec, predict(model, spec, dev_features, pad_id, device=device), labels)
-
-    kind = "regression" if spec.is_regression else "classification"
-    return TrainingData(features, lambda batch: collate(batch, pad_id, regression=spec.is_regression), score,
-                        spec.main_metric, kind)
+    features = family.training_features(spec, tokenizer, train, max_length, **options)
+    score = family.dev_scorer(spec, tokenizer, dev, max_length, device, **options)
+    return TrainingData(features, family.collate_fn(spec, tokenizer.pad_token_id), score, spec.main_metric,
+                        family.loss_kind(spec))

@@ -1,6 +1,6 @@
 """SQuAD as a prunekit task: reading a task's split, and the QA calibration sample.
 
-This module binds the SQuAD data functions of `prunekit.tasks.qa.squad` to the "squad" and
+This module binds the SQuAD data functions of `prunekit.tasks.qa` to the "squad" and
 "squad_v2" TaskSpecs (architecture.md, flow steps 1-2; kprune_kwon.md §1.2 and P13):
 
 - `load_squad_split` reads one split from an official JSON file (used for whichever split is
@@ -25,7 +25,8 @@ from typing import Any
 
 from prunekit.core.errors import ConfigError, DataError
 from prunekit.tasks.calibration import CalibrationSample, batch_sample, check_sample_options, draw_indices
-from prunekit.tasks.qa.squad import collate_qa, load_squad, prepare_features
+from prunekit.tasks.qa.features import collate_qa, prepare_features
+from prunekit.tasks.qa.files import load_squad
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _checked_examples(spec: TaskSpec, examples: Sequence[Mapping[str, Any]]) -> 
         if missing:
             raise DataError(
                 f"SQuAD example {i} lacks {', '.join(map(repr, missing))}; pass dicts as "
-                "prunekit.tasks.qa.squad.load_squad returns them"
+                "prunekit.tasks.qa.load_squad returns them"
             )
         answers = example["answers"]
         if not isinstance(answers, Mapping) or "text" not in answers or "answer_start" not in answers:
