@@ -1,7 +1,7 @@
 """The files that make a saved pruned folder explain and load itself (issue 11, item 4).
 
 - ``README.md``: what was pruned, from what, by which method to which budget, and how to load it.
-- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``; for
+- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/families/remote_code``; for
   the decoder families their own ``configuration_prunekit_<family>.py`` and
   ``modeling_prunekit_<family>.py``), named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
   pruned model with ``trust_remote_code=True``. These files never import prunekit. With prunekit
@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# The files sit with the model families they rebuild (read as files here, never imported).
+REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "families" / "remote_code"
 # The encoder families share one pair of files; every other family has its own pair, named by its
 # model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
 # Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.
