@@ -184,13 +184,14 @@ def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
 
 
 # ---- the non-embedding parameter budget (keep_params of the retraining-free methods) ----------------
-def count_non_embedding_params(model: nn.Module) -> int:
-    """Parameters of ``model`` outside its embedding tables and its vocabulary output head, the
-    convention of LLM pruning results ("20% of parameters removed" counts no embeddings): every
-    layer (norms included), the final norm, a pooler and a classifier head. A tied output head is
-    the word embedding table and is not counted twice; an untied vocabulary head is left out too."""
-    adapter = view_of(model)
-    model = adapter.model  # a view may be passed
+def count_non_embedding_params(model: nn.Module | ModelAdapter) -> int:
+    """Parameters of ``model`` (a model or its view) outside its embedding tables and its vocabulary
+    output head, the convention of LLM pruning results ("20% of parameters removed" counts no
+    embeddings): every layer (norms included), the final norm, a pooler and a classifier head. A
+    tied output head is the word embedding table and is not counted twice; an untied vocabulary
+    head is left out too."""
+    adapter = view_of(model)  # a view passed in is not re-derived
+    model = adapter.model
     embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
