@@ -613,7 +613,7 @@ def test_cofi_gates_equal_gate_surgery_with_hidden_dims(variant):
     (OPT-350m's placement), whose summed embeddings the hidden gates scale."""
     from prunekit.core.masks import GateHolder, apply_gates
     from prunekit.methods.cofi import gate_plan
-    from prunekit.methods.l0 import GateValues
+    from prunekit.methods.cofi.l0 import GateValues
 
     model = build(variant, seed=6)
     gen = torch.Generator().manual_seed(6)

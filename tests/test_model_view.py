@@ -37,7 +37,7 @@ from prunekit.families import AttentionParts, BlockFacts, LayerShape, get_adapte
 from prunekit.families.llama import LlamaAdapter
 from prunekit.families.remote_code.modeling_prunekit_decoder import MappedKvAttention
 from prunekit.methods.cofi import gate_plan
-from prunekit.methods.l0 import GateValues
+from prunekit.methods.cofi.l0 import GateValues
 from prunekit.tasks import TaskData
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 99, 3  # groups of 3 query heads; d_h = 12 != d / H
