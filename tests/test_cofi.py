@@ -19,13 +19,15 @@ from prunekit.families import get_adapter
 from prunekit.methods.cofi import (
     CofiConfig,
     SizeModel,
+    check_cofi_schedule,
     cofi,
+    cofi_schedule,
     default_teacher_layers,
     gate_plan,
     match_layers,
     narrow_transform,
 )
-from prunekit.methods.l0 import (
+from prunekit.methods.cofi.l0 import (
     CofiGates,
     closed_probability,
     deterministic_gate,
@@ -287,6 +289,25 @@ def test_bad_config_is_a_clear_error(options, message):
     with pytest.raises(ConfigError, match=message):
         CofiConfig(**options)
 
+
+
+def test_the_schedule_counts_optimiser_steps_per_stage():
+    """What training counts and the schedule check reads: 50 examples in batches of 8 are 7 batches,
+    3 optimiser steps per epoch with 2 accumulation steps; fine-tuning has no pre-pruning."""
+    config = CofiConfig(keep_params=0.3, epochs=3, prepruning_epochs=1, warmup_epochs=1, finetune_epochs=2,
+                        batch_size=8, gradient_accumulation_steps=2)
+    prune = cofi_schedule(config, 50)
+    assert (prune.batches_per_epoch, prune.steps_per_epoch, prune.total, prune.prepruning, prune.warmup) == (
+        7, 3, 9, 3, 3)
+    finetune = cofi_schedule(config, 50, stage="finetune")
+    assert (finetune.total, finetune.prepruning) == (6, 0)
+    assert cofi_schedule(config, 50, num_processes=2).steps_per_epoch == 2  # 4 batches per process
+    short = CofiConfig(keep_params=0.3, epochs=3, warmup_epochs=1, batch_size=8, max_steps=3)
+    assert cofi_schedule(short, 50).total == 3
+    # A warm-up of 7 steps needs at least one step at the full target after it.
+    check_cofi_schedule(CofiConfig(keep_params=0.3, epochs=3, warmup_epochs=1, batch_size=8, max_steps=8), 50)
+    with pytest.raises(ConfigError, match="cannot reach its target"):
+        check_cofi_schedule(CofiConfig(keep_params=0.3, epochs=3, warmup_epochs=1, batch_size=8, max_steps=7), 50)
 
 # ---- API and CLI ------------------------------------------------------------------------------------------
 def test_prune_api_saves_a_model_that_reloads_identically(tmp_path, make_teacher):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from builders import masked, outputs, padded_pair, spread_out
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -59,35 +60,11 @@ def build(family: str, head: str = "causal_lm", seed: int = 0, layers: int = LAY
         tie_word_embeddings=head == "causal_lm", pad_token_id=0, num_labels=3, **extra,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = getattr(transformers, PREFIX[family] + HEADS[head])(config)
-    with torch.no_grad():  # spread-out values, so that equalities cannot hold by accident
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.25 if param.dim() >= 2 else 0.2)
-    return model.eval()
+    return spread_out(getattr(transformers, PREFIX[family] + HEADS[head])(config))
 
 
 def batch_of(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Two sequences, the second right-padded (the classifier pools the last real token)."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, VOCAB, (2, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask}
-
-
-def outputs(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(**batch).logits
-    return logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits
-
-
-def masked(model, plan: PruningPlan, batch) -> torch.Tensor:
-    head_masks, neuron_masks = plan.masks(model)
-    with apply_masks(get_adapter(model), head_masks, neuron_masks):
-        return outputs(model, batch)
+    return padded_pair(VOCAB, seed)
 
 
 def random_plan(seed: int, layers: int = LAYERS) -> PruningPlan:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -50,6 +51,7 @@ ATOL = 1e-5
 # and the eager kernel that reorders and upcasts.
 VARIANTS = ("opt", "opt-post", "opt-proj", "opt-nobias", "gpt2", "gpt2-scaled")
 PAD = {"opt": 1, "gpt2": 0}
+NORM_WEIGHTS = ("ln_1.weight", "ln_2.weight", "ln_f.weight", "layer_norm.weight")
 
 
 def family_of(variant: str) -> str:
@@ -77,38 +79,11 @@ def build(variant: str = "opt", head: str = "causal_lm", seed: int = 0):
             config._attn_implementation = "eager"
         cls = GPT2LMHeadModel if head == "causal_lm" else GPT2ForSequenceClassification
     torch.manual_seed(seed)
-    model = cls(config)
-    with torch.no_grad():  # spread-out values, so that equalities cannot hold by accident
-        for name, param in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layer_norm.weight")):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.25 if param.dim() >= 2 else 0.2)
-    return model.eval()
+    return spread_out(cls(config), NORM_WEIGHTS)
 
 
 def make_batch(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Two sequences of different lengths, right-padded (the classifiers pool the last real token)."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, VOCAB, (2, 9), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, PAD[family_of(variant)]),
-            "attention_mask": attention_mask}
-
-
-def outputs(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(**batch).logits
-    if logits.dim() == 3:  # causal LM: the real positions only
-        return logits[batch["attention_mask"].bool()]
-    return logits
-
-
-def masked(model, plan: PruningPlan, batch) -> torch.Tensor:
-    head_masks, neuron_masks = plan.masks(model)
-    with apply_masks(get_adapter(model), head_masks, neuron_masks):
-        return outputs(model, batch)
+    return padded_pair(VOCAB, seed, low=2, pad=PAD[family_of(variant)])
 
 
 def random_plan(seed: int) -> PruningPlan:
@@ -201,20 +176,6 @@ def test_pruned_equals_masked(variant, head, seed):
         for block, step in zip(pruned.model.decoder.layers, plan.layers, strict=True):
             if step.heads:
                 assert block.self_attn.num_heads == len(step.heads) and block.self_attn.head_dim == D_H
-
-
-def layer_io(model, layer: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    record = {}
-    block = get_adapter(model).layers()[layer]
-    handles = [block.register_forward_pre_hook(lambda m, args: record.__setitem__("x", args[0])),
-               block.register_forward_hook(lambda m, args, out: record.__setitem__("y", out))]
-    try:
-        outputs(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    y = record["y"][0] if isinstance(record["y"], tuple) else record["y"]
-    return record["x"], y
 
 
 def _bias(model, variant: str, layer: int, kind: str) -> torch.Tensor | None:
@@ -385,19 +346,6 @@ def test_a_reloaded_model_prunes_again(tmp_path):
 
 
 # ---- accounting and budgets ------------------------------------------------------------------------
-def macs_by_hand(model, s: int) -> float:
-    """Multiply-adds of every q/k/v/out and FFN matrix, read off the modules, plus 2·s²·d_h per head."""
-    total = 0.0
-    for block in get_adapter(model).layers():
-        for linear in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
-            total += s * linear.in_features * linear.out_features
-        attn = block.attn if hasattr(block, "attn") else block.self_attn
-        query = attn.c_attn.q if isinstance(getattr(attn, "c_attn", None), FusedQKV) else getattr(attn, "q_proj", None)
-        if query is not None:
-            total += 2 * s * s * query.out_features
-    return total
-
-
 @pytest.mark.parametrize("variant", ["opt", "gpt2"])
 def test_flops_and_parameters_equal_a_hand_count(variant):
     model = build(variant)
@@ -417,17 +365,7 @@ def test_flops_and_parameters_equal_a_hand_count(variant):
 
 
 def classification_sample(variant: str, num_batches: int = 3, seed: int = 0) -> SimpleNamespace:
-    """Right-padded labelled batches for the sequence classifiers."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for b in range(num_batches):
-        lengths = torch.tensor([4 + (b * 5 + i * 3) % 9 for i in range(4)])
-        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        ids = torch.randint(2, VOCAB, mask.shape, generator=gen).masked_fill(mask == 0, PAD[family_of(variant)])
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)})
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return SimpleNamespace(batches=batches, num_sequences=4 * num_batches, num_tokens=tokens,
-                           mean_length=tokens / (4 * num_batches))
+    return labelled_sample(VOCAB, num_batches, seed, low=2, pad=PAD[family_of(variant)])
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random", "kwon", "kprune"])
@@ -613,7 +551,7 @@ def test_cofi_gates_equal_gate_surgery_with_hidden_dims(variant):
     (OPT-350m's placement), whose summed embeddings the hidden gates scale."""
     from prunekit.core.masks import GateHolder, apply_gates
     from prunekit.methods.cofi import gate_plan
-    from prunekit.methods.l0 import GateValues
+    from prunekit.methods.cofi.l0 import GateValues
 
     model = build(variant, seed=6)
     gen = torch.Generator().manual_seed(6)

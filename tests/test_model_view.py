@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from prunekit.core.accounting import (
@@ -37,7 +38,7 @@ from prunekit.families import AttentionParts, BlockFacts, LayerShape, get_adapte
 from prunekit.families.llama import LlamaAdapter
 from prunekit.families.remote_code.modeling_prunekit_decoder import MappedKvAttention
 from prunekit.methods.cofi import gate_plan
-from prunekit.methods.l0 import GateValues
+from prunekit.methods.cofi.l0 import GateValues
 from prunekit.tasks import TaskData
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 99, 3  # groups of 3 query heads; d_h = 12 != d / H
@@ -52,37 +53,11 @@ def build_llama(head: str = "causal_lm", seed: int = 0, biases: bool = False, ti
         pad_token_id=0, num_labels=3,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = (LlamaForCausalLM if head == "causal_lm" else LlamaForSequenceClassification)(config)
-    with torch.no_grad():  # spread-out values, so that equalities cannot hold by accident
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.25 if param.dim() >= 2 else 0.2)
-    return model.eval()
+    return spread_out((LlamaForCausalLM if head == "causal_lm" else LlamaForSequenceClassification)(config))
 
 
 def llama_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Two sequences of different lengths; right padding, so the classifier pools the last real token."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, VOCAB, (2, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask}
-
-
-def outputs(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(**batch).logits
-    if logits.dim() == 3:  # causal LM: the real positions only
-        return logits[batch["attention_mask"].bool()]
-    return logits
-
-
-def masked(model, plan: PruningPlan, batch) -> torch.Tensor:
-    head_masks, neuron_masks = plan.masks(model)
-    with apply_masks(get_adapter(model), head_masks, neuron_masks):
-        return outputs(model, batch)
+    return padded_pair(VOCAB, seed)
 
 
 def hard_plan(seed: int) -> PruningPlan:
@@ -209,20 +184,6 @@ def test_a_group_mask_is_its_query_heads_mask():
                                atol=ATOL, rtol=0)
 
 
-def layer_io(model, layer: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of ``layer`` on ``batch``."""
-    record = {}
-    block = get_adapter(model).layers()[layer]
-    handles = [block.register_forward_pre_hook(lambda m, args: record.__setitem__("x", args[0])),
-               block.register_forward_hook(lambda m, args, out: record.__setitem__("y", out))]
-    try:
-        outputs(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return record["x"], record["y"]
-
-
 @pytest.mark.parametrize("biases", [False, True])
 def test_emptied_pre_norm_sublayers_compute_x_plus_bias(biases):
     """Pre-norm: an emptied sublayer adds its output bias, or exactly nothing without one; a removed
@@ -267,18 +228,6 @@ def test_emptied_post_norm_sublayers_compute_layer_norm_of_x_plus_bias(make_mode
         remove_sublayer(adapter, 1, kind)
     x, y = layer_io(pruned, 1, batch)
     assert torch.equal(y[0] if isinstance(y, tuple) else y, x)
-
-
-def macs_by_hand(model, s: int) -> float:
-    """Multiply-adds of every q/k/v/o and FFN matrix, read off the modules, plus 2·s²·d_h per query head."""
-    total = 0.0
-    for block in model.model.layers:
-        for linear in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
-            total += s * linear.in_features * linear.out_features
-        sa = block.self_attn
-        if hasattr(sa, "q_proj"):
-            total += 2 * s * s * sa.q_proj.out_features  # QKᵀ and attention × V: s²·d_h per head each
-    return total
 
 
 def test_flops_and_parameters_equal_a_hand_count():
@@ -373,17 +322,7 @@ def test_bert_family_keeps_one_key_value_head_per_query_head(make_model):
 
 # ---- the methods read the family's facts -------------------------------------------------------------
 def llama_sample(num_batches: int = 3, seed: int = 0) -> SimpleNamespace:
-    """Right-padded labelled batches for the sequence classifier."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for b in range(num_batches):
-        lengths = torch.tensor([4 + (b * 5 + i * 3) % 9 for i in range(4)])
-        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        ids = torch.randint(1, VOCAB, mask.shape, generator=gen).masked_fill(mask == 0, 0)
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)})
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return SimpleNamespace(batches=batches, num_sequences=4 * num_batches, num_tokens=tokens,
-                           mean_length=tokens / (4 * num_batches))
+    return labelled_sample(VOCAB, num_batches, seed)
 
 
 def test_kwon_on_the_test_family(monkeypatch):

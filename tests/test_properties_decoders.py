@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import test_decoders_llama as llama
 import test_decoders_opt_gpt2 as opt_gpt2
 import torch
+from builders import labelled_sample, masked, outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,10 +47,6 @@ def batch_for(variant: str, seed: int) -> dict[str, torch.Tensor]:
     return llama.batch_of(seed) if variant in GROUPED else opt_gpt2.make_batch(variant, seed)
 
 
-def outputs(model, batch) -> torch.Tensor:
-    return llama.outputs(model, batch)  # the same in both modules: real positions of an LM, or logits
-
-
 @st.composite
 def cases(draw) -> tuple[str, str, int, PruningPlan]:
     variant = draw(st.sampled_from(VARIANTS))
@@ -73,18 +70,14 @@ def cases(draw) -> tuple[str, str, int, PruningPlan]:
     return variant, head, seed, PruningPlan(layers=layers)
 
 
-def masked(model, plan: PruningPlan, batch) -> torch.Tensor:
-    # kv_groups only restrict heads (apply_plan keeps the heads inside the kept groups), so the masked
-    # form is the plan's heads.
-    return llama.masked(model, plan, batch)
-
-
 @settings(max_examples=20)
 @given(cases(), st.integers(0, 1000))
 def test_decoder_pruned_equals_masked_reloads_and_replays(case, batch_seed):
     variant, head, seed, plan = case
     model = build(variant, head, seed)
     batch = batch_for(variant, batch_seed)
+    # kv_groups only restrict heads (apply_plan keeps the heads inside the kept groups), so the masked
+    # form is the plan's heads.
     expected = masked(model, plan, batch)
     pruned = apply_plan(copy.deepcopy(model), plan)
     got = outputs(pruned, batch)
@@ -98,18 +91,10 @@ def test_decoder_pruned_equals_masked_reloads_and_replays(case, batch_seed):
     torch.testing.assert_close(outputs(replayed, batch), got, atol=1e-6, rtol=0)
 
 
-def labelled_sample(variant: str, seed: int) -> SimpleNamespace:
+def sample_for(variant: str, seed: int) -> SimpleNamespace:
     """Right-padded labelled batches in the test model's vocabulary."""
     vocab, pad = (llama.VOCAB, 0) if variant in GROUPED else (opt_gpt2.VOCAB, opt_gpt2.PAD[opt_gpt2.family_of(variant)])
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for b in range(2):
-        lengths = torch.tensor([4 + (b * 5 + i * 3) % 9 for i in range(4)])
-        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        ids = torch.randint(2, vocab, mask.shape, generator=gen).masked_fill(mask == 0, pad)
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)})
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return SimpleNamespace(batches=batches, num_sequences=8, num_tokens=tokens, mean_length=tokens / 8)
+    return labelled_sample(vocab, num_batches=2, seed=seed, low=2, pad=pad)
 
 
 @settings(max_examples=12)
@@ -117,7 +102,7 @@ def labelled_sample(variant: str, seed: int) -> SimpleNamespace:
        st.integers(0, 2**16))
 def test_decoder_methods_meet_a_random_flops_budget(variant, method, keep, seed):
     teacher = build(variant, "sequence_classification", seed)
-    sample = labelled_sample(variant, seed)
+    sample = sample_for(variant, seed)
     spec = get_method(method)
     try:
         plan, _ = spec.run(teacher, TaskData("classification", sample), spec.make_config(keep_flops=keep))

@@ -68,13 +68,25 @@ def attention_flops(shape: LayerShape, cost: UnitCosts) -> float:
 
 def kv_head_flops(costs: list[UnitCosts], adapter: ModelAdapter) -> float:
     """The cost of every key/value head of the unpruned architecture, given per-layer unit costs;
-    0 for families whose query heads own their key/value heads (counted in ``head``).
-
-    Methods whose search prices query heads and neurons only (not yet key/value groups) reserve it
-    out of their budget: the key/value heads they keep can then cost no more than all of them do,
-    so the counted FLOPs still meet the budget (a method that drops whole groups only saves more).
-    """
+    0 for families whose query heads own their key/value heads (counted in ``head``). The methods
+    reserve it out of their budget (:func:`query_and_neuron_budget`)."""
     return sum(adapter.full_num_kv_heads * cost.kv_head for cost in costs)
+
+
+def query_and_neuron_budget(keep: float, full_cost: float, kv_cost: float) -> float:
+    """The budget left for the query heads and FFN neurons a method keeps, ``keep · full_cost −
+    kv_cost``, when it may keep ``keep`` of ``full_cost``, the cost of the unpruned architecture
+    with its key/value heads (``kv_cost`` of it, :func:`kv_head_flops`).
+
+    Key/value heads are kept whole in this release: no search prices them (Kprune, Kwon et al.
+    and the baselines score query heads and neurons), so their full cost is reserved. The key/value
+    heads a method keeps then cost no more than all of them do and the counted FLOPs still meet the
+    budget (a group whose query heads all go takes its key/value head with it, which only saves
+    more). ``kv_cost`` is 0 where query heads own their key/value heads (counted in their cost) and
+    under a latency budget (a latency table has no separate price for key/value heads). The caller sums
+    ``full_cost`` in its own order, so that a method's budget stays the same to the last bit.
+    """
+    return keep * full_cost - kv_cost
 
 
 def layer_flops(model: nn.Module | ModelAdapter, seq_len: float) -> list[dict[str, float]]:
@@ -172,13 +184,14 @@ def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
 
 
 # ---- the non-embedding parameter budget (keep_params of the retraining-free methods) ----------------
-def count_non_embedding_params(model: nn.Module) -> int:
-    """Parameters of ``model`` outside its embedding tables and its vocabulary output head, the
-    convention of LLM pruning results ("20% of parameters removed" counts no embeddings): every
-    layer (norms included), the final norm, a pooler and a classifier head. A tied output head is
-    the word embedding table and is not counted twice; an untied vocabulary head is left out too."""
-    adapter = view_of(model)
-    model = adapter.model  # a view may be passed
+def count_non_embedding_params(model: nn.Module | ModelAdapter) -> int:
+    """Parameters of ``model`` (a model or its view) outside its embedding tables and its vocabulary
+    output head, the convention of LLM pruning results ("20% of parameters removed" counts no
+    embeddings): every layer (norms included), the final norm, a pooler and a classifier head. A
+    tied output head is the word embedding table and is not counted twice; an untied vocabulary
+    head is left out too."""
+    adapter = view_of(model)  # a view passed in is not re-derived
+    model = adapter.model
     embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:

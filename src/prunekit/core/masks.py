@@ -131,7 +131,7 @@ def frozen_for_masks(model: nn.Module) -> Iterator[None]:
 # ---- gates at every granularity (CoFi) -------------------------------------------------------------
 class GateHolder:
     """The gate values the hooks of :func:`apply_gates` read: set ``values`` before each forward
-    pass (a ``prunekit.methods.l0.GateValues``), or None to run the model ungated."""
+    pass (a ``prunekit.methods.cofi.l0.GateValues``), or None to run the model ungated."""
 
     def __init__(self) -> None:
         self.values = None

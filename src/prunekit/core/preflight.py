@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -137,33 +136,6 @@ def warn_if_all_pruned(model: torch.nn.Module, budget: str) -> str | None:
                "was pruned, so the model hardly depends on its input; give a larger budget")
     logger.warning(message)
     return message
-
-
-def cofi_schedule(config: Any, num_features: int, num_processes: int = 1) -> dict[str, int]:
-    """CoFi's pruning-stage steps as training counts them: total, pre-pruning and warm-up."""
-    batches = math.ceil(num_features / (config.batch_size * num_processes))
-    per_epoch = max(1, batches // config.gradient_accumulation_steps)
-    total = max(1, int(round(config.epochs * per_epoch)))
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    return {"steps_per_epoch": per_epoch, "total": total,
-            "prepruning": int(round(config.prepruning_epochs * per_epoch)),
-            "warmup": max(1, int(round(config.warmup_epochs * per_epoch)))}
-
-
-def check_cofi_schedule(config: Any, num_features: int, num_processes: int = 1) -> None:
-    """Refuse a CoFi schedule whose target sparsity is never reached: the warm-up must end, with
-    at least one step at the full target, before the pruning stage does."""
-    check_positive("max_steps", config.max_steps)
-    steps = cofi_schedule(config, num_features, num_processes)
-    pruning = steps["total"] - steps["prepruning"]
-    if steps["warmup"] >= pruning:
-        budget = f"keep_{config.target_kind} {1.0 - config.target_sparsity:g}"
-        raise ConfigError(
-            f"CoFi's schedule cannot reach its target {budget}: the sparsity warm-up takes {steps['warmup']} "
-            f"steps (warmup_epochs {config.warmup_epochs:g} x {steps['steps_per_epoch']} steps per epoch) but the "
-            f"pruning stage has only {pruning} after pre-pruning; raise --epochs (or max_steps), or lower "
-            "--set warmup_epochs")
 
 
 # ---- model, tokenizer, task ---------------------------------------------------------------------------

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.core.accounting import budget_kind_of, check_budget, kv_head_flops, params_unit_budget
+from prunekit.core.accounting import (
+    budget_kind_of,
+    check_budget,
+    kv_head_flops,
+    params_unit_budget,
+    query_and_neuron_budget,
+)
 from prunekit.core.errors import ConfigError
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.families import ModelAdapter, view_of
@@ -138,9 +144,9 @@ def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
     if config.keep_params is not None:
         return params_costs(adapter), params_unit_budget(adapter, config.keep_params)[1], seq_len
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
     kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
-    return costs, config.keep * (total_cost(costs, full_widths(adapter)) + kv) - kv, seq_len
+    full = total_cost(costs, full_widths(adapter)) + kv
+    return costs, query_and_neuron_budget(config.keep, full, kv), seq_len
 
 
 def _plan(adapter, result: SearchResult, config, seq_len, name) -> tuple[PruningPlan, dict]:

@@ -55,6 +55,7 @@ from prunekit.core.accounting import (
     check_budget,
     kv_head_flops,
     params_unit_budget,
+    query_and_neuron_budget,
     unit_costs,
 )
 from prunekit.core.errors import ConfigError
@@ -235,11 +236,9 @@ def _budget(adapter: ModelAdapter, seq_len: float, config: KpruneConfig) -> tupl
         cost, budget = params_unit_budget(adapter, config.keep_params)
         return [cost] * adapter.num_layers, budget
     costs = per_unit_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)  # per layer
-    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
-    kv = kv_head_flops(costs, adapter)
-    budget = config.keep * sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron
-                               + adapter.full_num_kv_heads * c.kv_head for c in costs) - kv
-    return costs, budget
+    full = sum(adapter.full_num_heads * c.head + adapter.full_intermediate_size * c.neuron
+               + adapter.full_num_kv_heads * c.kv_head for c in costs)
+    return costs, query_and_neuron_budget(config.keep, full, kv_head_flops(costs, adapter))
 
 
 def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> KpruneCalibration:

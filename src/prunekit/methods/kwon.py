@@ -52,6 +52,7 @@ from prunekit.core.accounting import (
     count_non_embedding_params,
     kv_head_flops,
     params_unit_budget,
+    query_and_neuron_budget,
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
@@ -183,10 +184,9 @@ def _budget(adapter: ModelAdapter, seq_len: float, config: KwonConfig):
         full = float(count_non_embedding_params(adapter.model))
         return params_costs(adapter), lambda keep: params_unit_budget(adapter, keep)[1], full
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
-    # Grouped key/value heads are not search units yet: their full cost is reserved (kv_head_flops).
     kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
     full = total_cost(costs, full_widths(adapter)) + kv
-    return costs, lambda keep: keep * full - kv, full
+    return costs, lambda keep: query_and_neuron_budget(keep, full, kv), full
 
 
 # ---- 1. Fisher information (§3.2) ------------------------------------------------------------------

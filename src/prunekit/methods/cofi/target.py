@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from prunekit.families import ModelAdapter
-from prunekit.methods.l0 import SOFT_FACTOR, TEMPERATURE, CofiGates, GateValues, _on, keep_probability
+from prunekit.methods.cofi.l0 import SOFT_FACTOR, TEMPERATURE, CofiGates, GateValues, _on, keep_probability
+from prunekit.methods.cofi.size import SizeModel
 
 
-def structure_size(values: GateValues, sizer: Any, adapter: ModelAdapter) -> float:
+def structure_size(values: GateValues, sizer: SizeModel, adapter: ModelAdapter) -> float:
     """The exact size (parameters or FLOPs, as ``sizer.kind``) of the model the deterministic
     ``values`` leave after surgery: the size model's units plus, for parameters, the output bias
     (one per hidden dim) of every sublayer that stays."""
@@ -34,7 +35,7 @@ def structure_size(values: GateValues, sizer: Any, adapter: ModelAdapter) -> flo
     return total
 
 
-def project_to_target(gates: CofiGates, values: GateValues, sizer: Any, adapter: ModelAdapter,
+def project_to_target(gates: CofiGates, values: GateValues, sizer: SizeModel, adapter: ModelAdapter,
                       target_sparsity: float, tolerance: float) -> tuple[GateValues, dict[str, Any]]:
     """``values`` unchanged when their structure keeps at most the target and misses it by no more
     than ``tolerance`` (a fraction of the full size); else the projected values. Returns the values
@@ -68,7 +69,7 @@ def _sublayers_left(values: GateValues, adapter: ModelAdapter) -> int:
     return left
 
 
-def _max_size(gates: CofiGates, sizer: Any, adapter: ModelAdapter, values: GateValues, h: int) -> float:
+def _max_size(gates: CofiGates, sizer: SizeModel, adapter: ModelAdapter, values: GateValues, h: int) -> float:
     """The size at hidden width ``h`` with every gated unit open."""
     heads = [g.numel() for g in gates.head]
     neurons = [g.numel() for g in gates.neuron]
@@ -81,7 +82,7 @@ def _max_size(gates: CofiGates, sizer: Any, adapter: ModelAdapter, values: GateV
     return total
 
 
-def _hidden_choice(gates: CofiGates, values: GateValues, sizer: Any, adapter: ModelAdapter,
+def _hidden_choice(gates: CofiGates, values: GateValues, sizer: SizeModel, adapter: ModelAdapter,
                    budget: float) -> torch.Tensor | None:
     """Sorted kept hidden dims: the deterministic ones, or more (highest log α first) when even
     every unit at that width stays below the budget."""
@@ -99,7 +100,7 @@ def _log_keep(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.log(keep_probability(log_alpha.detach().float()))
 
 
-def _choose_units(gates: CofiGates, values: GateValues, sizer: Any, adapter: ModelAdapter, budget: float,
+def _choose_units(gates: CofiGates, values: GateValues, sizer: SizeModel, adapter: ModelAdapter, budget: float,
                   h: int) -> dict[tuple[str, int], list[int]]:
     """Greedy by gate score: (kind, layer) -> chosen unit indices, fitting ``budget`` at width ``h``."""
     candidates: list[tuple[float, int, str, int, int]] = []  # (-score, order, kind, layer, index)
@@ -127,7 +128,7 @@ def _choose_units(gates: CofiGates, values: GateValues, sizer: Any, adapter: Mod
     return chosen
 
 
-def _ungated_size(values: GateValues, sizer: Any, adapter: ModelAdapter, h: int) -> float:
+def _ungated_size(values: GateValues, sizer: SizeModel, adapter: ModelAdapter, h: int) -> float:
     """What stays whatever the gates say: the output biases of empty (ungated, not removed) sublayers."""
     if sizer.kind != "params":
         return 0.0
@@ -138,7 +139,7 @@ def _ungated_size(values: GateValues, sizer: Any, adapter: ModelAdapter, h: int)
 
 
 def _soft(log_alpha: torch.Tensor) -> torch.Tensor:
-    """The deterministic value of an open gate (as prunekit.methods.l0.deterministic_gate gives it)."""
+    """The deterministic value of an open gate (as prunekit.methods.cofi.l0.deterministic_gate gives it)."""
     return torch.sigmoid(SOFT_FACTOR * log_alpha.detach().float() / TEMPERATURE)
 
 
