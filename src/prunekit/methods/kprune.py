@@ -193,7 +193,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                 teacher_residuals = first_residuals
                 first_residuals = None
             else:
-                teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks)
+                if layer == 1 and not owned:
+                    t_hidden = list(t_hidden)  # a shared calibration's layer outputs stay intact
+                teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks,
+                                                             in_place=True)
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 step, out_weight = _prune_sublayer(
@@ -290,17 +293,24 @@ def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
     return batch["p_mask"] if config.mask_special else None
 
 
-def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks):
-    """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs."""
+def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, in_place: bool = False):
+    """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs.
+
+    ``in_place``: the outputs replace the inputs in ``hidden``, batch by batch, so that one set of
+    teacher hidden states is alive instead of two (the inputs are not needed afterwards)."""
     residuals: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
-    outputs = []
+    outputs = hidden if in_place else []
     # A model that came in pruned may have emptied sublayers: nothing to capture there.
     present = [sub for sub in ("attn", "ffn")
                if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
     with torch.no_grad(), ExitStack() as stack:
         records = {sub: stack.enter_context(capture_residual(t_adapter, layer, sub)) for sub in present}
-        for h, b, m in zip(hidden, batches, masks, strict=True):
-            outputs.append(runner.run_layer(layer, h, b))
+        for i, (b, m) in enumerate(zip(batches, masks, strict=True)):
+            out = runner.run_layer(layer, hidden[i], b)
+            if in_place:
+                outputs[i] = out
+            else:
+                outputs.append(out)
             for sub, record in records.items():
                 residuals[sub].append((record["input"] + record["output"])[m])  # (N_b, d)
     return residuals, outputs
