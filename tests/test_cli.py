@@ -224,6 +224,20 @@ def test_prune_and_eval_end_to_end(workspace, capsys):
     assert metrics["metrics"]["accuracy"] == pytest.approx(report["eval"]["pruned"]["accuracy"])
 
 
+def test_prune_batch_order_draw_keeps_the_draw_order(workspace, capsys):
+    """--batch-order draw batches the sample as drawn (the reference's batching); the default groups
+    similar lengths. Same sequences either way, other batches, and the report says which."""
+    reports = {}
+    for order in ("length", "draw"):
+        out = workspace["tmp"] / f"pruned-{order}"
+        args = prune_args(workspace["teacher"], workspace["data"], out) + ["--batch-order", order, "--no-eval"]
+        status, _, err = run(capsys, args)
+        assert status == 0, err
+        reports[order] = json.loads((out / "prune_report.json").read_text())["sample"]
+    assert reports["length"]["batch_order"] == "length" and reports["draw"]["batch_order"] == "draw"
+    assert reports["length"]["num_tokens"] == reports["draw"]["num_tokens"]
+
+
 # ---- slow: the real SST-2 teacher -------------------------------------------------------------------
 @pytest.mark.slow
 def test_prune_real_minilm_sst2(tmp_path, capsys):

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sample size in tokens (default: the method's, Kprune 100000)")
     p.add_argument("--num-sequences", type=int, default=None,
                    help="calibration sample size in sequences instead (default: the method's, Kwon 2048)")
+    p.add_argument("--batch-order", choices=("length", "draw"), default="length",
+                   help="calibration batches: 'length' groups sequences of similar length (about 3x less padding "
+                        "on GLUE); 'draw' keeps the draw order, as the Kprune reference code batches "
+                        "(benchmarks/results/kprune_fidelity.md)")
     p.add_argument("--seq-len", type=float, default=None,
                    help="FLOPs sequence length (default: 170 for SQuAD, else the sample mean); causal_lm: the "
                         "calibration window length L of --num-sequences windows (default 2048 capped at the "
@@ -271,7 +275,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
-                  run_bench=not args.no_bench, uniform=args.uniform, **options)
+                  run_bench=not args.no_bench, uniform=args.uniform, sort_by_length=args.batch_order == "length",
+                  **options)
     if len(budgets) == 1:
         reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
         folders = [args.out]

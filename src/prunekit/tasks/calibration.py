@@ -38,6 +38,8 @@ class CalibrationSample:
         batch_size: sequences per batch (the last batch may be smaller).
         max_length: the truncation length used.
         indices: training-set index of every sequence, in batch order.
+        batch_order: "length" (sequences of similar length batched together, batches shuffled)
+            or "draw" (batches in draw order, as the Kprune reference code makes them).
     """
 
     task: str
@@ -49,6 +51,7 @@ class CalibrationSample:
     batch_size: int
     max_length: int
     indices: tuple[int, ...] = field(default=(), repr=False)
+    batch_order: str = "length"
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -76,6 +79,7 @@ class CalibrationSample:
             "batch_size": self.batch_size,
             "max_length": self.max_length,
             "seed": self.seed,
+            "batch_order": self.batch_order,
         }
 
 
@@ -151,7 +155,9 @@ def batch_sample(
         batch_size=batch_size,
         max_length=max_length,
         indices=tuple(int(indices[i]) for group in groups for i in group),
+        batch_order="length" if sort_by_length else "draw",
     )
-    logger.info("calibration sample for %s: %d sequences, %d tokens (mean length %.2f), %d batches of %d",
-                spec.name, count, total, sample.mean_length, len(batches), batch_size)  # fmt: skip
+    logger.info("calibration sample for %s: %d sequences, %d tokens (mean length %.2f), %d batches of %d, %s order",
+                spec.name, count, total, sample.mean_length, len(batches), batch_size,
+                sample.batch_order)  # fmt: skip
     return sample

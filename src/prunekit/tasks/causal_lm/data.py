@@ -192,7 +192,8 @@ def build_lm_calibration_sample(
     ]
     sample = CalibrationSample(task=task, batches=batches, num_sequences=num_sequences,
                                num_tokens=num_sequences * seq_len, mean_length=float(seq_len), seed=seed,
-                               batch_size=batch_size, max_length=seq_len, indices=tuple(int(s) for s in starts))
+                               batch_size=batch_size, max_length=seq_len, indices=tuple(int(s) for s in starts),
+                               batch_order="draw")  # equal-length windows: nothing to group
     logger.info("calibration sample: %d windows of %d tokens from a %d-token text", num_sequences, seq_len,
                 stream.numel())
     return sample
