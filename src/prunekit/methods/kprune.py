@@ -192,11 +192,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             if layer == 0:  # computed by the calibration, before any decision
                 teacher_residuals = first_residuals
                 first_residuals = None
-            else:
-                if layer == 1 and not owned:
-                    t_hidden = list(t_hidden)  # a shared calibration's layer outputs stay intact
+            else:  # in place, except over a shared calibration's layer outputs, which stay intact
+                into = None if layer == 1 and not owned else t_hidden
                 teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks,
-                                                             in_place=True)
+                                                             into=into)
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 step, out_weight = _prune_sublayer(
@@ -217,11 +216,13 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                     "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
                 )
             teacher_residuals = None  # this layer's targets are spent: freed before the next layer's
-            if layer == 0 and not owned:
-                s_hidden = list(s_hidden)  # a shared calibration's layer inputs stay intact
+            # In place (one set of hidden states alive, not two), except over a shared calibration's
+            # layer inputs, which stay intact.
+            inputs = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden)
             with torch.no_grad():
-                for i, batch in enumerate(batches):  # in place: one set of hidden states alive, not two
-                    s_hidden[i] = student.run_layer(layer, s_hidden[i], batch)
+                for i, batch in enumerate(batches):
+                    inputs.put(i, student.run_layer(layer, s_hidden[i], batch))
+            s_hidden = inputs.tensors()
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
         layer_plan, key = plan.layers[step["layer"]], (step["layer"], step["sublayer"])
@@ -267,7 +268,10 @@ def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
                             config.mask_padding, _p_mask(b, config), top_k=config.top_k)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
-        layer_input = [runner.layer_input(0, b) for b in batches]
+        inputs = _BatchStore(masks)
+        for i, b in enumerate(batches):
+            inputs.put(i, runner.layer_input(0, b))
+        layer_input = inputs.tensors()
     residuals, layer_output = _teacher_layer(runner, adapter, 0, layer_input, batches, masks)
     first_stats = None
     if adapter.attention(0) is not None:
@@ -293,27 +297,51 @@ def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
     return batch["p_mask"] if config.mask_special else None
 
 
-def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, in_place: bool = False):
+def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None):
     """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs.
 
-    ``in_place``: the outputs replace the inputs in ``hidden``, batch by batch, so that one set of
-    teacher hidden states is alive instead of two (the inputs are not needed afterwards)."""
-    residuals: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
-    outputs = hidden if in_place else []
+    ``into``: per-batch tensors the outputs are written into (``hidden`` itself: in place, so that
+    one set of teacher hidden states is alive instead of two); None: new ones."""
+    outputs = _BatchStore(masks, views=into)
     # A model that came in pruned may have emptied sublayers: nothing to capture there.
     present = [sub for sub in ("attn", "ffn")
                if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
+    stores = {sub: _BatchStore(masks, rows=True) for sub in present}
     with torch.no_grad(), ExitStack() as stack:
         records = {sub: stack.enter_context(capture_residual(t_adapter, layer, sub)) for sub in present}
         for i, (b, m) in enumerate(zip(batches, masks, strict=True)):
             out = runner.run_layer(layer, hidden[i], b)
-            if in_place:
-                outputs[i] = out
-            else:
-                outputs.append(out)
-            for sub, record in records.items():
-                residuals[sub].append((record["input"] + record["output"])[m])  # (N_b, d)
-    return residuals, outputs
+            for sub, record in records.items():  # before the output overwrites the input it may hold
+                stores[sub].put(i, (record["input"] + record["output"])[m])  # (N_b, d)
+            outputs.put(i, out)
+    residuals = {"attn": [], "ffn": []} | {sub: store.tensors() for sub, store in stores.items()}
+    return residuals, outputs.tensors()
+
+
+class _BatchStore:
+    """One per-batch state of the whole sample (hidden states (B, T, d), or with ``rows`` the
+    unpadded rows (N_b, d) of residual sums), held as views of one allocation.
+
+    Kprune keeps up to four such sets alive through a pass. As one allocation each they sit in
+    mappings of their own, not scattered over the heap between the pass's temporaries, where glibc
+    can neither reuse nor return the freed temporaries around them (about 0.3 GB of peak RSS on the
+    SST-2 teacher). ``views``: existing tensors of the same shapes to write into instead."""
+
+    def __init__(self, masks: list[torch.Tensor], rows: bool = False, views: list[torch.Tensor] | None = None):
+        self.leading = [(int(m.sum()),) if rows else tuple(m.shape) for m in masks]  # (N_b,) or (B, T)
+        self.views = views
+
+    def put(self, i: int, value: torch.Tensor) -> None:
+        if self.views is None:
+            width = value.shape[-1]
+            sizes = [math.prod(shape) * width for shape in self.leading]
+            flat = torch.empty(sum(sizes), dtype=value.dtype, device=value.device)
+            self.views = [chunk.view(*shape, width) for chunk, shape in zip(flat.split(sizes), self.leading,
+                                                                              strict=True)]
+        self.views[i].copy_(value)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.views if self.views is not None else []
 
 
 def _prune_sublayer(
