@@ -64,6 +64,27 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Called after each calibration batch's backward pass: the pass's temporaries are freed by then,
+    but glibc keeps their pages, so without it the process holds the largest batch's worth of
+    temporaries per fragment of heap they landed in."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     """Serve CPU tensors of ``threshold`` bytes or more from their own mappings (glibc only).
 

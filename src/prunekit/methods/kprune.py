@@ -60,6 +60,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks
+from prunekit.core.runtime import release_free_heap
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.families import ModelAdapter, SublayerKind, get_adapter, view_of
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
@@ -222,6 +223,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             with torch.no_grad():
                 for i, batch in enumerate(batches):
                     inputs.put(i, student.run_layer(layer, s_hidden[i], batch))
+                    release_free_heap()
             s_hidden = inputs.tensors()
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
@@ -314,6 +316,8 @@ def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None):
             for sub, record in records.items():  # before the output overwrites the input it may hold
                 stores[sub].put(i, (record["input"] + record["output"])[m])  # (N_b, d)
             outputs.put(i, out)
+            del out
+            release_free_heap()
     residuals = {"attn": [], "ffn": []} | {sub: store.tensors() for sub, store in stores.items()}
     return residuals, outputs.tensors()
 
@@ -459,6 +463,8 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                 gram += (z.T @ z).double()
                 cross += (z.T @ y).double()
                 y_sq += (y * y).sum().double()
+                del z, y, outputs, loss
+                release_free_heap()
     finally:
         for handle in handles:
             handle.remove()
