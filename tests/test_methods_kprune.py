@@ -260,3 +260,18 @@ def test_through_the_api_with_a_real_calibration_sample(make_model, tokenizer, s
     assert report["hyperparameters"]["keep_flops"] == 0.5 and report["method"] == "kprune"
     with pytest.raises(ConfigError, match="keep_flops"):
         prunekit.prune(model, tokenizer, sample, task="sst2", keep_flops=1.0)
+
+
+@pytest.mark.parametrize(("family", "head"), PAIRS)
+def test_low_memory_gives_the_same_plan(family, head, make_model, make_sample):
+    """low_memory only hands freed memory back between batches: same units, same re-fitted weights."""
+    teacher = make_model(family, head, num_layers=3)
+    sample = make_sample(family)
+    plain, _ = run_kprune(copy.deepcopy(teacher), sample, head, keep_flops=0.4)
+    lean, log = run_kprune(copy.deepcopy(teacher), sample, head, keep_flops=0.4, low_memory=True)
+    assert log["config"]["low_memory"] is True
+    for a, b in zip(plain.layers, lean.layers, strict=True):
+        assert (a.heads, a.neurons) == (b.heads, b.neurons)
+        for name in ("attention_out_weight", "ffn_out_weight"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y))

@@ -41,7 +41,7 @@ from prunekit.core.io import (
     load_tokenizer,
     save_pruned,
 )
-from prunekit.core.runtime import library_versions, limit_heap_growth, peak_rss_bytes, resolve_device
+from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.surgery import apply_plan as _surgery
 from prunekit.families import get_adapter
@@ -373,7 +373,6 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     preflight.check_lut_used(budgets[0][0], options.method_options)
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
-    limit_heap_growth()
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)

@@ -88,13 +88,11 @@ def release_free_heap() -> None:
 def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     """Serve CPU tensors of ``threshold`` bytes or more from their own mappings (glibc only).
 
-    Calibration passes allocate per-batch temporaries that grow with the batches' lengths while
-    long-lived per-batch state sits between them on the heap; freed chunks then cannot be reused
-    or returned, and glibc's default (an mmap threshold that rises to the largest block freed)
-    moves more of them onto that heap. On Kprune's SST-2 run this held 0.4 GB of freed memory
-    (peak 1.43 GB -> 1.22 GB with a fixed 4 MiB threshold, at the same speed; at 64 KiB the run
-    was 60% slower). A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is kept.
-    Returns whether the setting was applied."""
+    glibc's default mmap threshold rises to the largest block freed, which moves calibration
+    passes' large temporaries onto the heap, where freed chunks trapped between live ones are
+    neither reused nor returned. Kprune's ``low_memory`` sets it together with
+    :func:`release_free_heap`. A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is
+    kept. Returns whether the setting was applied."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     try:

@@ -60,7 +60,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks
-from prunekit.core.runtime import release_free_heap
+from prunekit.core.runtime import limit_heap_growth, release_free_heap
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.families import ModelAdapter, SublayerKind, get_adapter, view_of
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
@@ -91,6 +91,9 @@ class KpruneConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
     # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.tasks.losses)
     top_k: int = DEFAULT_LM_TOP_K
+    # Hand freed memory back after every calibration batch (glibc): on the SST-2 teacher peak RSS
+    # 1.53 -> 1.29 GB, at about 10-20% more time (page faults); same result.
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
@@ -102,7 +105,7 @@ class KpruneConfig:
             raise ConfigError("lam_pred and lam_rep must be >= 0 and mu > 0")
         if self.ridge < 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
-        for name in ("sublayer_tuning", "mask_padding", "mask_special"):
+        for name in ("sublayer_tuning", "mask_padding", "mask_special", "low_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -196,7 +199,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             else:  # in place, except over a shared calibration's layer outputs, which stay intact
                 into = None if layer == 1 and not owned else t_hidden
                 teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks,
-                                                             into=into)
+                                                             into=into, trim=_trim(config))
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 step, out_weight = _prune_sublayer(
@@ -219,11 +222,11 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             teacher_residuals = None  # this layer's targets are spent: freed before the next layer's
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
-            inputs = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden)
+            inputs, trim = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden), _trim(config)
             with torch.no_grad():
                 for i, batch in enumerate(batches):
                     inputs.put(i, student.run_layer(layer, s_hidden[i], batch))
-                    release_free_heap()
+                    trim()
             s_hidden = inputs.tensors()
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for step in steps:
@@ -274,7 +277,7 @@ def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
         for i, b in enumerate(batches):
             inputs.put(i, runner.layer_input(0, b))
         layer_input = inputs.tensors()
-    residuals, layer_output = _teacher_layer(runner, adapter, 0, layer_input, batches, masks)
+    residuals, layer_output = _teacher_layer(runner, adapter, 0, layer_input, batches, masks, trim=_trim(config))
     first_stats = None
     if adapter.attention(0) is not None:
         first_stats = _measure_knowledge(adapter, runner, 0, "attn", layer_input, batches, masks, targets,
@@ -299,7 +302,16 @@ def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
     return batch["p_mask"] if config.mask_special else None
 
 
-def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None):
+def _trim(config: KpruneConfig):
+    """What runs after each calibration batch: with ``low_memory``, the heap's free pages go back to
+    the system (and large tensors get mappings of their own); else nothing."""
+    if not config.low_memory:
+        return lambda: None
+    limit_heap_growth()
+    return release_free_heap
+
+
+def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None, trim=lambda: None):
     """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its outputs.
 
     ``into``: per-batch tensors the outputs are written into (``hidden`` itself: in place, so that
@@ -317,7 +329,7 @@ def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None):
                 stores[sub].put(i, (record["input"] + record["output"])[m])  # (N_b, d)
             outputs.put(i, out)
             del out
-            release_free_heap()
+            trim()
     residuals = {"attn": [], "ffn": []} | {sub: store.tensors() for sub, store in stores.items()}
     return residuals, outputs.tensors()
 
@@ -441,6 +453,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
         handles.append(adapter.attention(m).out.register_forward_pre_hook(observe(("attn", m))))
     for m in neuron_masks:
         handles.append(adapter.ffn(m).down.register_forward_pre_hook(observe(("ffn", m))))
+    trim = _trim(config)
     try:
         with apply_masks(adapter, head_masks, neuron_masks):
             desc = f"kprune: layer {layer} {sub}"
@@ -464,7 +477,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                 cross += (z.T @ y).double()
                 y_sq += (y * y).sum().double()
                 del z, y, outputs, loss
-                release_free_heap()
+                trim()
     finally:
         for handle in handles:
             handle.remove()
