@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mu", type=float, default=None, help="Kprune: head-score multiplier (64)")
     p.add_argument("--no-sublayer-tuning", action="store_true", help="Kprune: skip the least-squares re-fit")
     p.add_argument("--low-memory", action="store_true",
-                   help="Kprune: return freed memory after every calibration batch (lower peak RSS, ~10-20%% slower)")
+                   help="Kprune: return freed memory after every calibration batch (lower peak RSS, about 20%% slower)")
     p.add_argument("--epochs", type=float, default=None, help="CoFi: pruning epochs (20)")
     p.add_argument("--finetune-epochs", type=float, default=None, help="CoFi: fine-tuning epochs after surgery (20)")
     p.add_argument("--distill", choices=("layer", "pred"), default=None,
