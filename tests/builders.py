@@ -15,6 +15,21 @@ from prunekit.core.surgery import PruningPlan
 from prunekit.families import get_adapter
 from prunekit.families.gpt2 import FusedQKV
 
+# The opening of the loader scripts that run in a fresh interpreter where `import prunekit` fails
+# (the venv holds an editable install, so a clean sys.path alone would still find it): plain
+# transformers only. Each test appends the loop over its folders.
+WITHOUT_PRUNEKIT = r"""
+import json, sys
+sys.modules["prunekit"] = None  # not importable in this process
+try:
+    import prunekit  # noqa: F401
+    raise SystemExit("prunekit was importable")
+except ImportError:
+    pass
+import torch
+import transformers
+"""
+
 NORM_WEIGHTS = ("norm.weight",)  # Llama-layout names: input_layernorm, post_attention_layernorm, norm
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from builders import masked, outputs, padded_pair, spread_out
+from builders import WITHOUT_PRUNEKIT, masked, outputs, padded_pair, spread_out
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -171,16 +171,7 @@ def test_generation_with_removed_sublayers(family):
 
 
 # ---- save and reload: three paths ----------------------------------------------------------------
-LOADER = r"""
-import json, sys
-sys.modules["prunekit"] = None  # not importable in this process
-try:
-    import prunekit  # noqa: F401
-    raise SystemExit("prunekit was importable")
-except ImportError:
-    pass
-import torch
-import transformers
+LOADER = WITHOUT_PRUNEKIT + r"""
 results = {}
 for name, (folder, auto, batch_file, remote) in json.loads(sys.argv[1]).items():
     model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=remote).eval()
@@ -305,11 +296,7 @@ def test_flops_and_parameters_equal_a_hand_count():
 
 
 # ---- --uniform ---------------------------------------------------------------------------------
-STOCK_LOADER = r"""
-import json, sys
-sys.modules["prunekit"] = None  # not importable in this process
-import torch
-import transformers
+STOCK_LOADER = WITHOUT_PRUNEKIT + r"""
 results = {}
 for name, (folder, auto, batch_file) in json.loads(sys.argv[1]).items():
     model = getattr(transformers, auto).from_pretrained(folder).eval()  # no remote code

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from builders import WITHOUT_PRUNEKIT
 from conftest import make_batch, model_inputs_for, outputs_of
 
 from prunekit import load_pruned, save_pruned
@@ -29,19 +30,10 @@ PLAN = PruningPlan(
     hidden=[i for i in range(32) if i % 4 != 1],
 )
 
-# Runs in a fresh interpreter where `import prunekit` is made to fail (the venv holds an editable
-# install, so a clean sys.path alone would still find it): plain transformers, remote code only. One
-# interpreter loads every folder (starting one costs seconds on a shared machine).
-LOADER = r"""
-import json, sys
-sys.modules["prunekit"] = None  # not importable in this process
-try:
-    import prunekit  # noqa: F401
-    raise SystemExit("prunekit was importable")
-except ImportError:
-    pass
-import torch
-import transformers
+# Runs in a fresh interpreter where `import prunekit` is made to fail (builders.WITHOUT_PRUNEKIT):
+# plain transformers, remote code only. One interpreter loads every folder (starting one costs
+# seconds on a shared machine).
+LOADER = WITHOUT_PRUNEKIT + r"""
 results = {}
 for name, (folder, auto, batch_file) in json.loads(sys.argv[1]).items():
     model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()

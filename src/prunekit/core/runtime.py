@@ -95,11 +95,10 @@ def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     kept. Returns whether the setting was applied."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = getattr(_LIBC, "mallopt", None)  # not glibc (musl has no mallopt): nothing to set
+    if mallopt is None:
         return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     if applied:
         logger.debug("malloc mmap threshold fixed at %d bytes", threshold)
     return applied
