@@ -19,7 +19,8 @@ from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import LayerShape, get_adapter
 from prunekit.methods import METHODS, get_method
 from prunekit.methods.kprune import KpruneConfig, kprune
-from prunekit.tasks import build_calibration_sample
+from prunekit.methods.layerwise import LayerRunner, capture_residual
+from prunekit.tasks import TaskData, build_calibration_sample
 
 H, D_H, D_FF = 4, 8, 37
 BUDGETS = (0.9, 0.7, 0.5, 0.3, 0.1, 0.02)
@@ -127,10 +128,15 @@ def test_without_tuning_the_pruned_model_is_the_masked_original(family, head, ma
 
 
 def test_model_state_is_restored(make_model, make_sample):
+    """The student shares the teacher's tensors until it cuts them: the teacher keeps its weights,
+    its flags (also of tensors the student replaced) and its mode."""
     model = make_model("bert").train()
-    run_kprune(model, make_sample("bert"), "classification", keep_flops=0.5)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    plan, _ = kprune(model, TaskData(kind="classification", sample=make_sample("bert")), KpruneConfig(keep_flops=0.5))
+    assert any(len(step.heads) < H or len(step.neurons) < D_FF for step in plan.layers)  # it did cut
     assert model.training
     assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
 
 
 @pytest.mark.parametrize(("family", "head"), PAIRS)
@@ -275,3 +281,47 @@ def test_low_memory_gives_the_same_plan(family, head, make_model, make_sample):
         for name in ("attention_out_weight", "ffn_out_weight"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+
+
+def _decoder_cases():
+    import test_decoders_llama as llama
+    import test_decoders_opt_gpt2 as opt
+
+    cases = [(f, lambda f=f: llama.build(f), llama.batch_of) for f in llama.FAMILIES]
+    return cases + [(v, lambda v=v: opt.build(v), lambda seed, v=v: opt.make_batch(v, seed)) for v in opt.VARIANTS]
+
+
+def _encoder_cases():
+    from conftest import build_tiny_model, make_batch
+
+    return [(f, lambda f=f: build_tiny_model(f, "classification", num_layers=3),
+             lambda seed, f=f: make_batch([3, 9, 6], seed=seed, token_type_ids=f != "distilbert",
+                                          pad_id=1 if f == "roberta" else 0))
+            for f in ("bert", "roberta", "distilbert")]
+
+
+LAYER_OUTPUT_CASES = _encoder_cases() + _decoder_cases()
+
+
+@pytest.mark.parametrize(("name", "build", "batch_of"), LAYER_OUTPUT_CASES, ids=[c[0] for c in LAYER_OUTPUT_CASES])
+def test_teacher_layer_outputs_are_rebuilt_from_the_ffn_residual_exactly(name, build, batch_of):
+    """Kprune keeps the teacher's layer outputs as its FFN residual sums X + f(X) (unpadded rows) and
+    rebuilds each layer's output from them, with zeros at padded positions: the rebuilt output and
+    the next layer's output from it equal the real ones at every valid position, bit for bit."""
+    model = build().eval()
+    adapter = get_adapter(model)
+    runner = LayerRunner(model, adapter)
+    batch = batch_of(0)
+    mask = batch["attention_mask"].bool()
+    assert not mask.all()  # padded: the zeros must not leak
+    for layer in range(adapter.num_layers - 1):
+        with torch.no_grad(), capture_residual(adapter, layer, "ffn") as record:
+            hidden = runner.layer_input(layer, batch)
+            output = runner.run_layer(layer, hidden, batch)
+            rows = adapter.layer_output(layer, (record["input"] + record["output"])[mask])  # (N, d)
+            rebuilt = torch.zeros_like(output)
+            rebuilt[mask] = rows
+        assert torch.equal(rows, output[mask])
+        with torch.no_grad():
+            assert torch.equal(runner.run_layer(layer + 1, rebuilt, batch)[mask],
+                               runner.run_layer(layer + 1, output, batch)[mask])

@@ -61,6 +61,31 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def _nothing_left(parts: AttentionParts | FfnParts | None, keep: Sequence[int] | torch.Tensor, layer: int,
+                  units: str) -> bool:
+    """Whether the sublayer is already empty (so there is nothing to cut); keeping any unit of it
+    is an error."""
+    if parts is not None:
+        return False
+    if len(keep):
+        raise ValueError(f"layer {layer}: no {units} left to keep")
+    return True
+
+
+def _bias_copy(linear: nn.Linear) -> torch.Tensor | None:
+    """The bias an emptied sublayer keeps (spec P4), or None where the projection has none."""
+    return linear.bias.detach().clone() if linear.bias is not None else None
+
+
+def _columns_scaled(linear: nn.Linear, scale: torch.Tensor) -> nn.Linear:
+    """A copy of ``linear`` (d, n) with input column i times ``scale[i]``: a mask folded into the
+    output projection, on a copy so that the caller's model view stays intact."""
+    scaled = slice_linear(linear, torch.arange(linear.in_features), dim=1)
+    with torch.no_grad():
+        scaled.weight.mul_(scale.to(scaled.weight))  # (d, n) * (n,)
+    return scaled
+
+
 def _replacement(weight: torch.Tensor | None, like: nn.Linear, shape: tuple[int, int], what: str) -> None:
     if weight is None:
         return
@@ -90,20 +115,15 @@ def prune_heads(
             e.g. re-fitted by least squares; replaces the sliced (and scaled) weight.
     """
     parts = adapter.attention(layer)
-    if parts is None:
-        if len(keep):
-            raise ValueError(f"layer {layer}: no attention heads left to keep")
+    if _nothing_left(parts, keep, layer, "attention heads"):
         return
     what = f"layer {layer} attention"
     heads = _check_index(keep, parts.num_heads, what)
     out = parts.out
     if scales is not None:
-        column_scale = expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim)
-        out = slice_linear(out, torch.arange(parts.width), dim=1)  # a copy, so the caller's model view stays intact
-        with torch.no_grad():
-            out.weight.mul_(column_scale.to(out.weight))  # (d, H*d_h) * (H*d_h,)
+        out = _columns_scaled(out, expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim))
     if heads.numel() == 0:
-        adapter.set_empty_attention(layer, out.bias.detach().clone() if out.bias is not None else None)
+        adapter.set_empty_attention(layer, _bias_copy(out))
         return
     columns = _head_columns(heads, parts.head_dim)  # (h_kept * d_h,)
     kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
@@ -159,9 +179,7 @@ def prune_neurons(
     """Keep only FFN neurons ``keep`` of ``layer``; ``scales`` (d_ff,) and ``out_weight``
     (d, len(keep)) as in :func:`prune_heads`."""
     parts = adapter.ffn(layer)
-    if parts is None:
-        if len(keep):
-            raise ValueError(f"layer {layer}: no FFN neurons left to keep")
+    if _nothing_left(parts, keep, layer, "FFN neurons"):
         return
     what = f"layer {layer} FFN"
     neurons = _check_index(keep, parts.width, what)
@@ -169,11 +187,9 @@ def prune_neurons(
     if scales is not None:
         if scales.shape != (parts.width,):
             raise ValueError(f"{what}: scales must have shape ({parts.width},), got {tuple(scales.shape)}")
-        down = slice_linear(down, torch.arange(parts.width), dim=1)
-        with torch.no_grad():
-            down.weight.mul_(scales.detach().to(down.weight))  # (d, d_ff) * (d_ff,)
+        down = _columns_scaled(down, scales.detach())
     if neurons.numel() == 0:
-        adapter.set_empty_ffn(layer, down.bias.detach().clone() if down.bias is not None else None)
+        adapter.set_empty_ffn(layer, _bias_copy(down))
         return
     new = FfnParts(
         up=slice_linear(parts.up, neurons, dim=0),

@@ -317,6 +317,13 @@ class ModelAdapter(ABC):
         pre-norm sublayer has none: ValueError). ValueError for a removed sublayer."""
         ...
 
+    def layer_output(self, layer: int, ffn_residual: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output from the residual sum X + f(X) of its FFN (present, neither emptied
+        nor removed), any leading shape: post-norm norm(X + f(X)), pre-norm X + f(X) itself."""
+        if self.facts.norm_placement == "pre":
+            return ffn_residual
+        return self.sublayer_layer_norm(layer, "ffn")(ffn_residual)
+
     def norm_eps(self, norm: nn.Module) -> float:
         """The epsilon of one of this family's norm modules (``eps`` of ``nn.LayerNorm``)."""
         return norm.eps
