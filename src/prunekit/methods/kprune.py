@@ -197,9 +197,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             if layer == 0:  # computed by the calibration, before any decision
                 teacher_residuals = dict(first_residuals)
                 first_residuals = None
-            else:
+            else:  # the FFN's sums in place, except over a shared calibration's, which stay intact
+                into = None if layer == 1 and not owned else t_hidden.ffn_residual or None
                 teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks,
-                                                             trim=_trim(config))
+                                                             into=into, trim=_trim(config))
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 step, out_weight = _prune_sublayer(
@@ -321,13 +322,17 @@ def _working_copy(teacher: nn.Module) -> nn.Module:
     return copy.deepcopy(teacher, memo=shared)
 
 
-def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, trim=lambda: None):
+def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None, trim=lambda: None):
     """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its
-    outputs (``_TeacherOutputs``). ``hidden``: the layer's inputs, indexable by batch."""
+    outputs (``_TeacherOutputs``). ``hidden``: the layer's inputs, indexable by batch.
+
+    ``into``: per-batch tensors the FFN's sums are written into, the previous layer's (in place:
+    each batch's input is rebuilt from them, as a copy, before they are overwritten; so one set of
+    them is alive during the pass instead of two, the pass's peak); None: new ones."""
     # A model that came in pruned may have emptied sublayers: nothing to capture there.
     present = [sub for sub in ("attn", "ffn")
                if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
-    stores = {sub: _BatchStore(masks, rows=True) for sub in present}
+    stores = {sub: _BatchStore(masks, rows=True, views=into if sub == "ffn" else None) for sub in present}
     outputs = None if "ffn" in present else _BatchStore(masks)  # else rebuilt from the FFN's sums
     with torch.no_grad(), ExitStack() as stack:
         records = {sub: stack.enter_context(capture_residual(t_adapter, layer, sub)) for sub in present}
