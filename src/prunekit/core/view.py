@@ -240,10 +240,11 @@ class ModelAdapter(ABC):
         return self._embedding_tables()[0].embedding_dim
 
     @property
-    @abstractmethod
     def full_hidden_size(self) -> int:
-        """The residual width of the unpruned architecture (the config's value, never narrowed)."""
-        ...
+        """The residual width of the unpruned architecture (the config's value, never narrowed).
+        ``hidden_size`` and ``num_attention_heads`` are every Hugging Face config's names (GPT-2's
+        and DistilBERT's through their ``attribute_map``)."""
+        return self.config.hidden_size
 
     @property
     @abstractmethod
@@ -252,17 +253,15 @@ class ModelAdapter(ABC):
         ...
 
     @property
-    @abstractmethod
     def head_dim(self) -> int:
-        """d_h, as the family defines it (BERT: hidden / heads; others state it in the config):
-        fixed by the architecture, unchanged by any pruning."""
-        ...
+        """d_h, as the family defines it (here hidden / heads; families that state it in the config
+        say so): fixed by the architecture, unchanged by any pruning."""
+        return self.config.hidden_size // self.config.num_attention_heads
 
     @property
-    @abstractmethod
     def full_num_heads(self) -> int:
         """Query heads per layer in the unpruned architecture (the config's value)."""
-        ...
+        return self.config.num_attention_heads
 
     @property
     def full_num_kv_heads(self) -> int:
@@ -278,6 +277,7 @@ class ModelAdapter(ABC):
     @property
     @abstractmethod
     def full_intermediate_size(self) -> int:
+        """FFN width of the unpruned architecture: each family's config names it its own way."""
         ...
 
     # ---- module access --------------------------------------------------------------------

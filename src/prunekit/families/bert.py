@@ -96,18 +96,6 @@ class BertAdapter(ModelAdapter):
         return POST_LAYERNORM_ALL_BIASES
 
     @property
-    def full_hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
-
-    @property
-    def full_num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
     def full_intermediate_size(self) -> int:
         return self.config.intermediate_size
 

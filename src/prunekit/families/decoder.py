@@ -60,16 +60,8 @@ class LlamaLayoutAdapter(ModelAdapter):
         return BlockFacts("pre", "rmsnorm", frozenset(biases), gated_ffn=True)
 
     @property
-    def full_hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-
-    @property
-    def full_num_heads(self) -> int:
-        return self.config.num_attention_heads
 
     @property
     def full_num_kv_heads(self) -> int:

@@ -95,18 +95,6 @@ class DistilBertAdapter(ModelAdapter):
         return POST_LAYERNORM_ALL_BIASES
 
     @property
-    def full_hidden_size(self) -> int:
-        return self.config.dim
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.dim // self.config.n_heads
-
-    @property
-    def full_num_heads(self) -> int:
-        return self.config.n_heads
-
-    @property
     def full_intermediate_size(self) -> int:
         return self.config.hidden_dim
 

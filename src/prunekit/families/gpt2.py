@@ -247,18 +247,6 @@ class GPT2Adapter(ModelAdapter):
         return BlockFacts("pre", "layernorm", ALL_BIASES)
 
     @property
-    def full_hidden_size(self) -> int:
-        return self.config.n_embd
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.n_embd // self.config.n_head
-
-    @property
-    def full_num_heads(self) -> int:
-        return self.config.n_head
-
-    @property
     def full_intermediate_size(self) -> int:
         return self.config.n_inner if self.config.n_inner is not None else 4 * self.config.n_embd
 

@@ -183,18 +183,6 @@ class OPTAdapter(ModelAdapter):
         return BlockFacts(placement, "layernorm", ALL_BIASES if self.config.enable_bias else frozenset())
 
     @property
-    def full_hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
-
-    @property
-    def full_num_heads(self) -> int:
-        return self.config.num_attention_heads
-
-    @property
     def full_intermediate_size(self) -> int:
         return self.config.ffn_dim
 
