@@ -13,9 +13,10 @@ For each sublayer j = MHA_0, FFN_0, MHA_1, ..., FFN_{L-1}, bottom up:
 
 Differences from the reference code, all from spec §7:
 - P2 memory: no 2L-sublayer teacher cache. The teacher runs layer by layer beside the student, so
-  only the current layer's teacher targets are held; the normal equations FᵀF and FᵀY are
-  accumulated batch by batch (float64 accumulators) in the same pass that measures knowledge,
-  never F itself.
+  only the current layer's teacher targets are held (its layer output is rebuilt from the FFN's
+  residual sum, not stored); the normal equations FᵀF and FᵀY are accumulated batch by batch
+  (float64 accumulators) in the same pass that measures knowledge, never F itself. The student
+  shares the teacher's tensors until it cuts them.
 - Cost: each pass starts at the target's layer from cached hidden states, so the whole run costs
   about (L + 1) passes of the model instead of 2L.
 - P3: the regression loss compares matching shapes. P4: an emptied sublayer keeps its bias.
