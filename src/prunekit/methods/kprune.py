@@ -196,6 +196,11 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
         if owned:
             prepared = None
         for layer in range(adapter.num_layers):
+            # The freed temporaries of the last layer's passes go back to the system before this
+            # layer's teacher pass and its deepest knowledge pass, so that these peak at their own
+            # working set, not that plus the heap glibc kept (SST-2 teacher: 1.30 -> 1.26 GB).
+            # Once per layer: each trim costs the next pass's page faults (once per pass: +2%).
+            release_free_heap()
             if layer == 0:  # computed by the calibration, before any decision
                 teacher_residuals = dict(first_residuals)
                 first_residuals = None
@@ -227,7 +232,6 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
             inputs, trim = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden), _trim(config)
-            release_free_heap()  # see _measure_knowledge
             with torch.no_grad():
                 for i, batch in enumerate(batches):
                     inputs.put(i, student.run_layer(layer, s_hidden[i], batch))
@@ -332,7 +336,6 @@ def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None, 
     ``into``: per-batch tensors the FFN's sums are written into, the previous layer's (in place:
     each batch's input is rebuilt from them, as a copy, before they are overwritten; so one set of
     them is alive during the pass instead of two, the pass's peak); None: new ones."""
-    release_free_heap()  # see _measure_knowledge
     # A model that came in pruned may have emptied sublayers: nothing to capture there.
     present = [sub for sub in ("attn", "ffn")
                if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
@@ -455,10 +458,6 @@ def _prune_sublayer(
 def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config):
     """One forward+backward pass from ``layer`` up (§1.4), accumulating for every masked sublayer
     the summed ½ g² of its mask and Σ_t Z², and for the target the normal equations of KPWT."""
-    # The last pass's freed temporaries go back to the system before this one starts, so that its
-    # peak is this pass's own working set, not that plus the heap glibc kept (on the SST-2 teacher
-    # 1.30 -> 1.26 GB; once per pass, so the refaults cost about 1% of the time).
-    release_free_heap()
     first_attn = layer if sub == "attn" else layer + 1
     head_masks, neuron_masks = {}, {}
     for m in range(layer, adapter.num_layers):
