@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,7 +61,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks
-from prunekit.core.runtime import limit_heap_growth, release_free_heap
+from prunekit.core.runtime import heap_returned_only_when_asked, limit_heap_growth, release_free_heap
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.families import ModelAdapter, SublayerKind, get_adapter, view_of
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
@@ -176,8 +176,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     steps: list[dict] = []
     out_weights: dict[tuple[int, SublayerKind], torch.Tensor] = {}
     # Both frozen: the student shares the teacher's parameters, and the teacher's flags come back
-    # whole on exit, also those of tensors the student has replaced by then.
-    with frozen_for_masks(teacher), frozen_for_masks(student_model):
+    # whole on exit, also those of tensors the student has replaced by then. The heap is trimmed
+    # once per layer, and only then (low_memory: after every batch).
+    heap = nullcontext() if config.low_memory else heap_returned_only_when_asked()
+    with heap, frozen_for_masks(teacher), frozen_for_masks(student_model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
             prepared = _calibrate(adapter, student, sample, kind, config)
@@ -198,8 +200,10 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
         for layer in range(adapter.num_layers):
             # The freed temporaries of the last layer's passes go back to the system before this
             # layer's teacher pass and its deepest knowledge pass, so that these peak at their own
-            # working set, not that plus the heap glibc kept (SST-2 teacher: 1.30 -> 1.26 GB).
-            # Once per layer: each trim costs the next pass's page faults (once per pass: +2%).
+            # working set, not that plus the heap glibc kept. SST-2 teacher, keep 0.5, side by side
+            # (benchmarks/kprune_memory.py): 1.32 GB untrimmed, 1.26 GB trimmed, about 1% more time;
+            # once per layer, and with no other return in between (heap_returned_only_when_asked),
+            # since each return costs the next pass its page faults again (+2 to +7% otherwise).
             release_free_heap()
             if layer == 0:  # computed by the calibration, before any decision
                 teacher_residuals = dict(first_residuals)
