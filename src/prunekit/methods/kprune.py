@@ -92,7 +92,7 @@ class KpruneConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
     # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.tasks.losses)
     top_k: int = DEFAULT_LM_TOP_K
-    # Hand freed memory back after every calibration batch, not only after every pass (glibc), with
+    # Hand freed memory back after every calibration batch, not only once per layer (glibc), with
     # large tensors in mappings of their own: lower peak RSS for about 18% more time (page faults);
     # same result.
     low_memory: bool = False
@@ -386,8 +386,8 @@ class _BatchStore:
     """One per-batch state of the whole sample (hidden states (B, T, d), or with ``rows`` the
     unpadded rows (N_b, d) of residual sums), held as views of one allocation.
 
-    Kprune keeps up to three such sets alive through a knowledge pass (the student's hidden states,
-    the teacher's two residual sums), four through a teacher pass. As one allocation each they sit in
+    Kprune keeps up to three such sets alive at once (the student's hidden states, the teacher's
+    two residual sums; a teacher pass writes the FFN's over the last layer's). As one allocation each they sit in
     mappings of their own, not scattered over the heap between the pass's temporaries, where glibc
     can neither reuse nor return the freed temporaries around them (about 0.3 GB of peak RSS on the
     SST-2 teacher). ``views``: existing tensors of the same shapes to write into instead."""
