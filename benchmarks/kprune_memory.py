@@ -46,8 +46,9 @@ def run_round(variants: list[tuple[str, str, list[str]]], work: Path, round_: in
     for name, src, extra in variants:
         out = work / f"{name}-{round_}"
         env = os.environ | {"PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        log = open(work / f"{name}-{round_}.log", "w")
-        procs[name] = (subprocess.Popen(command(out, extra), env=env, stdout=log, stderr=log), out)
+        # The child holds its own copy of the descriptor, so ours can close at once.
+        with open(work / f"{name}-{round_}.log", "w") as log:
+            procs[name] = (subprocess.Popen(command(out, extra), env=env, stdout=log, stderr=log), out)
     results = {}
     for name, (proc, out) in procs.items():
         if proc.wait() != 0:
