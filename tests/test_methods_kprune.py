@@ -6,6 +6,7 @@ sublayer's residual error worse (spec kprune_kwon.md §1.6-1.7, P5, P7)."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -281,6 +282,38 @@ def test_low_memory_gives_the_same_plan(family, head, make_model, make_sample):
         for name in ("attention_out_weight", "ffn_out_weight"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_the_heap_goes_back_once_per_layer_or_after_every_batch(low_memory, make_model, make_sample, monkeypatch):
+    """The heap policy Kprune's memory figures rest on: a trim at each layer's start inside
+    heap_returned_only_when_asked; with low_memory, large tensors in their own mappings (set once)
+    and a trim after every batch of every pass, glibc's own returns left as they are."""
+    kp = importlib.import_module("prunekit.methods.kprune")  # the module; the package exports the function
+
+    calls = []
+    monkeypatch.setattr(kp, "release_free_heap", lambda: calls.append("trim"))
+    monkeypatch.setattr(kp, "limit_heap_growth", lambda: calls.append("limit"))
+    monkeypatch.setattr(kp, "heap_returned_only_when_asked", lambda: _Recorded(calls))
+    teacher, sample = make_model("bert", "classification", num_layers=3), make_sample("bert")
+    run_kprune(teacher, sample, "classification", keep_flops=0.4, low_memory=low_memory)
+    if not low_memory:
+        assert calls == ["enter", "trim", "trim", "trim", "exit"]
+    else:
+        assert calls[0] == "limit" and calls.count("limit") == 1 and "enter" not in calls
+        # Every pass's batches: the teacher passes, six knowledge passes and the student passes.
+        assert calls.count("trim") > 6 * len(sample.batches)
+
+
+class _Recorded:
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def __enter__(self) -> None:
+        self.calls.append("enter")
+
+    def __exit__(self, *exc) -> None:
+        self.calls.append("exit")
 
 
 def _decoder_cases():

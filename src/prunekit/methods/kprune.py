@@ -42,7 +42,8 @@ import copy
 import logging
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -178,8 +179,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     # Both frozen: the student shares the teacher's parameters, and the teacher's flags come back
     # whole on exit, also those of tensors the student has replaced by then. The heap is trimmed
     # once per layer, and only then (low_memory: after every batch).
-    heap = nullcontext() if config.low_memory else heap_returned_only_when_asked()
-    with heap, frozen_for_masks(teacher), frozen_for_masks(student_model):
+    with _heap_policy(config), frozen_for_masks(teacher), frozen_for_masks(student_model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
             prepared = _calibrate(adapter, student, sample, kind, config)
@@ -268,6 +268,8 @@ def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: Kpru
     pass and the first knowledge pass. Pass it as ``data.prepared`` to each budget's ``kprune``."""
     _check_mask_special(data.sample, data.kind, config)
     adapter = view_of(model)
+    if config.low_memory:
+        limit_heap_growth()
     with frozen_for_masks(adapter.model):
         return _calibrate(adapter, LayerRunner(adapter.model, adapter), data.sample, data.kind, config)
 
@@ -315,13 +317,20 @@ def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
     return batch["p_mask"] if config.mask_special else None
 
 
-def _trim(config: KpruneConfig):
+def _heap_policy(config: KpruneConfig) -> AbstractContextManager:
+    """When a run's freed heap goes back to the system. ``low_memory``: after every calibration
+    batch (:func:`_trim`), large tensors in mappings of their own. Else only at the once-per-layer
+    trims, glibc keeping it in between."""
+    if config.low_memory:
+        limit_heap_growth()
+        return nullcontext()
+    return heap_returned_only_when_asked()
+
+
+def _trim(config: KpruneConfig) -> Callable[[], None]:
     """What runs after each calibration batch: with ``low_memory``, the heap's free pages go back to
-    the system (and large tensors get mappings of their own); else nothing."""
-    if not config.low_memory:
-        return lambda: None
-    limit_heap_growth()
-    return release_free_heap
+    the system; else nothing."""
+    return release_free_heap if config.low_memory else (lambda: None)
 
 
 def _working_copy(teacher: nn.Module) -> nn.Module:
