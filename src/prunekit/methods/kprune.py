@@ -201,7 +201,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             # The freed temporaries of the last layer's passes go back to the system before this
             # layer's teacher pass and its deepest knowledge pass, so that these peak at their own
             # working set, not that plus the heap glibc kept. SST-2 teacher, keep 0.5, side by side
-            # (benchmarks/kprune_memory.py): 1.29-1.32 GB untrimmed, 1.26-1.29 GB trimmed, <1% more time;
+            # (benchmarks/kprune_memory.py): 1.27-1.33 GB untrimmed, 1.25-1.28 GB trimmed, ~1.2% more time;
             # once per layer, and with no other return in between (heap_returned_only_when_asked),
             # since each return costs the next pass its page faults again (+2 to +7% otherwise).
             release_free_heap()
