@@ -181,7 +181,7 @@ def _final_gates(wrapper: CofiStudent, sizer: SizeModel, config: CofiConfig, log
     wrapper.eval()
     gates = wrapper.gates
     values = gates.deterministic()
-    log["expected_sparsity"] = float(sizer.expected_sparsity(gates))
+    log["expected_sparsity"] = float(sizer.expected_sparsity(gates).detach())  # a log value, not a loss term
     log["deterministic_sparsity"] = sizer.sparsity(values)
     values, log["target_projection"] = project_to_target(gates, values, sizer, get_adapter(wrapper.model),
                                                          config.target_sparsity, config.sparsity_epsilon)
