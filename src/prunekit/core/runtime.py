@@ -26,6 +26,8 @@ HEAP_MMAP_THRESHOLD = 4 * 1024 * 1024
 # glibc's own ceiling for its moving mmap threshold on 64-bit systems, and its trim threshold then.
 _DYNAMIC_MMAP_MAX = 32 * 1024 * 1024
 _DYNAMIC_TRIM_MAX = 2 * _DYNAMIC_MMAP_MAX
+# A trim threshold no heap top reaches: glibc then returns memory only when malloc_trim is called.
+_NEVER_TRIM = 1 << 40
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -127,7 +129,7 @@ def heap_returned_only_when_asked() -> Iterator[None]:
         yield
         return
     mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_MAX)
-    mallopt(_M_TRIM_THRESHOLD, 1 << 40)
+    mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     try:
         yield
     finally:
