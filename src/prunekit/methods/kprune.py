@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -129,8 +129,7 @@ class KpruneCalibration:
     loss_settings: tuple  # (temperature, mask_padding, mask_special) the targets were made with
     targets: list[dict]  # per batch, teacher_targets(...)
     layer_input: list[torch.Tensor]  # per batch, the input of layer 0 (B, T, d)
-    residuals: dict[str, list[torch.Tensor]]  # layer 0's teacher residual sums, per sublayer and batch
-    layer_output: _TeacherOutputs  # per batch, the teacher's output of layer 0
+    layer_output: _TeacherOutputs  # per batch, the teacher's output of layer 0 (and its FFN's residual sums)
     first_stats: dict | None  # _measure_knowledge of MHA_0 (None if that sublayer is empty)
 
 
@@ -182,7 +181,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     with _heap_policy(config), frozen_for_masks(teacher), frozen_for_masks(student_model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
-            prepared = _calibrate(adapter, student, sample, kind, config)
+            prepared = _calibrate(t_runner, student, sample, kind, config)
         elif prepared.loss_settings != _loss_settings(config):
             raise ValueError("the Kprune calibration was made with another temperature, mask_padding or mask_special")
         targets, s_hidden, t_hidden = prepared.targets, prepared.layer_input, prepared.layer_output
@@ -194,7 +193,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
         )
         logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
                     "knowledge is zero there and representational knowledge decides (spec P9)")
-        first_residuals, first_stats = prepared.residuals, prepared.first_stats
+        first_stats = prepared.first_stats
         if owned:
             prepared = None
         for layer in range(adapter.num_layers):
@@ -205,18 +204,20 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             # once per layer, and with no other return in between (heap_returned_only_when_asked),
             # since each return costs the next pass its page faults again (+2 to +7% otherwise).
             release_free_heap()
-            if layer == 0:  # computed by the calibration, before any decision
-                teacher_residuals = dict(first_residuals)
-                first_residuals = None
-            else:  # the FFN's sums in place, except over a shared calibration's, which stay intact
+            teacher_pass = None  # layer 0's ran in the calibration, its attention's knowledge pass beside it
+            if layer > 0:  # the FFN's sums in place, except over a shared calibration's, which stay intact
                 into = None if layer == 1 and not owned else t_hidden.ffn_residual or None
-                teacher_residuals, t_hidden = _teacher_layer(t_runner, t_adapter, layer, t_hidden, batches, masks,
-                                                             into=into, trim=_trim(config))
+                teacher_pass = _TeacherLayer(t_runner, layer, t_hidden, batches, masks, into=into, trim=_trim(config))
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
+                if sub == "attn":  # read batch by batch as the attention's pass runs (None: measured already)
+                    teacher_residual = teacher_pass.attention_residuals() if teacher_pass else None
+                else:
+                    t_hidden = teacher_pass.output() if teacher_pass else t_hidden
+                    teacher_residual = t_hidden.ffn_residual
                 step, out_weight = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
-                    teacher_residuals[sub], kind, config, sample, costs, budget,
+                    teacher_residual, kind, config, sample, costs, budget,
                     stats=first_stats if (layer, sub) == (0, "attn") else None,
                 )
                 if (layer, sub) == (0, "attn"):
@@ -224,7 +225,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                 if out_weight is not None:
                     out_weights[(layer, sub)] = out_weight
                 budget -= step["kept_cost"]
-                teacher_residuals[sub] = None  # spent (the FFN's lives on in t_hidden, for the next layer)
+                teacher_residual = None  # spent (the FFN's lives on in t_hidden, for the next layer)
                 step["seconds"] = round(time.perf_counter() - start, 3)
                 steps.append(step)
                 logger.info(
@@ -232,7 +233,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                     "heads" if sub == "attn" else "neurons", step["seconds"],
                     "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
                 )
-            teacher_residuals = None  # this layer's targets are spent: freed before the next layer's
+            teacher_pass = None
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
             inputs, trim = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden), _trim(config)
@@ -270,34 +271,37 @@ def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: Kpru
     adapter = view_of(model)
     if config.low_memory:
         limit_heap_growth()
-    with frozen_for_masks(adapter.model):
-        return _calibrate(adapter, LayerRunner(adapter.model, adapter), data.sample, data.kind, config)
+    student = _working_copy(adapter.model)  # the knowledge pass's hooks and masks go on its modules
+    with frozen_for_masks(adapter.model), frozen_for_masks(student):
+        return _calibrate(LayerRunner(adapter.model, adapter), LayerRunner(student, get_adapter(student)),
+                          data.sample, data.kind, config)
 
 
 def _loss_settings(config: KpruneConfig) -> tuple:
     return config.temperature, config.mask_padding, config.mask_special, config.top_k
 
 
-def _calibrate(adapter, runner, sample, kind, config) -> KpruneCalibration:
-    """Teacher outputs and layer 0 of the still unpruned model, then the first pass (MHA_0)."""
+def _calibrate(t_runner, runner, sample, kind, config) -> KpruneCalibration:
+    """Teacher outputs and layer 0 of the teacher, then the first pass (MHA_0) on the student, which
+    is still the teacher (a copy: its modules carry the pass's hooks while the teacher's run)."""
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
     with torch.no_grad():
         targets = [
-            teacher_targets(kind, runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
+            teacher_targets(kind, t_runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
                             config.mask_padding, _p_mask(b, config), top_k=config.top_k)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
         inputs = _BatchStore(masks)
         for i, b in enumerate(batches):
-            inputs.put(i, runner.layer_input(0, b))
+            inputs.put(i, t_runner.layer_input(0, b))
         layer_input = inputs.tensors()
-    residuals, layer_output = _teacher_layer(runner, adapter, 0, layer_input, batches, masks, trim=_trim(config))
+    teacher_pass = _TeacherLayer(t_runner, 0, layer_input, batches, masks, trim=_trim(config))
     first_stats = None
-    if adapter.attention(0) is not None:
-        first_stats = _measure_knowledge(adapter, runner, 0, "attn", layer_input, batches, masks, targets,
-                                         residuals["attn"], kind, config)
-    return KpruneCalibration(_loss_settings(config), targets, layer_input, residuals, layer_output, first_stats)
+    if runner.adapter.attention(0) is not None:
+        first_stats = _measure_knowledge(runner.adapter, runner, 0, "attn", layer_input, batches, masks, targets,
+                                         teacher_pass.attention_residuals(), kind, config)
+    return KpruneCalibration(_loss_settings(config), targets, layer_input, teacher_pass.output(), first_stats)
 
 
 def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
@@ -342,31 +346,63 @@ def _working_copy(teacher: nn.Module) -> nn.Module:
     return copy.deepcopy(teacher, memo=shared)
 
 
-def _teacher_layer(runner, t_adapter, layer, hidden, batches, masks, into=None, trim=lambda: None):
-    """Teacher residual sums R^T (N_b, d) of both sublayers of ``layer``, per batch, and its
-    outputs (``_TeacherOutputs``). ``hidden``: the layer's inputs, indexable by batch.
+class _TeacherLayer:
+    """The teacher's pass over one layer, batch by batch: the residual sums R^T (N_b, d) of both
+    sublayers (spec §1.7) and the layer's outputs (``_TeacherOutputs``). ``hidden``: the layer's
+    inputs, indexable by batch.
+
+    The attention's sums are read once, by the student's attention pass, so
+    :meth:`attention_residuals` computes each batch's as that pass asks for it and keeps none: one
+    per-batch set of rows less alive during every attention pass (81 MB on the SST-2 teacher). The
+    FFN's sums are kept, for the FFN's pass and, as the layer's outputs, the next layer.
 
     ``into``: per-batch tensors the FFN's sums are written into, the previous layer's (in place:
     each batch's input is rebuilt from them, as a copy, before they are overwritten; so one set of
-    them is alive during the pass instead of two, the pass's peak); None: new ones."""
-    # A model that came in pruned may have emptied sublayers: nothing to capture there.
-    present = [sub for sub in ("attn", "ffn")
-               if (t_adapter.attention(layer) if sub == "attn" else t_adapter.ffn(layer)) is not None]
-    stores = {sub: _BatchStore(masks, rows=True, views=into if sub == "ffn" else None) for sub in present}
-    outputs = None if "ffn" in present else _BatchStore(masks)  # else rebuilt from the FFN's sums
-    with torch.no_grad(), ExitStack() as stack:
-        records = {sub: stack.enter_context(capture_residual(t_adapter, layer, sub)) for sub in present}
-        for i, (b, m) in enumerate(zip(batches, masks, strict=True)):
-            out = runner.run_layer(layer, hidden[i], b)
-            for sub, record in records.items():
-                stores[sub].put(i, (record["input"] + record["output"])[m])  # (N_b, d)
-            if outputs is not None:
-                outputs.put(i, out)
-            del out
-            trim()
-    residuals = {"attn": [], "ffn": []} | {sub: store.tensors() for sub, store in stores.items()}
-    stored = outputs.tensors() if outputs is not None else None
-    return residuals, _TeacherOutputs(t_adapter, layer, masks, stored=stored, ffn_residual=residuals["ffn"])
+    them is alive during the pass instead of two); None: new ones."""
+
+    def __init__(self, runner, layer, hidden, batches, masks, into=None, trim=lambda: None):
+        self.runner, self.layer, self.hidden, self.batches, self.masks, self.trim = (
+            runner, layer, hidden, batches, masks, trim)
+        adapter = runner.adapter
+        # A model that came in pruned may have emptied sublayers: nothing to capture there.
+        self.present = [sub for sub in ("attn", "ffn")
+                        if (adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)) is not None]
+        self.ffn = _BatchStore(masks, rows=True, views=into) if "ffn" in self.present else None
+        self.stored = None if self.ffn is not None else _BatchStore(masks)  # else rebuilt from the FFN's sums
+        self.done = 0  # batches run so far
+
+    def attention_residuals(self) -> Iterator[torch.Tensor | None]:
+        """Each batch's attention residual sums (N_b, d), in batch order, computed when asked for
+        (None where the teacher's attention is empty). Readable once, before :meth:`output`."""
+        if self.done:
+            raise RuntimeError("a teacher layer's attention residual sums are read once, before its outputs")
+        for i in range(len(self.batches)):
+            yield self._run(i)
+
+    def output(self) -> _TeacherOutputs:
+        """The layer's outputs (with the FFN's residual sums), after running the batches not run yet."""
+        for i in range(self.done, len(self.batches)):
+            self._run(i)
+        ffn = self.ffn.tensors() if self.ffn is not None else []
+        stored = self.stored.tensors() if self.stored is not None else None
+        return _TeacherOutputs(self.runner.adapter, self.layer, self.masks, stored=stored, ffn_residual=ffn)
+
+    def _run(self, i: int) -> torch.Tensor | None:
+        # The capture hooks live only inside this call: between batches the student's pass runs.
+        m = self.masks[i]
+        with torch.no_grad(), ExitStack() as stack:
+            records = {sub: stack.enter_context(capture_residual(self.runner.adapter, self.layer, sub))
+                       for sub in self.present}
+            out = self.runner.run_layer(self.layer, self.hidden[i], self.batches[i])
+            if self.ffn is not None:
+                self.ffn.put(i, (records["ffn"]["input"] + records["ffn"]["output"])[m])
+            else:
+                self.stored.put(i, out)
+            attn = (records["attn"]["input"] + records["attn"]["output"])[m] if "attn" in records else None
+        del out, records
+        self.done = i + 1
+        self.trim()
+        return attn
 
 
 class _TeacherOutputs:
@@ -427,7 +463,7 @@ def _prune_sublayer(
     batches: list[dict],
     masks: list[torch.Tensor],
     targets: list[dict],
-    teacher_residual: list[torch.Tensor],
+    teacher_residual: Iterable[torch.Tensor] | None,
     kind: str,
     config: KpruneConfig,
     sample: Any,
@@ -490,6 +526,10 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # FᵀF
     cross = torch.zeros(width, d, dtype=torch.float64, device=device)  # FᵀY
     y_sq = torch.zeros((), dtype=torch.float64, device=device)  # ‖Y‖²
+    # Each batch's ZᵀZ and ZᵀY in the model's precision, written into the same two buffers: two
+    # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN).
+    gram_b = torch.empty(width, width, dtype=target_out.weight.dtype, device=device)
+    cross_b = torch.empty(width, d, dtype=target_out.weight.dtype, device=device)
     bias = target_out.bias.detach() if target_out.bias is not None else torch.zeros(d, device=device)
     current: dict[str, Any] = {}
 
@@ -515,8 +555,10 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     try:
         with apply_masks(adapter, head_masks, neuron_masks):
             desc = f"kprune: layer {layer} {sub}"
+            # Not a list: the teacher's residual sums may come batch by batch (_TeacherLayer).
             for h, batch, mask, target, r_t in tqdm(
-                list(zip(hidden, batches, masks, targets, teacher_residual, strict=True)), desc=desc, leave=False
+                zip(hidden, batches, masks, targets, teacher_residual, strict=True), desc=desc,
+                total=len(batches), leave=False,
             ):
                 current["mask"] = mask
                 outputs = runner.forward_from(layer, h, batch)
@@ -531,8 +573,8 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                     v.grad = None
                 z = current.pop("z")
                 y = r_t - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
-                gram += (z.T @ z).double()
-                cross += (z.T @ y).double()
+                gram += torch.mm(z.T, z, out=gram_b)  # float64 += float32: the same sum as .double()
+                cross += torch.mm(z.T, y, out=cross_b)
                 y_sq += (y * y).sum().double()
                 del z, y, outputs, loss
                 trim()
