@@ -358,3 +358,49 @@ def test_teacher_layer_outputs_are_rebuilt_from_the_ffn_residual_exactly(name, b
         with torch.no_grad():
             assert torch.equal(runner.run_layer(layer + 1, rebuilt, batch)[mask],
                                runner.run_layer(layer + 1, output, batch)[mask])
+
+
+def test_only_the_ffn_residual_sums_are_stored(make_model, make_sample, monkeypatch):
+    """The teacher's attention residual sums go straight into the attention's knowledge pass, batch
+    by batch: the only set of residual rows Kprune allocates is layer 0's FFN's (each later layer
+    writes its FFN's over the last one's), not one per sublayer and layer."""
+    kp = importlib.import_module("prunekit.methods.kprune")
+    allocated = []
+
+    class Recording(kp._BatchStore):
+        def __init__(self, masks, rows=False, views=None):
+            super().__init__(masks, rows=rows, views=views)
+            if rows and views is None:
+                allocated.append(len(masks))
+
+    monkeypatch.setattr(kp, "_BatchStore", Recording)
+    sample = make_sample("bert")
+    run_kprune(make_model("bert", "classification", num_layers=3), sample, "classification", keep_flops=0.4)
+    assert allocated == [len(sample.batches)]
+
+
+def test_the_attention_residual_sums_come_as_they_are_asked_for_and_match_an_eager_pass(make_model, make_sample):
+    """_TeacherLayer runs batch i when the attention's pass asks for it; what it yields, and the FFN's
+    sums it keeps, equal the residual sums of the layer run on its own, bit for bit. Its outputs run
+    whatever batches were not asked for; the attention's sums cannot be read twice."""
+    kp = importlib.import_module("prunekit.methods.kprune")
+    model = make_model("bert", "classification", num_layers=3).eval()
+    adapter, sample = get_adapter(model), make_sample("bert")
+    runner, masks = LayerRunner(model, adapter), [b["attention_mask"].bool() for b in sample.batches]
+    with torch.no_grad():
+        hidden = [runner.layer_input(1, b) for b in sample.batches]
+    teacher = kp._TeacherLayer(runner, 1, hidden, sample.batches, masks)
+    streamed = []
+    for i, rows in enumerate(teacher.attention_residuals()):
+        assert teacher.done == i + 1
+        streamed.append(rows)
+    ffn = teacher.output().ffn_residual
+    for i, batch in enumerate(sample.batches):
+        with torch.no_grad(), capture_residual(adapter, 1, "attn") as attn, capture_residual(adapter, 1, "ffn") as f:
+            runner.run_layer(1, hidden[i], batch)
+        assert torch.equal(streamed[i], (attn["input"] + attn["output"])[masks[i]])
+        assert torch.equal(ffn[i], (f["input"] + f["output"])[masks[i]])
+    with pytest.raises(RuntimeError, match="read once"):
+        next(teacher.attention_residuals())
+    unread = kp._TeacherLayer(runner, 1, hidden, sample.batches, masks).output()  # e.g. an emptied attention
+    assert all(torch.equal(a, b) for a, b in zip(unread.ffn_residual, ffn, strict=True))

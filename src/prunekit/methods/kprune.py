@@ -200,7 +200,8 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
             # The freed temporaries of the last layer's passes go back to the system before this
             # layer's teacher pass and its deepest knowledge pass, so that these peak at their own
             # working set, not that plus the heap glibc kept. SST-2 teacher, keep 0.5, side by side
-            # (benchmarks/kprune_memory.py): 1.27-1.33 GB untrimmed, 1.25-1.28 GB trimmed, ~1.2% more time;
+            # (benchmarks/kprune_memory.py, core_v2_memory_lazy3): 1.27-1.31 GB untrimmed, 1.22-1.24 GB
+            # trimmed, ~1% more time;
             # once per layer, and with no other return in between (heap_returned_only_when_asked),
             # since each return costs the next pass its page faults again (+2 to +7% otherwise).
             release_free_heap()
@@ -431,9 +432,9 @@ class _BatchStore:
     """One per-batch state of the whole sample (hidden states (B, T, d), or with ``rows`` the
     unpadded rows (N_b, d) of residual sums), held as views of one allocation.
 
-    Kprune keeps up to three such sets alive at once (the student's hidden states, the teacher's
-    two residual sums; a teacher pass writes the FFN's over the last layer's). As one allocation each they sit in
-    mappings of their own, not scattered over the heap between the pass's temporaries, where glibc
+    Kprune keeps two such sets alive at once: the student's hidden states and the teacher's FFN
+    residual sums, which a teacher pass writes over the last layer's (the attention's are never
+    stored: ``_TeacherLayer``). As one allocation each they sit in mappings of their own, not scattered over the heap between the pass's temporaries, where glibc
     can neither reuse nor return the freed temporaries around them (about 0.3 GB of peak RSS on the
     SST-2 teacher). ``views``: existing tensors of the same shapes to write into instead."""
 
