@@ -85,7 +85,7 @@ _LIBC = _libc() if sys.platform.startswith("linux") else None
 def release_free_heap() -> None:
     """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
 
-    Kprune calls it once per layer (with ``low_memory`` after every calibration batch): the passes'
+    Kprune calls it once, after its calibration (with ``low_memory`` after every batch): the passes'
     temporaries are freed by then, but glibc keeps their pages, so without it the process holds the
     largest batch's worth of temporaries per fragment of heap they landed in."""
     trim = getattr(_LIBC, "malloc_trim", None)

@@ -93,7 +93,7 @@ class KpruneConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
     # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.tasks.losses)
     top_k: int = DEFAULT_LM_TOP_K
-    # Hand freed memory back after every calibration batch, not only once per layer (glibc), with
+    # Hand freed memory back after every calibration batch, not only after the calibration (glibc), with
     # large tensors in mappings of their own: lower peak RSS for about 18% more time (page faults);
     # same result.
     low_memory: bool = False
@@ -177,7 +177,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     out_weights: dict[tuple[int, SublayerKind], torch.Tensor] = {}
     # Both frozen: the student shares the teacher's parameters, and the teacher's flags come back
     # whole on exit, also those of tensors the student has replaced by then. The heap is trimmed
-    # once per layer, and only then (low_memory: after every batch).
+    # once, after the calibration (low_memory: after every batch).
     with _heap_policy(config), frozen_for_masks(teacher), frozen_for_masks(student_model):
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
@@ -196,19 +196,20 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
         first_stats = prepared.first_stats
         if owned:
             prepared = None
+        # The calibration's freed temporaries go back to the system before layer 0's FFN pass, the
+        # deepest after it, which sets the run's peak: it then peaks at its own working set, not that
+        # plus the heap glibc kept. Later passes reuse the heap and stay below it. Only here, since
+        # each return costs the next passes their page faults again: a trim before every layer gave
+        # no lower peak (SST-2 teacher, keep 0.5: 1.23-1.24 GB against 1.21-1.23; fifth session of
+        # benchmarks/results/core_v2_plan.md), one after every batch cost 2-7% of the time
+        # (heap_returned_only_when_asked).
+        release_free_heap()
         for layer in range(adapter.num_layers):
-            # The freed temporaries of the last layer's passes go back to the system before this
-            # layer's teacher pass and its deepest knowledge pass, so that these peak at their own
-            # working set, not that plus the heap glibc kept. SST-2 teacher, keep 0.5, side by side
-            # (benchmarks/kprune_memory.py, core_v2_memory_lazy3): 1.27-1.31 GB untrimmed, 1.22-1.24 GB
-            # trimmed, ~1% more time;
-            # once per layer, and with no other return in between (heap_returned_only_when_asked),
-            # since each return costs the next pass its page faults again (+2 to +7% otherwise).
-            release_free_heap()
             teacher_pass = None  # layer 0's ran in the calibration, its attention's knowledge pass beside it
             if layer > 0:  # the FFN's sums in place, except over a shared calibration's, which stay intact
                 into = None if layer == 1 and not owned else t_hidden.ffn_residual or None
-                teacher_pass = _TeacherLayer(t_runner, layer, t_hidden, batches, masks, into=into, trim=_trim(config))
+                teacher_pass = _TeacherLayer(t_runner, layer, t_hidden, batches, masks, into=into,
+                                             trim=_trim(config))
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 if sub == "attn":  # read batch by batch as the attention's pass runs (None: measured already)
@@ -324,8 +325,8 @@ def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
 
 def _heap_policy(config: KpruneConfig) -> AbstractContextManager:
     """When a run's freed heap goes back to the system. ``low_memory``: after every calibration
-    batch (:func:`_trim`), large tensors in mappings of their own. Else only at the once-per-layer
-    trims, glibc keeping it in between."""
+    batch (:func:`_trim`), large tensors in mappings of their own. Else only at the trim after the
+    calibration, glibc keeping it before and after."""
     if config.low_memory:
         limit_heap_growth()
         return nullcontext()
@@ -434,9 +435,10 @@ class _BatchStore:
 
     Kprune keeps two such sets alive at once: the student's hidden states and the teacher's FFN
     residual sums, which a teacher pass writes over the last layer's (the attention's are never
-    stored: ``_TeacherLayer``). As one allocation each they sit in mappings of their own, not scattered over the heap between the pass's temporaries, where glibc
-    can neither reuse nor return the freed temporaries around them (about 0.3 GB of peak RSS on the
-    SST-2 teacher). ``views``: existing tensors of the same shapes to write into instead."""
+    stored: ``_TeacherLayer``). As one allocation each they sit in mappings of their own, not
+    scattered over the heap between the pass's temporaries, where glibc can neither reuse nor
+    return the freed temporaries around them (about 0.3 GB of peak RSS on the SST-2 teacher).
+    ``views``: existing tensors of the same shapes to write into instead."""
 
     def __init__(self, masks: list[torch.Tensor], rows: bool = False, views: list[torch.Tensor] | None = None):
         self.leading = [(int(m.sum()),) if rows else tuple(m.shape) for m in masks]  # (N_b,) or (B, T)
