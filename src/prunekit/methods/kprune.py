@@ -235,7 +235,6 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
                     "heads" if sub == "attn" else "neurons", step["seconds"],
                     "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
                 )
-            teacher_pass = None
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
             inputs, trim = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden), _trim(config)
