@@ -108,6 +108,31 @@ def test_the_adapter_states_the_family_facts():
     assert bert.attention(0).groups() == [[0], [1], [2], [3]]
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_sublayer_by_kind_gives_its_output_projection_and_units(family):
+    from conftest import build_tiny_model
+
+    adapter = get_adapter(build_llama() if family == "llama" else build_tiny_model("bert"))
+    attn, ffn = adapter.sublayer(0, "attn"), adapter.sublayer(0, "ffn")
+    assert attn is not None and ffn is not None
+    assert attn.output is attn.out and ffn.output is ffn.down  # the linear whose input columns units own
+    assert (attn.num_units, attn.unit_size) == (attn.num_heads, attn.head_dim)
+    assert (ffn.num_units, ffn.unit_size) == (ffn.width, 1)
+    for parts in (attn, ffn):
+        assert parts.num_units * parts.unit_size == parts.output.in_features
+        assert parts.columns(torch.arange(parts.num_units)).tolist() == list(range(parts.output.in_features))
+    d_h = attn.head_dim
+    assert attn.columns(torch.tensor([2, 0])).tolist() == [*range(2 * d_h, 3 * d_h), *range(d_h)]  # head by head
+    assert ffn.columns(torch.tensor([3, 1])).tolist() == [3, 1]
+    assert adapter.sublayer_bias(0, "ffn") is ffn.down.bias  # None for Llama: no biases
+    apply_plan(adapter, PruningPlan(layers=[LayerPlan(heads=[], neurons=[])] + [LayerPlan()] * (adapter.num_layers - 1)))
+    assert adapter.sublayer(0, "attn") is None and adapter.sublayer(0, "ffn") is None  # emptied
+    remove_sublayer(adapter, 1, "ffn")
+    assert adapter.sublayer(1, "ffn") is None
+    with pytest.raises(ValueError, match="unknown sublayer kind 'mlp'"):
+        adapter.sublayer(0, "mlp")
+
+
 @pytest.mark.parametrize("head", ["causal_lm", "sequence_classification"])
 @pytest.mark.parametrize("seed", range(3))
 def test_pruned_equals_masked(head, seed):

@@ -259,9 +259,9 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
             for kind in ("attn", "ffn"):
                 if adapter.is_removed(layer, kind):
                     continue
-                parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
+                parts = adapter.sublayer(layer, kind)
                 if parts is not None:
-                    linear = parts.out if kind == "attn" else parts.down
+                    linear = parts.output
                     handles.append(linear.register_forward_pre_hook(gate_input(kind, layer, parts)))
                     handles.append(linear.register_forward_hook(gate_output(kind, layer)))
                 if post:

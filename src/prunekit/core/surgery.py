@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.core.masks import expand_head_mask
+from prunekit.core.view import unit_columns
 from prunekit.families import AttentionParts, FfnParts, ModelAdapter, SublayerKind, get_adapter
 
 
@@ -125,12 +126,12 @@ def prune_heads(
     if heads.numel() == 0:
         adapter.set_empty_attention(layer, _bias_copy(out))
         return
-    columns = _head_columns(heads, parts.head_dim)  # (h_kept * d_h,)
+    columns = unit_columns(heads, parts.head_dim)  # (h_kept * d_h,)
     kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
     new = AttentionParts(
         query=slice_linear(parts.query, columns, dim=0),
-        key=slice_linear(parts.key, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
-        value=slice_linear(parts.value, _head_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
+        key=slice_linear(parts.key, unit_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
+        value=slice_linear(parts.value, unit_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
         out=slice_linear(out, columns, dim=1),
         num_heads=heads.numel(),
         head_dim=parts.head_dim,
@@ -139,11 +140,6 @@ def prune_heads(
     )
     _replacement(out_weight, new.out, (new.out.out_features, columns.numel()), what)
     adapter.set_attention(layer, new)
-
-
-def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The rows (of q, or k/v) or columns (of out) of ``heads``, head by head: (len(heads) * d_h,)."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
 def heads_of_groups(adapter: ModelAdapter, layer: int, groups: Sequence[int] | torch.Tensor) -> list[int]:

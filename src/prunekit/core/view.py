@@ -139,6 +139,25 @@ class AttentionParts:
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def output(self) -> nn.Linear:
+        """The output projection, the one whose input columns the units own (``out``)."""
+        return self.out
+
+    @property
+    def num_units(self) -> int:
+        """What a method keeps or cuts here: query heads."""
+        return self.num_heads
+
+    @property
+    def unit_size(self) -> int:
+        """Input columns of the output projection per unit: the head size."""
+        return self.head_dim
+
+    def columns(self, units: torch.Tensor) -> torch.Tensor:
+        """The output projection's input columns of query heads ``units``, head by head."""
+        return unit_columns(units, self.head_dim)
+
     def groups(self) -> list[list[int]]:
         """Per key/value head, the query heads that read it (sorted)."""
         groups: list[list[int]] = [[] for _ in range(self.num_kv_heads)]
@@ -158,6 +177,25 @@ class FfnParts:
     @property
     def width(self) -> int:
         return self.down.in_features
+
+    @property
+    def output(self) -> nn.Linear:
+        """The output projection, the one whose input columns the units own (``down``)."""
+        return self.down
+
+    @property
+    def num_units(self) -> int:
+        """What a method keeps or cuts here: neurons."""
+        return self.width
+
+    @property
+    def unit_size(self) -> int:
+        """Input columns of the output projection per unit: one per neuron."""
+        return 1
+
+    def columns(self, units: torch.Tensor) -> torch.Tensor:
+        """The output projection's input columns of neurons ``units``: the same indices."""
+        return unit_columns(units, 1)
 
 
 @dataclass(frozen=True)
@@ -295,6 +333,14 @@ class ModelAdapter(ABC):
         """The FFN linears of ``layer``, or None once it is empty or removed."""
         ...
 
+    def sublayer(self, layer: int, kind: SublayerKind) -> AttentionParts | FfnParts | None:
+        """:meth:`attention` or :meth:`ffn` by sublayer kind."""
+        if kind == "attn":
+            return self.attention(layer)
+        if kind == "ffn":
+            return self.ffn(layer)
+        raise ValueError(f"unknown sublayer kind {kind!r}; choose 'attn' or 'ffn'")
+
     @abstractmethod
     def is_removed(self, layer: int, kind: SublayerKind) -> bool:
         """Whether sublayer ``kind`` of ``layer`` was removed (it and its LayerNorm are the identity)."""
@@ -365,10 +411,9 @@ class ModelAdapter(ABC):
         a removed sublayer, which adds nothing to the residual, and where the family has no bias."""
         if self.is_removed(layer, kind):
             return None
-        parts = self.attention(layer) if kind == "attn" else self.ffn(layer)
+        parts = self.sublayer(layer, kind)
         if parts is not None:
-            linear = parts.out if kind == "attn" else parts.down
-            return linear.bias
+            return parts.output.bias
         return getattr(self._empty_module(layer, kind), "bias", None)
 
     # ---- rebuilding -------------------------------------------------------------------------
@@ -442,7 +487,7 @@ class ModelAdapter(ABC):
             for kind in ("attn", "ffn"):
                 if self.is_removed(layer, kind):
                     continue  # no parameters: it passes any width through
-                parts = self.attention(layer) if kind == "attn" else self.ffn(layer)
+                parts = self.sublayer(layer, kind)
                 if parts is None:
                     _narrow_parameter(self._empty_module(layer, kind), "bias", keep, 0)  # (d,)
                 elif isinstance(parts, AttentionParts):
@@ -571,6 +616,12 @@ class ModelAdapter(ABC):
 
 
 _KIND_NAMES = {"attn": "attention", "ffn": "FFN"}
+
+
+def unit_columns(units: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices that units of ``size`` consecutive rows or columns each own, unit by unit: unit
+    u owns ``[u * size, (u + 1) * size)``. Returns (len(units) * size,)."""
+    return (units[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
 
 
 def removed_error(layer: int, kind: SublayerKind, what: str) -> ValueError:

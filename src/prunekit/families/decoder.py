@@ -113,7 +113,7 @@ class LlamaLayoutAdapter(ModelAdapter):
     def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.Module:
         if self.is_removed(layer, kind):
             raise removed_error(layer, kind, "norm")
-        if (self.attention(layer) if kind == "attn" else self.ffn(layer)) is None:
+        if self.sublayer(layer, kind) is None:
             raise ValueError(f"layer {layer}: an emptied pre-norm sublayer has no norm")
         block = self.layers()[layer]
         return block.input_layernorm if kind == "attn" else block.post_attention_layernorm

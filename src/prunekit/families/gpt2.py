@@ -285,7 +285,7 @@ class GPT2Adapter(ModelAdapter):
     def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.Module:
         if self.is_removed(layer, kind):
             raise removed_error(layer, kind, "norm")
-        if (self.attention(layer) if kind == "attn" else self.ffn(layer)) is None:
+        if self.sublayer(layer, kind) is None:
             raise ValueError(f"layer {layer}: an emptied pre-norm sublayer has no norm")
         block = self.layers()[layer]
         return block.ln_1 if kind == "attn" else block.ln_2

@@ -220,7 +220,7 @@ class OPTAdapter(ModelAdapter):
     def sublayer_layer_norm(self, layer: int, kind: SublayerKind) -> nn.Module:
         if self.is_removed(layer, kind):
             raise removed_error(layer, kind, "norm")
-        emptied = (self.attention(layer) if kind == "attn" else self.ffn(layer)) is None
+        emptied = self.sublayer(layer, kind) is None
         if emptied and self.facts.norm_placement == "pre":
             raise ValueError(f"layer {layer}: an emptied pre-norm sublayer has no norm")
         block = self.layers()[layer]

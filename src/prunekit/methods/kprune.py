@@ -367,7 +367,7 @@ class _TeacherLayer:
         adapter = runner.adapter
         # A model that came in pruned may have emptied sublayers: nothing to capture there.
         self.present = [sub for sub in ("attn", "ffn")
-                        if (adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)) is not None]
+                        if adapter.sublayer(layer, sub) is not None]
         self.ffn = _BatchStore(masks, rows=True, views=into) if "ffn" in self.present else None
         self.stored = None if self.ffn is not None else _BatchStore(masks)  # else rebuilt from the FFN's sums
         self.done = 0  # batches run so far
@@ -475,7 +475,7 @@ def _prune_sublayer(
 ) -> tuple[dict, torch.Tensor | None]:
     """Measure, search and cut one sublayer of the student; returns the log step and the
     re-fitted output-projection weight (None: the sliced weights were kept)."""
-    parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
+    parts = adapter.sublayer(layer, sub)
     step: dict[str, Any] = {"layer": layer, "sublayer": sub}
     if parts is None:  # already empty (the model came in pruned)
         return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "kept_cost": 0.0,
@@ -488,7 +488,7 @@ def _prune_sublayer(
     flops = unit_costs(adapter, layer, config.seq_len or sample.mean_length)
     unit_flops = flops.head if sub == "attn" else flops.neuron
     unit_cost = costs[layer].head if sub == "attn" else costs[layer].neuron  # in the budget's unit
-    total = parts.num_heads if sub == "attn" else parts.width
+    total = parts.num_units
     out_weight, tuning = None, None
     if config.sublayer_tuning and keep.numel():
         out_weight, tuning = _tune(adapter, layer, sub, keep, stats, config.ridge)
@@ -521,8 +521,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     grad_sq |= {("ffn", m): torch.zeros(v.numel(), dtype=torch.float64, device=v.device) for m, v in neuron_masks.items()}
     z_sq = {key: torch.zeros_like(value) for key, value in grad_sq.items()}
 
-    target_parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
-    target_out = target_parts.out if sub == "attn" else target_parts.down
+    target_out = adapter.sublayer(layer, sub).output
     width, d = target_out.in_features, target_out.out_features
     device = target_out.weight.device
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # FᵀF
@@ -593,9 +592,8 @@ def _score(adapter, layer, sub, stats, config, sample, costs) -> _Candidates:
     n_seq, n_tok = sample.num_sequences, sample.num_tokens
     for (kind, m) in sorted(stats["grad_sq"], key=lambda key: (key[1], key[0] == "ffn")):
         grad_sq, z_sq = stats["grad_sq"][(kind, m)], stats["z_sq"][(kind, m)]
-        parts = adapter.attention(m) if kind == "attn" else adapter.ffn(m)
-        out = parts.out if kind == "attn" else parts.down
-        w_sq = out.weight.detach().double().pow(2).mean(0)  # (width,): (1/d) Σ_r W[r,k]²
+        parts = adapter.sublayer(m, kind)
+        w_sq = parts.output.weight.detach().double().pow(2).mean(0)  # (width,): (1/d) Σ_r W[r,k]²
         k_pred = grad_sq / n_seq
         k_rep = z_sq * w_sq / n_tok
         cost = costs[m]
@@ -636,13 +634,9 @@ def _search(candidates: _Candidates, budget: float, target: tuple[int, SublayerK
 def _tune(adapter, layer, sub, keep, stats, ridge: float) -> tuple[torch.Tensor | None, str]:
     """KPWT (§1.7) with the fixes of P5: solve (G + ridge) Wᵀ = C in float64 over the kept
     columns; keep the solution only if finite and no worse than the sliced weights."""
-    parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
-    out = parts.out if sub == "attn" else parts.down
-    if sub == "attn":
-        columns = (keep[:, None] * parts.head_dim + torch.arange(parts.head_dim)).reshape(-1)  # (h * d_h,)
-    else:
-        columns = keep
-    columns = columns.to(stats["gram"].device)
+    parts = adapter.sublayer(layer, sub)
+    out = parts.output
+    columns = parts.columns(keep).to(stats["gram"].device)  # (kept units · unit size,)
     gram = stats["gram"][columns][:, columns]  # (n, n)
     cross = stats["cross"][columns]  # (n, d)
     n = columns.numel()

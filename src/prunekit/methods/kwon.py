@@ -57,6 +57,7 @@ from prunekit.core.accounting import (
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan
+from prunekit.core.view import unit_columns
 from prunekit.families import ModelAdapter, view_of
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
@@ -354,7 +355,7 @@ def _teacher_layer(runner, adapter, layer, hidden, batches, rows):
     with ExitStack() as stack:
         captures = {}
         for sub in ("attn", "ffn"):
-            if (adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)) is not None:
+            if adapter.sublayer(layer, sub) is not None:
                 captures[sub] = stack.enter_context(capture_residual(adapter, layer, sub))
                 residuals[sub] = []
         for h, batch, r in zip(hidden, batches, rows, strict=True):
@@ -367,15 +368,14 @@ def _teacher_layer(runner, adapter, layer, hidden, batches, rows):
 def _tune_sublayer(runner, adapter, layer, sub, hidden, batches, rows, residuals, kept, masks, config) -> dict:
     step: dict[str, Any] = {"layer": layer, "sublayer": sub}
     units = kept.get((sub, layer))
-    parts = adapter.attention(layer) if sub == "attn" else adapter.ffn(layer)
+    parts = adapter.sublayer(layer, sub)
     if parts is None or units is None:
         return step | {"status": "skipped: sublayer already empty"}
     if units.numel() == 0:
         return step | {"status": "skipped: no units kept"}
     if sub == "attn" and layer == 0 and not config.tune_first_attention:
         return step | {"status": "skipped: first attention (as the reference)"}
-    out = parts.out if sub == "attn" else parts.down
-    unit_size = parts.head_dim if sub == "attn" else 1
+    out, unit_size = parts.output, parts.unit_size
     stats = _normal_equations(runner, adapter, layer, sub, out, hidden, batches, rows, residuals[sub], masks)
     offset = sub == "attn" and adapter.facts.offset_absorbed
     gram, cross = _unit_system(stats, out.weight.detach(), units, unit_size, offset=offset)
@@ -437,7 +437,7 @@ def _unit_system(stats, weight, units, unit_size, offset: bool) -> tuple[torch.T
     an all-ones column is appended (§3.6).
     """
     n = units.numel()
-    columns = (units[:, None] * unit_size + torch.arange(unit_size)).reshape(-1).to(weight.device)  # (n·s,)
+    columns = unit_columns(units, unit_size).to(weight.device)  # (n·s,)
     w = weight.double()[:, columns]  # (d, n·s)
     zz = stats["zz"][columns][:, columns]  # (n·s, n·s)
     gram = (zz * (w.T @ w)).view(n, unit_size, n, unit_size).sum((1, 3))  # (n, n)
@@ -484,9 +484,7 @@ def _plan(adapter: ModelAdapter, kept: dict[SublayerId, torch.Tensor], scales: d
         step = plan.layers[layer]
         full_scale = None
         if (kind, layer) in scales:
-            parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
-            size = parts.num_heads if kind == "attn" else parts.width
-            full_scale = torch.ones(size, dtype=torch.float64)
+            full_scale = torch.ones(adapter.sublayer(layer, kind).num_units, dtype=torch.float64)
             full_scale[units] = scales[(kind, layer)].double()
         if kind == "attn":
             step.heads, step.head_scales = units.tolist(), full_scale

@@ -115,10 +115,10 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
     The residual sum before the LayerNorm is then ``X + O`` (spec §1.3).
     """
     record: dict[str, torch.Tensor] = {}
-    parts = adapter.attention(layer) if kind == "attn" else adapter.ffn(layer)
+    parts = adapter.sublayer(layer, kind)
     if parts is None:
         raise ValueError(f"layer {layer} {kind} sublayer is empty; nothing to capture")
-    out_linear = parts.out if kind == "attn" else parts.down
+    out_linear = parts.output
 
     def take_input(module, args):
         record["input"] = args[0].detach()
