@@ -528,6 +528,9 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "ben
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from prunekit.core.runtime import leave_onednn_primitives_uncached
+
+    leave_onednn_primitives_uncached()  # before any torch op: the heap stays compact (see there)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
