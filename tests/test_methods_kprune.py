@@ -296,12 +296,13 @@ def test_the_heap_goes_back_after_the_calibration_or_after_every_batch(low_memor
     monkeypatch.setattr(kp, "release_free_heap", lambda: calls.append("trim"))
     monkeypatch.setattr(kp, "limit_heap_growth", lambda: calls.append("limit"))
     monkeypatch.setattr(kp, "heap_returned_only_when_asked", lambda: _Recorded(calls))
+    monkeypatch.setattr(kp, "temporaries_mapped", lambda restore: _Mapped(calls, restore))
     teacher, sample = make_model("bert", "classification", num_layers=3), make_sample("bert")
     run_kprune(teacher, sample, "classification", keep_flops=0.4, low_memory=low_memory)
-    if not low_memory:
-        assert calls == ["enter", "trim", "exit"]
+    if not low_memory:  # the kernels are built first, and the threshold goes back to the policy's
+        assert calls == ["enter", ("kernels", 32 * 2**20), "trim", "exit"]
     else:
-        assert calls[0] == "limit" and calls.count("limit") == 1 and "enter" not in calls
+        assert calls[:2] == ["limit", ("kernels", 4 * 2**20)] and calls.count("limit") == 1 and "enter" not in calls
         # Every pass's batches: the teacher passes, six knowledge passes and the student passes.
         assert calls.count("trim") > 6 * len(sample.batches)
 
@@ -315,6 +316,44 @@ class _Recorded:
 
     def __exit__(self, *exc) -> None:
         self.calls.append("exit")
+
+
+class _Mapped(_Recorded):
+    def __init__(self, calls: list, restore: int, applies: bool = True) -> None:
+        super().__init__(calls)
+        self.restore, self.applies = restore, applies
+
+    def __enter__(self) -> bool:
+        self.calls.append(("kernels", self.restore))
+        return self.applies
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@pytest.mark.parametrize("applies", [True, False])
+def test_each_ffn_width_runs_once_per_batch_shape_before_the_calibration(make_model, make_sample, monkeypatch,
+                                                                          applies):
+    kp = importlib.import_module("prunekit.methods.kprune")
+    monkeypatch.setattr(kp, "temporaries_mapped", lambda restore: _Mapped([], restore, applies))
+    model = make_model("bert", num_layers=4)
+    # Layer 0's FFN emptied, 1 and 3 of one width, 2 of another: layers 1 and 2 run.
+    apply_plan(model, PruningPlan([LayerPlan(neurons=[]), LayerPlan(neurons=[0, 2, 5]), LayerPlan(neurons=[1]),
+                                   LayerPlan(neurons=[3, 4, 7])]))
+    sample = make_sample("bert", num_batches=4)
+    sample.batches.append(sample.batches[0])  # a shape seen twice runs once
+    adapter, runs = get_adapter(model), []
+    for layer in range(4):
+        if adapter.ffn(layer) is not None:
+            adapter.sublayer_module(layer, "ffn").register_forward_hook(
+                lambda module, args, out, layer=layer: runs.append((layer, tuple(args[0].shape[:2]),
+                                                                     torch.is_grad_enabled())))
+    kp._build_kernels(adapter, sample.batches, KpruneConfig(keep_flops=0.5))
+    shapes = sorted({tuple(batch["attention_mask"].shape) for batch in sample.batches})
+    assert 2 < len(shapes) < len(sample.batches)
+    expected = [(layer, shape, grad) for layer in (1, 2) for shape in shapes for grad in (False, True)]
+    assert runs == (expected if applies else [])  # without mappings of their own: nothing run
+    assert all(p.grad is None for p in model.parameters())
 
 
 def _decoder_cases():

@@ -1,6 +1,6 @@
 """prunekit.core.runtime's allocator settings, against a stand-in for glibc that records its calls:
 what Kprune asks of malloc, that it is undone on exit, and that a user's own MALLOC_* settings win;
-and the CLI's oneDNN setting, against the real library in a fresh process."""
+and, against the real glibc and oneDNN in a fresh process, what building the kernels first buys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from prunekit import cli
 from prunekit.core import runtime
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -67,55 +66,40 @@ def test_nothing_is_set_without_glibc(monkeypatch):
     assert runtime.limit_heap_growth() is False
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_only_a_low_memory_prune_leaves_onednn_primitives_uncached(monkeypatch, tmp_path, low_memory):
-    monkeypatch.delenv(runtime.ONEDNN_CACHE_VARIABLE, raising=False)
-    argv = ["prune", "--model", str(tmp_path / "no-model"), "--task", "sst2", "--data", str(tmp_path / "no-data"),
-            "--keep-flops", "0.5", "--out", str(tmp_path / "out")]
-    assert cli.main(argv + ["--low-memory"] * low_memory) == 2  # no such model: a clear error, after the setting
-    assert os.environ.get(runtime.ONEDNN_CACHE_VARIABLE) == ("0" if low_memory else None)
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_users_onednn_cache_setting_is_kept(monkeypatch):
-    monkeypatch.setenv(runtime.ONEDNN_CACHE_VARIABLE, "512")
-    assert not runtime.leave_onednn_primitives_uncached()
-    assert os.environ[runtime.ONEDNN_CACHE_VARIABLE] == "512"
-
-
-# GELU (oneDNN on CPU) forward and backward over 300 input lengths, as a calibration's batches come;
-# prints the heap's growth in live bytes and a digest of every output and gradient.
+# GELU (oneDNN on CPU) forward and backward over 300 input lengths, as a calibration's batches
+# come, twice; with "built", the kernels are built first with the temporaries mapped (as Kprune's
+# _build_kernels does). Prints the heap's growth in live bytes over each loop and its size after.
 _GELU_OVER_SHAPES = """
-import ctypes, hashlib, json, sys
+import ctypes, json, sys
 import torch
 from prunekit.core import runtime
-if sys.argv[1] == "uncached":
-    runtime.leave_onednn_primitives_uncached()
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 torch.manual_seed(0)
-digest, before = hashlib.sha256(), libc.mallinfo2().uordblks
-for length in range(1, 301):
-    x = torch.randn(2, length, 32, requires_grad=True)
-    y = torch.nn.functional.gelu(x)
-    y.sum().backward()
-    digest.update(y.detach().numpy().tobytes() + x.grad.numpy().tobytes())
-print(json.dumps({"growth": libc.mallinfo2().uordblks - before, "digest": digest.hexdigest()}))
+def loop():
+    before = libc.mallinfo2().uordblks
+    for length in range(1, 301):
+        x = torch.randn(2, length, 32, requires_grad=True)
+        torch.nn.functional.gelu(x).sum().backward()
+    return libc.mallinfo2().uordblks - before
+if sys.argv[1] == "built":
+    with runtime.temporaries_mapped(runtime.HEAP_POLICY_MMAP_THRESHOLD):
+        loop()
+print(json.dumps({"growth": loop()}))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or runtime._LIBC is None
                     or not hasattr(runtime._LIBC, "mallinfo2"), reason="glibc's mallinfo2 reads the heap")
-def test_uncached_onednn_primitives_leave_no_blocks_behind_and_the_same_numbers():
-    env = {k: v for k, v in os.environ.items() if k != runtime.ONEDNN_CACHE_VARIABLE} | {"OMP_NUM_THREADS": "1"}
-    runs = {}
-    for mode in ("cached", "uncached"):
+def test_kernels_built_first_leave_no_long_lived_blocks_in_a_pass():
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    growth = {}
+    for mode in ("in the pass", "built"):
         done = subprocess.run([sys.executable, "-c", _GELU_OVER_SHAPES, mode], env=env, capture_output=True,
                               text=True, check=True)
-        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    if runs["cached"]["growth"] < 4 * 2**20:
-        pytest.skip("this torch build keeps no oneDNN primitive per shape (GELU not on oneDNN)")
-    assert runs["uncached"]["growth"] < runs["cached"]["growth"] / 10  # 21.7 MB against 0.3 MB here
-    assert runs["uncached"]["digest"] == runs["cached"]["digest"]
+        growth[mode] = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    if growth["in the pass"] < 4 * 2**20:
+        pytest.skip("this torch build keeps no oneDNN kernel per shape (GELU not on oneDNN)")
+    assert growth["built"] < growth["in the pass"] / 10

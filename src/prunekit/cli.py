@@ -103,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mu", type=float, default=None, help="Kprune: head-score multiplier (64)")
     p.add_argument("--no-sublayer-tuning", action="store_true", help="Kprune: skip the least-squares re-fit")
     p.add_argument("--low-memory", action="store_true",
-                   help="Kprune: return freed memory after every calibration batch and leave oneDNN's kernels "
-                        "uncached (lower peak RSS, slower)")
+                   help="Kprune: return freed memory after every calibration batch (lower peak RSS, about 20%% slower)")
     p.add_argument("--epochs", type=float, default=None, help="CoFi: pruning epochs (20)")
     p.add_argument("--finetune-epochs", type=float, default=None, help="CoFi: fine-tuning epochs after surgery (20)")
     p.add_argument("--distill", choices=("layer", "pred"), default=None,
@@ -255,9 +254,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.no_sublayer_tuning:
         options["sublayer_tuning"] = False
     if args.low_memory:
-        from prunekit.core.runtime import leave_onednn_primitives_uncached
-
-        leave_onednn_primitives_uncached()  # before any torch op runs; why and what it costs: there
         options["low_memory"] = True
     from prunekit.methods import get_method
     from prunekit.tasks.family import family_of

@@ -25,6 +25,9 @@ _M_MMAP_THRESHOLD = -3
 HEAP_MMAP_THRESHOLD = 4 * 1024 * 1024
 # glibc's own ceiling for its moving mmap threshold on 64-bit systems, and its trim threshold then.
 _DYNAMIC_MMAP_MAX = 32 * 1024 * 1024
+HEAP_POLICY_MMAP_THRESHOLD = _DYNAMIC_MMAP_MAX  # heap_returned_only_when_asked's
+# Inside temporaries_mapped: small enough for any activation, large enough for any kernel object.
+_TEMPORARY_MMAP_THRESHOLD = 64 * 1024
 _DYNAMIC_TRIM_MAX = 2 * _DYNAMIC_MMAP_MAX
 # A trim threshold no heap top reaches: glibc then returns memory only when malloc_trim is called.
 _NEVER_TRIM = 1 << 40
@@ -82,28 +85,6 @@ def _libc():
 _LIBC = _libc() if sys.platform.startswith("linux") else None
 
 
-ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-
-
-def leave_onednn_primitives_uncached() -> bool:
-    """Ask oneDNN (torch's CPU GELU, here) not to keep the kernels it builds for each new input
-    shape, for the rest of this process. Returns whether it was set.
-
-    Calibration batches come in dozens of lengths, so the cache gains a kernel per length, pass
-    direction and width in the middle of a pass, in small long-lived blocks (about 70 KB per shape
-    for GELU's forward and backward). Those land between the pass's large temporaries and keep glibc
-    from merging or reusing the gaps: during Kprune on the SST-2 teacher the heap grew to 0.57-0.66
-    GB around 0.17 GB of live data with the cache, 0.22-0.23 GB without, and the whole run peaked
-    at 1.08 GB instead of 1.24-1.27 GB, with the same plan. But each GELU call then builds its
-    kernel anew, which cost 7-10% of the pruning time; so only ``--low-memory`` asks for it. oneDNN
-    reads the setting once, when it builds its first kernel, so it works only before any such op
-    runs. A value the user set is kept. Library users set the variable before starting Python."""
-    if ONEDNN_CACHE_VARIABLE in os.environ:
-        return False
-    os.environ[ONEDNN_CACHE_VARIABLE] = "0"
-    return True
-
-
 def release_free_heap() -> None:
     """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
 
@@ -132,6 +113,20 @@ def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     if applied:
         logger.debug("malloc mmap threshold fixed at %d bytes", threshold)
     return applied
+
+
+@contextmanager
+def temporaries_mapped(restore: int) -> Iterator[bool]:
+    """Inside the block, blocks of 64 KiB and more get mappings of their own, given back on free,
+    so that what the block keeps for good lands packed in the heap with no freed temporaries
+    between; on exit the mmap threshold becomes ``restore``. Yields whether it applied (glibc on
+    Linux, no ``MALLOC_MMAP_THRESHOLD_`` of the user's)."""
+    applied = limit_heap_growth(_TEMPORARY_MMAP_THRESHOLD)
+    try:
+        yield applied
+    finally:
+        if applied:
+            limit_heap_growth(restore)
 
 
 @contextmanager
