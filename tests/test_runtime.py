@@ -21,6 +21,7 @@ class FakeLibc:
         self.calls: list[tuple] = []
 
     def mallopt(self, param: int, value: int) -> int:
+        assert -(2**31) <= value < 2**31, "mallopt takes a C int; ctypes would mask this value"
         self.calls.append(("mallopt", param, value))
         return 1
 
@@ -40,7 +41,7 @@ def libc(monkeypatch):
 
 def test_the_heap_is_returned_only_when_asked_inside_the_block(libc):
     with runtime.heap_returned_only_when_asked():
-        assert libc.calls == [("mallopt", M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", M_TRIM_THRESHOLD, 2**40)]
+        assert libc.calls == [("mallopt", M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", M_TRIM_THRESHOLD, 2**31 - 1)]
         runtime.release_free_heap()
     assert libc.calls[2:] == [("malloc_trim", 0), ("mallopt", M_TRIM_THRESHOLD, 64 * 2**20)]
 
