@@ -328,8 +328,7 @@ def _build_kernels(adapter: ModelAdapter, batches: list[dict], config: KpruneCon
     if probe.device.type != "cpu":
         return
     shapes = sorted({tuple(batch["attention_mask"].shape) for batch in batches})  # (B, T)
-    restore = HEAP_MMAP_THRESHOLD if config.low_memory else HEAP_POLICY_MMAP_THRESHOLD
-    with temporaries_mapped(restore) as applied:
+    with temporaries_mapped(_policy_mmap_threshold(config)) as applied:
         if not applied:  # without mappings of their own the temporaries would fragment the heap here
             return
         widths = set()
@@ -371,6 +370,11 @@ def _heap_policy(config: KpruneConfig) -> AbstractContextManager:
         limit_heap_growth()
         return nullcontext()
     return heap_returned_only_when_asked()
+
+
+def _policy_mmap_threshold(config: KpruneConfig) -> int:
+    """The malloc mmap threshold :func:`_heap_policy` sets, for code that changes it for a while."""
+    return HEAP_MMAP_THRESHOLD if config.low_memory else HEAP_POLICY_MMAP_THRESHOLD
 
 
 def _trim(config: KpruneConfig) -> Callable[[], None]:
