@@ -21,10 +21,10 @@ from llama_view import LlamaTestAdapter, registered
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit.api import PruneOptions, prune
-from prunekit.bench import measure_generation
+from prunekit.deploy.bench import measure_generation
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops, param_unit_costs
 from prunekit.core.errors import ConfigError
-from prunekit.core.io import load_pruned, register_pruned_classes
+from prunekit.io.folders import load_pruned, register_pruned_classes
 from prunekit.families import get_adapter
 from prunekit.methods.kprune import KpruneConfig, kprune_prepare
 from prunekit.tasks import TaskData
@@ -221,7 +221,7 @@ def lm_folder(tmp_path) -> tuple[Path, Path]:
 
 def test_compare_and_report_on_a_decoder(lm_folder, tmp_path):
     from prunekit.compare import compare
-    from prunekit.reports import structure_report
+    from prunekit.io.reports import structure_report
 
     model_dir, data_dir = lm_folder
     result = compare(model_dir, "causal_lm", data_dir, tmp_path / "cmp", methods=["magnitude", "random"],

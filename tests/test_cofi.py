@@ -312,7 +312,7 @@ def test_the_schedule_counts_optimiser_steps_per_stage():
 # ---- API and CLI ------------------------------------------------------------------------------------------
 def test_prune_api_saves_a_model_that_reloads_identically(tmp_path, make_teacher):
     from prunekit import prune
-    from prunekit.core.io import load_pruned
+    from prunekit.io.folders import load_pruned
 
     teacher_dir = make_teacher()
     data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=8)
@@ -342,7 +342,7 @@ def test_prune_api_rejects_a_calibration_sample_for_cofi(sst2_dir):
 
 def test_cli_prune_with_cofi(tmp_path, make_teacher):
     from prunekit.cli import main
-    from prunekit.core.io import load_pruned
+    from prunekit.io.folders import load_pruned
 
     teacher_dir = make_teacher()
     data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=8)

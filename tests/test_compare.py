@@ -14,7 +14,7 @@ from prunekit.api import budgets_from, prune, prune_many
 from prunekit.cli import main
 from prunekit.compare import compare
 from prunekit.core.errors import ConfigError
-from prunekit.core.io import load_pruned
+from prunekit.io.folders import load_pruned
 from prunekit.tasks import CalibrationSample
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

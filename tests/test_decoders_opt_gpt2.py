@@ -36,7 +36,7 @@ from prunekit.core.accounting import (
     full_flops,
     full_prunable_params,
 )
-from prunekit.core.io import load_pruned, save_pruned
+from prunekit.io.folders import load_pruned, save_pruned
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, narrow_hidden, remove_sublayer
 from prunekit.families import BlockFacts, LayerShape, get_adapter

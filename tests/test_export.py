@@ -1,4 +1,4 @@
-"""prunekit.export / prunekit.onnxrt (issue 12): pruned models with uneven layers export to ONNX,
+"""prunekit.deploy.export / prunekit.deploy.onnxrt (issue 12): pruned models with uneven layers export to ONNX,
 run in ONNX Runtime and give the PyTorch model's outputs; int8 quantization runs; bad targets get
 one clear error and leave no folder; the CLI's export, bench --runtime onnxruntime and eval --onnx
 work end to end.
@@ -25,9 +25,9 @@ from transformers import BertConfig, BertModel
 
 from prunekit import ConfigError, ModelError, save_pruned
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
-from prunekit.export import ExportOptions, export_onnx, quantize_onnx, read_export
+from prunekit.deploy.export import ExportOptions, export_onnx, quantize_onnx, read_export
 from prunekit.families import get_adapter
-from prunekit.onnxrt import OnnxModel, measure_onnx_latency
+from prunekit.deploy.onnxrt import OnnxModel, measure_onnx_latency
 from prunekit.tasks.evaluate import evaluate
 
 ATOL = 1e-4
@@ -212,7 +212,7 @@ def test_an_unexportable_part_is_named_and_nothing_is_written(tmp_path, tokenize
 
 
 def test_a_graph_that_does_not_match_pytorch_fails_the_export(tmp_path, tokenizer, monkeypatch):
-    import prunekit.export as export
+    import prunekit.deploy.export as export
 
     real = export.torch_outputs
 
@@ -305,7 +305,7 @@ def test_cli_deploy_errors_are_one_line(tmp_path, capsys, teacher_dir):
 
 
 def test_check_batches_are_tokenizer_made_padded_and_of_several_lengths():
-    from prunekit.export import GRAPH_SPECS, check_batches
+    from prunekit.deploy.export import GRAPH_SPECS, check_batches
 
     batches = check_batches(build_tokenizer(), GRAPH_SPECS["question_answering"],
                             ["input_ids", "attention_mask", "token_type_ids"], ExportOptions(), usable=100)

@@ -1,4 +1,4 @@
-"""prunekit.core.io: pruned models saved as standard Hugging Face folders (no pickles, style.md §14) reload
+"""prunekit.io.folders: pruned models saved as standard Hugging Face folders (no pickles, style.md §14) reload
 with identical outputs through prunekit and through the Auto classes; output folders are written
 atomically; folders that are not models fail with a clear ModelError."""
 
@@ -14,7 +14,7 @@ from conftest import assert_reloads_identically
 
 import prunekit
 from prunekit import ConfigError, ModelError, load_pruned, save_pruned
-from prunekit.core.io import atomic_output_dir, load_model, read_report
+from prunekit.io.folders import atomic_output_dir, load_model, read_report
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import LayerShape, get_adapter
 

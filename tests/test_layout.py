@@ -13,15 +13,23 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 
-# Lowest first. A module may import its own layer or any layer below it.
+# Lowest first. A module may import its own layer or any layer below it; no exceptions.
+#   core      the model view protocol, plan, masks, surgery, accounting: knows no family, takes an adapter
+#   families  one adapter per model family and their registry (the only Hugging Face module names)
+#   io        saved folders: save/load (reads the families' registry), remote-code files, reports
+#   tasks     data, evaluation and loss of each task family
+#   methods   one module per pruning method; each returns a plan
+#   deploy    latency benchmarks, ONNX export, ONNX Runtime evaluation
+#   pipeline  prunekit.api: load -> data -> method -> plan -> surgery -> report -> save
+#   entry     the command line, compare, demo and the package's own namespace
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("prunekit.core.errors", "prunekit.core.runtime", "prunekit.core.view")),
-    ("families", ("prunekit.families",)),
     ("core", ("prunekit.core",)),
+    ("families", ("prunekit.families",)),
+    ("io", ("prunekit.io",)),
     ("tasks", ("prunekit.tasks",)),
     ("methods", ("prunekit.methods",)),
-    ("tools", ("prunekit.bench", "prunekit.export", "prunekit.reports")),
-    ("pipeline", ("prunekit.api", "prunekit.onnxrt")),
+    ("deploy", ("prunekit.deploy",)),
+    ("pipeline", ("prunekit.api",)),
     ("entry", ("prunekit.compare", "prunekit.demo", "prunekit.cli", "prunekit.__main__", "prunekit._compat",
                "prunekit")),
 ]
@@ -75,8 +83,8 @@ def test_top_level_is_entry_points_only() -> None:
     """What stands at the top of the package is the layer map, not a pile of helpers."""
     top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith("__pycache__"))
     assert top == sorted([
-        "__init__.py", "__main__.py", "_compat.py", "api.py", "bench.py", "cli.py", "compare.py",
-        "core", "demo.py", "export.py", "families", "methods", "onnxrt.py", "reports.py", "tasks",
+        "__init__.py", "__main__.py", "_compat.py", "api.py", "cli.py", "compare.py", "demo.py",
+        "core", "deploy", "families", "io", "methods", "tasks",
     ])
 
 
@@ -98,3 +106,57 @@ def test_old_import_paths_still_work() -> None:
         target = importlib.import_module(new)
         assert module is target or all(getattr(module, name) is getattr(target, name)
                                        for name in getattr(target, "__all__", ())), old
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each module's prunekit imports that name modules (not classes or functions inside them)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "remote_code" in path.parts or path.name == "_compat.py":
+            continue
+        names = {name for name in imports_of(path) if _existing(name)}
+        # `from prunekit.x import y`: the edge goes to y when y is a module, else to prunekit.x.
+        graph[module_name(path)] = {name for name in names
+                                    if not any(other.startswith(name + ".") for other in names)} - {"prunekit"}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles() -> None:
+    """No two modules import each other, directly or through others (lazy imports included)."""
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

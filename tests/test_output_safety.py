@@ -16,7 +16,7 @@ import pytest
 from test_cli import assert_clean_error, prune_args, run
 
 from prunekit import ConfigError
-from prunekit.core.outdir import MARKER, atomic_output_dir, check_output_dir, clean_leftovers
+from prunekit.io.outdir import MARKER, atomic_output_dir, check_output_dir, clean_leftovers
 
 
 def dead_pid() -> int:

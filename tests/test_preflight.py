@@ -247,7 +247,7 @@ def test_cofi_on_a_short_valid_schedule_meets_keep_params(ws, capsys):
     assert report["achieved_keep"] == pytest.approx(report["prunable_params_kept"])
     assert "keep_params target 0.3000, achieved" in stdout
     from prunekit.core.accounting import count_prunable_params, full_prunable_params
-    from prunekit.core.io import load_pruned
+    from prunekit.io.folders import load_pruned
 
     model = load_pruned(ws["out"])
     assert count_prunable_params(model) / full_prunable_params(model) == pytest.approx(report["achieved_keep"])

@@ -37,7 +37,7 @@ from transformers import (
 import prunekit
 from prunekit import save_pruned
 from prunekit.core.accounting import count_flops, count_params, full_flops
-from prunekit.core.io import save_plan
+from prunekit.io.folders import save_plan
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import get_adapter
 from prunekit.methods import get_method

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import prunekit
 from prunekit import ConfigError, load_pruned, save_pruned
 from prunekit.core.accounting import count_flops, full_flops
-from prunekit.core.io import save_plan
+from prunekit.io.folders import save_plan
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import get_adapter
 from prunekit.methods import get_method

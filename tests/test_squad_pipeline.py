@@ -25,7 +25,7 @@ import prunekit
 from prunekit.cli import main
 from prunekit.core.accounting import count_flops, full_flops
 from prunekit.core.errors import ConfigError, DataError, ModelError
-from prunekit.core.io import load_model, load_pruned
+from prunekit.io.folders import load_model, load_pruned
 from prunekit.core.masks import apply_masks
 from prunekit.families import get_adapter
 from prunekit.methods.kprune import KpruneConfig, kprune

@@ -37,7 +37,7 @@ from prunekit.core.accounting import (
     layer_flops,
     unit_costs,
 )
-from prunekit.core.io import load_model
+from prunekit.io.folders import load_model
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import (
     LayerPlan,

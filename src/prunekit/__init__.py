@@ -5,12 +5,11 @@ Importing prunekit registers its pruned-model classes with the transformers Auto
 """
 
 from prunekit import _compat
-from prunekit.api import PruneOptions, PruneResult, apply_plan, prune
-from prunekit.bench import measure_latency
-from prunekit.core.accounting import count_flops, count_params
+from prunekit.api import PruneOptions, PruneResult, apply_plan, count_flops, count_params, prune
 from prunekit.core.errors import ConfigError, DataError, ModelError, PrunekitError
-from prunekit.core.io import load_model, load_plan, load_pruned, save_pruned
-from prunekit.export import export_onnx
+from prunekit.deploy.bench import measure_latency
+from prunekit.deploy.export import export_onnx
+from prunekit.io.folders import load_model, load_plan, load_pruned, save_pruned
 
 __version__ = "0.1.0"
 

@@ -29,11 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.bench import measure_generation, measure_latency
-from prunekit.core import preflight
-from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
+from prunekit.core import accounting, preflight
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.core.io import (
+from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
+from prunekit.core.surgery import PruningPlan
+from prunekit.core.surgery import apply_plan as _surgery
+from prunekit.core.view import ModelAdapter
+from prunekit.deploy.bench import measure_generation, measure_latency
+from prunekit.families import get_adapter, pruning_view
+from prunekit.io.folders import (
     as_pruned_model,
     check_output_dir,
     load_model,
@@ -41,14 +45,10 @@ from prunekit.core.io import (
     load_tokenizer,
     save_pruned,
 )
-from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
-from prunekit.core.surgery import PruningPlan
-from prunekit.core.surgery import apply_plan as _surgery
-from prunekit.families import get_adapter
+from prunekit.io.reports import kv_heads_panel, plot_structure
 from prunekit.methods import MethodSpec, get_method
 from prunekit.methods.lut import sublayer_costs
 from prunekit.methods.search import current_widths, full_widths, total_cost
-from prunekit.reports import kv_heads_panel, plot_structure
 from prunekit.tasks import CalibrationSample, TaskData, build_calibration_sample, build_training_data
 from prunekit.tasks.causal_lm.family import calibration_window
 from prunekit.tasks.dispatch import check_split
@@ -67,6 +67,7 @@ class PruneResult:
     plan: PruningPlan
     report: dict[str, Any] = field(default_factory=dict)
     uniform: bool = False  # saved as the family's stock class (PruneOptions.uniform)
+    view: ModelAdapter | None = field(default=None, repr=False)  # the model's view, built by the pipeline
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
         """Write the model folder: config.json, model.safetensors, tokenizer files,
@@ -75,7 +76,7 @@ class PruneResult:
         folder, the data) are paths the output may not touch."""
         report = dict(self.report)
         report["plan"] = self.plan.to_dict()
-        adapter = get_adapter(self.model)
+        adapter = self.view if self.view is not None and self.view.model is self.model else get_adapter(self.model)
 
         def plot(folder: Path) -> None:
             kept = (f"{report['non_embedding_params_kept']:.1%} of non-embedding parameters kept"
@@ -87,7 +88,7 @@ class PruneResult:
             )
 
         return save_pruned(self.model, out_dir, tokenizer=self.tokenizer, report=report, overwrite=overwrite,
-                           extra=plot, inputs=inputs, plan=self.plan, uniform=self.uniform)
+                           extra=plot, inputs=inputs, plan=self.plan, uniform=self.uniform, view=adapter)
 
 
 @dataclass
@@ -237,33 +238,37 @@ def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, tas
     return configs
 
 
-def _teacher(model: nn.Module | str | Path, tokenizer: Any, task: TaskSpec, device: torch.device
-             ) -> tuple[nn.Module, Any]:
-    """The teacher: a folder is loaded; a given model is used as it is (methods and surgery never
-    change it), or copied when it lives on another device than the run's."""
+def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task: TaskSpec, device: torch.device
+             ) -> tuple[ModelAdapter, Any]:
+    """The teacher's view, built here once for the whole run. A folder is loaded, and a view (of a
+    model the pipeline loaded itself) taken as it is. A caller's model is used as it is (methods and
+    surgery never change it), or copied when it lives on another device than the run's or its
+    family reads its modules in another form (GPT-2, OPT: ``pruning_view``)."""
     if isinstance(model, str | Path):
-        teacher = load_model(model, head=task.head)
+        teacher = get_adapter(load_model(model, head=task.head))
         tokenizer = tokenizer or load_tokenizer(model)
+    elif isinstance(model, ModelAdapter):
+        teacher = model
     else:
         preflight.check_not_meta(model)
-        get_adapter(model)  # unsupported architectures fail here, before any work
         first = next(model.parameters(), None)
         on_device = first is None or first.device == torch.device(device) or (
             first.device.type == torch.device(device).type and torch.device(device).index is None)
-        teacher = model if on_device else copy.deepcopy(model)
+        # Unsupported architectures fail here, before any work.
+        teacher = pruning_view(model if on_device else copy.deepcopy(model))
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
-    get_adapter(teacher)
     preflight.check_head_fits_task(teacher.config, task)
-    return teacher.to(device), tokenizer
+    teacher.model.to(device)
+    return teacher, tokenizer
 
 
-def _size(model: nn.Module, seq_len: float, full: bool = False) -> dict[str, float]:
+def _size(view: ModelAdapter, seq_len: float, full: bool = False) -> dict[str, float]:
     """FLOPs (of the unpruned architecture with ``full``) and parameter counts for a report."""
-    view = get_adapter(model)  # derived once, passed to every count
-    flops = full_flops(view, seq_len) if full else count_flops(view, seq_len)
-    return {"flops": flops, "params": count_params(view), "encoder_params": count_params(view, encoder_only=True),
-            "non_embedding_params": count_non_embedding_params(model)}
+    flops = accounting.full_flops(view, seq_len) if full else accounting.count_flops(view, seq_len)
+    return {"flops": flops, "params": accounting.count_params(view),
+            "encoder_params": accounting.count_params(view, encoder_only=True),
+            "non_embedding_params": accounting.count_non_embedding_params(view)}
 
 
 def calibration_length(task: TaskSpec, options: PruneOptions, model: nn.Module) -> int:
@@ -273,7 +278,7 @@ def calibration_length(task: TaskSpec, options: PruneOptions, model: nn.Module) 
 
 
 def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, options: PruneOptions,
-               config: Any, device: torch.device, budgets: list[Budget], teacher: nn.Module) -> TaskData:
+               config: Any, device: torch.device, budgets: list[Budget], teacher: ModelAdapter) -> TaskData:
     """The method's task data: a calibration sample, or training features and a dev scorer."""
     if data is None:
         raise ConfigError("no data given: pass the task's data folder, file or hub name")
@@ -300,7 +305,7 @@ def _task_data(spec: MethodSpec, task: TaskSpec, tokenizer: Any, data: Any, opti
     else:
         if tokenizer is None:
             raise ConfigError("a tokenizer is needed to build the calibration sample from data")
-        size = family_of(task).sample_size(task, teacher, options.num_tokens, options.num_sequences,
+        size = family_of(task).sample_size(task, teacher.model, options.num_tokens, options.num_sequences,
                                            calibration_length=options.calibration_length, defaults=spec.sample_size)
         sample = build_calibration_sample(task, tokenizer, data, **size, seed=options.seed,
                                           batch_size=options.batch_size or task.batch_size,
@@ -319,12 +324,12 @@ def _flops_seq_len(config: Any, data: TaskData, task: TaskSpec) -> float:
 
 
 def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, options: PruneOptions, data: TaskData,
-            seq_len: float, before: dict, student: nn.Module, log: dict, seconds: dict[str, float],
+            seq_len: float, before: dict, student: ModelAdapter, log: dict, seconds: dict[str, float],
             device: torch.device) -> dict[str, Any]:
     """The prune report, for every method (built here only)."""
     budget_kind, keep = budget
     after = _size(student, seq_len)
-    adapter = get_adapter(student)
+    adapter = student
     report = {
         "method": spec.name,
         "task": task.name,
@@ -352,7 +357,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     }
     if spec.report_fields is not None:
         report |= spec.report_fields(config, log)
-    if warning := preflight.warn_if_all_pruned(student, f"keep_{budget_kind} {keep:g}"):
+    if warning := preflight.warn_if_all_pruned(adapter, f"keep_{budget_kind} {keep:g}"):
         report["warnings"] = [warning]
     if budget_kind == "latency":
         costs = sublayer_costs(adapter, seq_len, config.lut)
@@ -361,7 +366,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     return report
 
 
-def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options: PruneOptions) -> list[PruneResult]:
+def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data: Any, options: PruneOptions) -> list[PruneResult]:
     """load -> data -> method -> plan -> surgery -> report, once per budget."""
     spec = get_method(options.method)
     task = get_task(options.task)
@@ -376,8 +381,8 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
-    was_training = teacher.training
-    teacher.eval()
+    was_training = teacher.model.training
+    teacher.model.eval()
     try:
         task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets, teacher)
         if torch.cuda.is_available():
@@ -404,12 +409,13 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
                 from prunekit.core.uniform import uniform_plan
 
                 # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
-                plan, log["uniform"] = uniform_plan(get_adapter(teacher), plan,
+                plan, log["uniform"] = uniform_plan(teacher, plan,
                                                     None if budget[0] == "params" else seq_len)
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
-            student = as_pruned_model(_surgery(copy.deepcopy(teacher), plan))
+            student = teacher.of(copy.deepcopy(teacher.model))
+            as_pruned_model(_surgery(student, plan), student)
             surgery_seconds = time.perf_counter() - start
             seconds = {"prepare": prepare_seconds, "run": run_seconds, "surgery": surgery_seconds}
             report = _report(spec, task, budget, config, options, task_data, seq_len, before, student, log, seconds,
@@ -417,11 +423,22 @@ def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options:
             _check_params_budget(spec, budget, report)
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
-            results.append(PruneResult(model=student, tokenizer=tokenizer, plan=plan, report=report,
-                                       uniform=options.uniform))
+            results.append(PruneResult(model=student.model, tokenizer=tokenizer, plan=plan, report=report,
+                                       uniform=options.uniform, view=student))
         return results
     finally:
-        teacher.train(was_training)
+        teacher.model.train(was_training)
+
+
+def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+    """FLOPs (attention heads and FFN neurons) of one sequence of ``seq_len`` tokens through any
+    supported ``model``, pruned or not; the model is not changed."""
+    return accounting.count_flops(pruning_view(model), seq_len)
+
+
+def count_params(model: nn.Module, encoder_only: bool = False) -> int:
+    """Parameters of any supported ``model``; with ``encoder_only`` only its transformer layers'."""
+    return accounting.count_params(pruning_view(model), encoder_only=encoder_only)
 
 
 def _check_params_budget(spec: MethodSpec, budget: Budget, report: dict[str, Any]) -> None:
@@ -460,7 +477,7 @@ def prune(model: nn.Module | str | Path, tokenizer: Any = None, data: str | Path
     return _pipeline(model, tokenizer, data, options)[0]
 
 
-def prune_many(model: nn.Module | str | Path, tokenizer: Any = None,
+def prune_many(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any = None,
                data: str | Path | CalibrationSample | None = None, options: PruneOptions | str | None = None,
                **kwargs: Any) -> list[PruneResult]:
     """One calibration, many budgets: like :func:`prune` for each budget in ``keep_flops`` (or
@@ -479,12 +496,13 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path) 
     folder (its plan.json + plan.safetensors). A teacher folder is loaded with the head the plan's
     folder was saved with; a given teacher model is copied, never changed. Returns the pruned
     model, ready for ``save_pruned``."""
-    from prunekit.core.io import load_pruned
+    from prunekit.io.folders import load_pruned
 
     plan = load_plan(plan)
     model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
+    view = get_adapter(model)  # the copy's, or the loaded model's: the caller's model is never changed
     try:
-        return as_pruned_model(_surgery(model, plan))
+        return as_pruned_model(_surgery(view, plan), view)
     except (ValueError, IndexError, RuntimeError) as err:
         raise ModelError(f"the plan does not fit this teacher: {err}; pass the model the plan was made from") from err
 
@@ -531,7 +549,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     if options.run_bench:
         preflight.check_positive("bench_batch_size", options.bench_batch_size)
         preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
-    results = _pipeline(teacher, tokenizer, data, options)
+    results = _pipeline(get_adapter(teacher), tokenizer, data, options)  # the one view of this run
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
         return [result.report for result in results]

@@ -232,7 +232,7 @@ def _device(args: argparse.Namespace) -> str | None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from prunekit.reports import markdown_table
+    from prunekit.io.reports import markdown_table
 
     columns = [(key, key) for key in rows[0]]
     print(markdown_table(rows, columns))
@@ -301,8 +301,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.core.io import load_model, load_tokenizer
     from prunekit.core.preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
+    from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.tasks.evaluate import evaluate
     from prunekit.tasks.spec import get_task
 
@@ -346,8 +346,8 @@ def _int_list(text: str) -> list[int]:
 
 def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> int:
     """``bench --generate``: prefill latency and greedy decode tokens/s of a causal LM."""
-    from prunekit.bench import measure_generation
     from prunekit.core.preflight import write_json
+    from prunekit.deploy.bench import measure_generation
 
     runs = [measure_generation(model, baseline=baseline, batch_size=b, prompt_len=s, new_tokens=args.new_tokens,
                                device=_device(args), threads=args.threads, repeats=args.rounds)
@@ -360,9 +360,9 @@ def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> in
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from prunekit.bench import measure_latency
-    from prunekit.core.io import load_pruned
     from prunekit.core.preflight import check_seq_len, check_writable_file, write_json
+    from prunekit.deploy.bench import measure_latency
+    from prunekit.io.folders import load_pruned
 
     check_writable_file(args.json)
     if args.runtime == "onnxruntime":
@@ -385,8 +385,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_lut(args: argparse.Namespace) -> int:
-    from prunekit.core.io import load_pruned
     from prunekit.core.preflight import check_seq_len, check_writable_file
+    from prunekit.io.folders import load_pruned
     from prunekit.methods.lut import measure_latency_table
 
     check_writable_file(args.out, "--out")
@@ -428,7 +428,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prunekit.reports import structure_report
+    from prunekit.io.reports import structure_report
 
     path = structure_report(args.model, args.out)
     print(f"structure plot written to {path}")
@@ -437,7 +437,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_apply_plan(args: argparse.Namespace) -> int:
     from prunekit.api import apply_plan
-    from prunekit.core.io import REPORT_FILE, check_output_dir, load_plan, load_tokenizer, save_pruned
+    from prunekit.io.folders import REPORT_FILE, check_output_dir, load_plan, load_tokenizer, save_pruned
 
     inputs = (args.model, args.plan)
     check_output_dir(args.out, args.overwrite, inputs)
@@ -488,7 +488,7 @@ def _cpu_only(args: argparse.Namespace) -> None:
 
 
 def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    from prunekit.onnxrt import measure_onnx_latency
+    from prunekit.deploy.onnxrt import measure_onnx_latency
 
     _cpu_only(args)
     return measure_onnx_latency(args.model, baseline=args.baseline, batch_sizes=_int_list(args.batch_sizes),
@@ -497,8 +497,8 @@ def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _onnx_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from prunekit.export import export_tokenizer
-    from prunekit.onnxrt import OnnxModel
+    from prunekit.deploy.export import export_tokenizer
+    from prunekit.deploy.onnxrt import OnnxModel
 
     _cpu_only(args)
     model = OnnxModel(args.onnx)
@@ -506,7 +506,7 @@ def _onnx_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from prunekit.export import export_onnx, read_export
+    from prunekit.deploy.export import export_onnx, read_export
 
     out = export_onnx(args.model, args.out, format=args.format, quantize=args.quantize, exporter=args.exporter,
                       opset=args.opset, atol=args.atol, overwrite=args.overwrite)

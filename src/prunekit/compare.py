@@ -28,14 +28,16 @@ from typing import Any
 import torch
 
 from prunekit.api import PruneOptions, budget_name, prune_many
-from prunekit.bench import measure_generation, measure_latency
 from prunekit.core import preflight
 from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
 from prunekit.core.errors import ConfigError
-from prunekit.core.io import atomic_output_dir, check_output_dir, load_model, load_tokenizer
 from prunekit.core.runtime import library_versions, resolve_device
+from prunekit.core.view import ModelAdapter
+from prunekit.deploy.bench import measure_generation, measure_latency
+from prunekit.families import get_adapter
+from prunekit.io.folders import atomic_output_dir, check_output_dir, load_model, load_tokenizer
+from prunekit.io.reports import markdown_table, plot_compare
 from prunekit.methods import get_method
-from prunekit.reports import markdown_table, plot_compare
 from prunekit.tasks import build_calibration_sample
 from prunekit.tasks.family import family_of
 from prunekit.tasks.spec import get_task
@@ -134,6 +136,7 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
 
     teacher = load_model(model_dir, head=task_spec.head).to(device)
+    view = get_adapter(teacher)  # the one view of the teacher, handed to every method's run
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_head_fits_task(teacher.config, task_spec)
     if run_bench:
@@ -161,8 +164,8 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
         "seed": seed,
         "sample": sample.summary(),
         "flops_seq_len": flops_seq_len,
-        "teacher": {"metrics": teacher_metrics, "flops": full_flops(teacher, flops_seq_len),
-                    "params": count_params(teacher), "non_embedding_params": count_non_embedding_params(teacher)},
+        "teacher": {"metrics": teacher_metrics, "flops": full_flops(view, flops_seq_len),
+                    "params": count_params(view), "non_embedding_params": count_non_embedding_params(view)},
         "bench": ({"device": str(device), "batch_size": 1 if lm else bench_batch_size, "seq_len": bench_seq_len,
                    "rounds": bench_rounds, "threads": torch.get_num_threads(),
                    **({"mode": "prefill latency and greedy decode with KV cache",
@@ -177,11 +180,11 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
             if seq_len is not None:
                 options.setdefault("seq_len", seq_len)
             logger.info("compare: %s at keep %s", spec.name, ", ".join(f"{b:g}" for b in budgets))
-            results = prune_many(teacher, tokenizer, sample, PruneOptions(
+            results = prune_many(view, tokenizer, sample, PruneOptions(
                 task=task_spec, method=spec.name, seed=seed, device=device, method_options=options,
                 **{f"keep_{budget_kind}": budgets}))
             for keep, pruned in zip(budgets, results, strict=True):
-                row = _row(spec.name, keep, pruned, teacher, flops_seq_len, budget_kind)
+                row = _row(spec.name, keep, pruned, view, flops_seq_len, budget_kind)
                 row["metrics"] = evaluate(pruned.model, tokenizer, task_spec, data, device=device,
                                           max_examples=max_eval_examples, **window)
                 if run_bench and lm:
@@ -211,7 +214,7 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     return result
 
 
-def _row(method: str, keep: float, pruned: Any, teacher: torch.nn.Module, seq_len: float,
+def _row(method: str, keep: float, pruned: Any, teacher: ModelAdapter, seq_len: float,
          budget_kind: str = "flops") -> dict[str, Any]:
     report = pruned.report
     layers = report["layers"]
@@ -219,7 +222,7 @@ def _row(method: str, keep: float, pruned: Any, teacher: torch.nn.Module, seq_le
         "method": method,
         "keep_flops": keep if budget_kind == "flops" else None,
         "keep_params": keep if budget_kind == "params" else None,
-        "flops_kept": count_flops(pruned.model, seq_len) / full_flops(teacher, seq_len),
+        "flops_kept": count_flops(pruned.view, seq_len) / full_flops(teacher, seq_len),
         "params_kept": report["params_kept"],
         "non_embedding_params_kept": report.get("non_embedding_params_kept"),
         **({"kv_heads": [layer.get("num_kv_heads", 0) for layer in layers]}

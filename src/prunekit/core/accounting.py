@@ -24,10 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from prunekit.core.errors import ConfigError
-from prunekit.families import LayerShape, ModelAdapter, view_of
+from prunekit.core.view import LayerShape, ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -89,10 +87,9 @@ def query_and_neuron_budget(keep: float, full_cost: float, kv_cost: float) -> fl
     return keep * full_cost - kv_cost
 
 
-def layer_flops(model: nn.Module | ModelAdapter, seq_len: float) -> list[dict[str, float]]:
+def layer_flops(adapter: ModelAdapter, seq_len: float) -> list[dict[str, float]]:
     """Per layer: kept heads and neurons and their FLOPs at ``seq_len``; a removed sublayer has 0
     units and is flagged (``attention_removed`` / ``ffn_removed``, only when set)."""
-    adapter = view_of(model)  # a view passed in is not re-derived
     rows = []
     for layer, shape in enumerate(adapter.layer_shapes()):
         cost = unit_costs(adapter, layer, seq_len)
@@ -110,20 +107,19 @@ def layer_flops(model: nn.Module | ModelAdapter, seq_len: float) -> list[dict[st
     return rows
 
 
-def count_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
+def count_flops(adapter: ModelAdapter, seq_len: float = 128.0) -> float:
     """Encoder FLOPs (heads + FFN neurons) of one sequence of length ``seq_len``.
 
     Works for any supported model, pruned or not. ``seq_len`` may be fractional (a mean length).
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    return float(sum(row["attn_flops"] + row["ffn_flops"] for row in layer_flops(model, seq_len)))
+    return float(sum(row["attn_flops"] + row["ffn_flops"] for row in layer_flops(adapter, seq_len)))
 
 
-def full_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
-    """FLOPs of the unpruned architecture of ``model`` (every head and neuron of the config, at
+def full_flops(adapter: ModelAdapter, seq_len: float = 128.0) -> float:
+    """FLOPs of the unpruned architecture of the adapter's model (every head and neuron of the config, at
     the config's hidden size), so "FLOPs kept" compares against the teacher also after narrowing."""
-    adapter = view_of(model)  # a view passed in is not re-derived
     full = adapter.full_layer_shape()
     total = 0.0
     for layer in range(adapter.num_layers):
@@ -132,23 +128,19 @@ def full_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float
     return total
 
 
-def count_params(model: nn.Module | ModelAdapter, encoder_only: bool = False) -> int:
+def count_params(adapter: ModelAdapter, encoder_only: bool = False) -> int:
     """Number of parameters; with ``encoder_only`` only those of the transformer layers."""
-    if encoder_only:
-        model = view_of(model).layers()
-    elif isinstance(model, ModelAdapter):
-        model = model.model
-    return sum(p.numel() for p in model.parameters())
+    module = adapter.layers() if encoder_only else adapter.model
+    return sum(p.numel() for p in module.parameters())
 
 
-def count_prunable_params(model: nn.Module | ModelAdapter) -> int:
+def count_prunable_params(adapter: ModelAdapter) -> int:
     """Weights and biases of every layer's q/k/v/out and FFN linears, as the model is now.
 
     What CoFi's sparsity is measured against (its L0 module's M, cofi.md §8 pitfall 15): no
     LayerNorms, embeddings, pooler or task head. An emptied sublayer still counts its kept output
     bias (d, it is still added); a removed one counts 0.
     """
-    adapter = view_of(model)  # a view passed in is not re-derived
     total = 0
     for layer in range(adapter.num_layers):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
@@ -165,13 +157,12 @@ def count_prunable_params(model: nn.Module | ModelAdapter) -> int:
     return total
 
 
-def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
+def full_prunable_params(adapter: ModelAdapter) -> int:
     """:func:`count_prunable_params` of the unpruned architecture, from the config's widths and the
     family's facts: per layer d·H·d_h (Q) + 2·d·H_kv·d_h (K, V) + H·d_h·d (out) and d·d_ff per FFN
     matrix (up, down, and the gate of a gated FFN), plus each projection's bias where the family
     has one (BERT: 3·(d·H·d_h + H·d_h) + H·d_h·d + d and 2·d·d_ff + d_ff + d; with H·d_h = d,
     L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff), 85,017,600 for BERT-base)."""
-    adapter = view_of(model)  # a view passed in is not re-derived
     facts = adapter.facts
     d, d_ff = adapter.full_hidden_size, adapter.full_intermediate_size
     width = adapter.full_num_heads * adapter.head_dim  # H·d_h
@@ -184,13 +175,12 @@ def full_prunable_params(model: nn.Module | ModelAdapter) -> int:
 
 
 # ---- the non-embedding parameter budget (keep_params of the retraining-free methods) ----------------
-def count_non_embedding_params(model: nn.Module | ModelAdapter) -> int:
-    """Parameters of ``model`` (a model or its view) outside its embedding tables and its vocabulary
+def count_non_embedding_params(adapter: ModelAdapter) -> int:
+    """Parameters of the model outside its embedding tables and its vocabulary
     output head, the convention of LLM pruning results ("20% of parameters removed" counts no
     embeddings): every layer (norms included), the final norm, a pooler and a classifier head. A
     tied output head is the word embedding table and is not counted twice; an untied vocabulary
     head is left out too."""
-    adapter = view_of(model)  # a view passed in is not re-derived
     model = adapter.model
     embedding = {id(p) for table in adapter.embedding_tables() for p in table.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -222,7 +212,7 @@ def param_unit_costs(adapter: ModelAdapter) -> UnitCosts:
     return UnitCosts(head=float(own), neuron=float(neuron), kv_head=float(kv))
 
 
-def params_unit_budget(model: nn.Module | ModelAdapter, keep: float) -> tuple[UnitCosts, float]:
+def params_unit_budget(adapter: ModelAdapter, keep: float) -> tuple[UnitCosts, float]:
     """Per-unit parameter costs and the budget, in parameters, left for the query heads and FFN
     neurons a method keeps, so that the non-embedding parameters kept are at most ``keep`` of the
     model's: ``keep · N − (N − P_units) − P_kv``, where N is :func:`count_non_embedding_params`,
@@ -230,9 +220,8 @@ def params_unit_budget(model: nn.Module | ModelAdapter, keep: float) -> tuple[Un
     key/value head, reserved in full (key/value heads are not search units in this release; see
     :func:`kv_head_flops`; a group whose query heads all go takes its key/value head with it, which
     only saves more)."""
-    adapter = view_of(model)
     cost = param_unit_costs(adapter)
-    total = count_non_embedding_params(adapter.model)
+    total = count_non_embedding_params(adapter)
     heads = sum(shape.num_heads for shape in adapter.layer_shapes())
     neurons = sum(shape.intermediate_size for shape in adapter.layer_shapes())
     units = heads * cost.head + neurons * cost.neuron

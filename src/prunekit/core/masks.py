@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from prunekit.families import AttentionParts, ModelAdapter
+from prunekit.core.view import AttentionParts, ModelAdapter
 
 
 def expand_head_mask(mask: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:

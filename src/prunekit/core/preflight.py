@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from prunekit.core.errors import ConfigError, DataError, ModelError
-from prunekit.core.view import LayerShape
+from prunekit.core.view import LayerShape, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +118,9 @@ def check_lut_used(budget_kind: str, options: Mapping[str, Any]) -> None:
                           "which does not use it; budget latency with --keep-latency, or drop --lut")
 
 
-def warn_if_all_pruned(model: torch.nn.Module, budget: str) -> str | None:
+def warn_if_all_pruned(adapter: ModelAdapter, budget: str) -> str | None:
     """After pruning: warn (and return the warning) when a budget left no heads or no neurons at
     all; the model then barely depends on its input."""
-    from prunekit.families import get_adapter
-
-    adapter = get_adapter(model)
     shapes = adapter.layer_shapes()
     heads = sum(shape.num_heads for shape in shapes)
     neurons = sum(shape.intermediate_size for shape in shapes)

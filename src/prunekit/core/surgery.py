@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.core.masks import expand_head_mask
-from prunekit.core.view import unit_columns
-from prunekit.families import AttentionParts, FfnParts, ModelAdapter, SublayerKind, get_adapter
+from prunekit.core.view import AttentionParts, FfnParts, ModelAdapter, SublayerKind, unit_columns
 
 
 def _check_index(keep: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
@@ -307,7 +306,7 @@ class PruningPlan:
     teacher). ``apply_plan(teacher, plan)`` rebuilds the pruned model.
 
     ``to_dict`` is the JSON part (plan.json); ``tensors`` / ``from_parts`` the rest
-    (plan.safetensors, :func:`prunekit.core.io.save_plan`). Dicts written before tensors existed load
+    (plan.safetensors, :func:`prunekit.io.folders.save_plan`). Dicts written before tensors existed load
     too (their scales were lists).
     """
 
@@ -346,7 +345,7 @@ class PruningPlan:
         weights = {key[len("weights."):]: value for key, value in tensors.items() if key.startswith("weights.")}
         return cls(layers=layers, hidden=data.get("hidden"), weights=weights or None)
 
-    def masks(self, model: nn.Module | ModelAdapter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def masks(self, adapter: ModelAdapter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """The masked-model form of this plan: per-layer head and neuron mask vectors.
 
         Only heads and neurons with their scales: removals, sublayer gates, re-fitted weights and
@@ -354,7 +353,6 @@ class PruningPlan:
         narrowed stream changes every LayerNorm's statistics), so they are ignored here; CoFi's
         gates (``prunekit.core.masks``) express them.
         """
-        adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
         head_masks, neuron_masks = {}, {}
         for layer, step in enumerate(self.layers):
             attn, ffn = adapter.attention(layer), adapter.ffn(layer)
@@ -398,15 +396,13 @@ def _kept_heads(adapter: ModelAdapter, layer: int, step: LayerPlan) -> list[int]
     return sorted(step.heads)
 
 
-def apply_plan(model: nn.Module | ModelAdapter, plan: PruningPlan) -> nn.Module:
-    """Physically prune ``model`` (or the model of a view) in place as ``plan`` says; returns the
-    model. The one surgery path: every method's result is applied here.
+def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> nn.Module:
+    """Physically prune the adapter's model in place as ``plan`` says; returns the model. The one surgery path: every method's result is applied here.
 
     Order: per layer, sublayer gates, then heads and neurons with their scales and replacement
     weights (indices into the current units); then removals; then the hidden narrowing (indices
     into the current hidden dims, which unit pruning leaves alone); then trained weights.
     """
-    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
     if len(plan.layers) > adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
     if not adapter.grouped_kv and any(step.kv_groups is not None for step in plan.layers):

@@ -1,6 +1,6 @@
 """``--uniform``: turn a method's plan into one where every layer keeps the same number of key/value
 groups, query heads per group and FFN neurons, so the pruned model is the family's stock class
-(``prunekit.core.io.as_stock_model``) that loads with no prunekit and no remote code.
+(``prunekit.io.folders.as_stock_model``) that loads with no prunekit and no remote code.
 
 What it does (a post-step on the method's plan, the same for every method):
 
@@ -33,7 +33,7 @@ import torch
 from prunekit.core.accounting import UnitCosts, unit_costs
 from prunekit.core.errors import ConfigError
 from prunekit.core.surgery import LayerPlan, PruningPlan
-from prunekit.families import ModelAdapter
+from prunekit.core.view import ModelAdapter
 
 
 def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None = None

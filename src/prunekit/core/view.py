@@ -244,7 +244,10 @@ class LayerShape:
 class ModelAdapter(ABC):
     """Base class of the per-family adapters. Subclasses fill in the module-name methods.
 
-    The adapter wraps one model instance; create it with ``prunekit.families.get_adapter(model)``.
+    The adapter wraps one model instance and never changes it on construction; create it with
+    ``prunekit.families.get_adapter(model)``, which first puts the model in the family's working form
+    (:meth:`to_working_form`). The pipeline builds the teacher's view once and passes it down; a
+    method's working copy of the teacher gets its view through :meth:`of`.
     """
 
     family: ClassVar[str] = ""
@@ -260,12 +263,27 @@ class ModelAdapter(ABC):
     pooled_token: ClassVar[Literal["first", "last"]] = "first"
     # The file in prunekit/remote_code/ that saved folders of this family carry so that they load
     # without prunekit (trust_remote_code=True); it must expose Prunekit<Config> and Pruned<Model>
-    # for the family's classes (prunekit.core.folder_files.auto_map). None: the encoders' shared files.
+    # for the family's classes (prunekit.io.files.auto_map). None: the encoders' shared files.
     remote_code: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+
+    # Whether to_working_form changes a stock model's modules (GPT-2's Conv1D, OPT's layer class):
+    # the pipeline then prunes its own copy, so the caller's model is never changed.
+    changes_modules: ClassVar[bool] = False
+
+    @classmethod
+    def to_working_form(cls, model: nn.Module) -> None:
+        """Put ``model``'s modules in the form this adapter reads, in place (idempotent, exact).
+        Most families read the stock modules as they are."""
+        return None
+
+    def of(self, model: nn.Module) -> ModelAdapter:
+        """The view of another model of this family in working form (a copy of this one, a pruned
+        student), without a new registry lookup."""
+        return type(self)(model)
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -540,7 +558,7 @@ class ModelAdapter(ABC):
 
     def pruned_config_updates(self) -> dict[str, Any]:
         """Config values a saved pruned form of this model must change so that it reloads (none
-        by default); ``prunekit.core.io.as_pruned_model`` applies them."""
+        by default); ``prunekit.io.folders.as_pruned_model`` applies them."""
         return {}
 
     def is_pruned(self) -> bool:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 
 from torch import nn
@@ -57,8 +58,9 @@ def base_model_type(config) -> str:
     return getattr(config, "prunekit_base_model_type", None) or getattr(config, "model_type", "")
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``; a clear ModelError for anything prunekit does not support."""
+def adapter_class(model: nn.Module) -> type[ModelAdapter]:
+    """The adapter class for ``model``; a clear ModelError for anything prunekit does not support.
+    Looks only: the model is not changed."""
     config = getattr(model, "config", None)
     model_type = base_model_type(config) if config is not None else ""
     adapter_cls = ADAPTERS.get(model_type)
@@ -73,12 +75,30 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"{', '.join(supported_models())}. Load a fine-tuned model with one of these heads, "
             "e.g. AutoModelForSequenceClassification.from_pretrained(...)."
         )
-    return adapter_cls(model)
+    return adapter_cls
 
 
-def view_of(model: nn.Module | ModelAdapter) -> ModelAdapter:
-    """The model view of ``model``: a view passed in is used as it is (not re-derived)."""
-    return model if isinstance(model, ModelAdapter) else get_adapter(model)
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The view of a model prunekit owns (a copy, a model it loaded): the model is put in its
+    family's working form in place (GPT-2's Conv1D as Linear, OPT's blocks), then viewed. For a
+    caller's model use :func:`pruning_view`, which never changes it."""
+    return _view(adapter_class(model), model)
+
+
+def pruning_view(model: nn.Module) -> ModelAdapter:
+    """The view the pipeline works on for a caller's ``model``: the model itself when its family
+    reads the stock modules, else a deep copy in working form, so the caller's model is never
+    changed (its module types, parameters and any optimizer built on them stay as they are)."""
+    adapter_cls = adapter_class(model)
+    if adapter_cls.changes_modules:
+        model = copy.deepcopy(model)
+    return _view(adapter_cls, model)
+
+
+def _view(adapter_cls: type[ModelAdapter], model: nn.Module) -> ModelAdapter:
+    adapter = adapter_cls(model)  # checks the config before any module is touched
+    adapter_cls.to_working_form(model)
+    return adapter
 
 
 __all__ = [
@@ -93,7 +113,8 @@ __all__ = [
     "NormPlacement",
     "SublayerKind",
     "base_model_type",
+    "adapter_class",
     "get_adapter",
+    "pruning_view",
     "supported_models",
-    "view_of",
 ]

@@ -236,10 +236,15 @@ class GPT2Adapter(ModelAdapter):
     }
     pooled_token = "last"  # GPT2ForSequenceClassification pools the last non-padding token
 
+    changes_modules = True  # Conv1D -> Linear
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         if getattr(self.config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported by prunekit")
+
+    @classmethod
+    def to_working_form(cls, model: nn.Module) -> None:
         to_linear_form(model)
 
     @property

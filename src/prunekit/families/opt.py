@@ -164,8 +164,10 @@ class OPTAdapter(ModelAdapter):
     }
     pooled_token = "last"  # OPTForSequenceClassification pools the last non-padding token
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    changes_modules = True  # OPTDecoderLayer -> OPTBlock
+
+    @classmethod
+    def to_working_form(cls, model: nn.Module) -> None:
         to_block_form(model)
 
     @property

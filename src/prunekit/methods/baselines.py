@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.core.accounting import (
     budget_kind_of,
@@ -34,7 +33,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.surgery import LayerPlan, PruningPlan
-from prunekit.families import ModelAdapter, view_of
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
 from prunekit.methods.search import (
     SearchResult,
@@ -122,18 +121,16 @@ def random_scores(adapter: ModelAdapter, seed: int) -> dict[SublayerId, torch.Te
     return scores
 
 
-def magnitude(model: nn.Module | ModelAdapter, data: TaskData, config: MagnitudeConfig) -> tuple[PruningPlan, dict]:
-    """The plan keeping the units of largest weight norm under the budget, and a log; ``model``
-    (or its view) is left unchanged; ``data.sample`` only sets the FLOPs length."""
-    adapter = view_of(model)
+def magnitude(adapter: ModelAdapter, data: TaskData, config: MagnitudeConfig) -> tuple[PruningPlan, dict]:
+    """The plan keeping the units of largest weight norm under the budget, and a log; the model is
+    left unchanged; ``data.sample`` only sets the FLOPs length."""
     costs, budget, seq_len = _budget(adapter, data.sample, config)
     result = knapsack_search(magnitude_scores(adapter, config.power), costs, budget)
     return _plan(adapter, result, config, seq_len, "magnitude")
 
 
-def random_prune(model: nn.Module | ModelAdapter, data: TaskData, config: RandomConfig) -> tuple[PruningPlan, dict]:
+def random_prune(adapter: ModelAdapter, data: TaskData, config: RandomConfig) -> tuple[PruningPlan, dict]:
     """The plan keeping units in a seeded random order while the budget allows, and a log."""
-    adapter = view_of(model)
     costs, budget, seq_len = _budget(adapter, data.sample, config)
     result = prefix_search(random_scores(adapter, config.seed), costs, budget)
     return _plan(adapter, result, config, seq_len, "random")

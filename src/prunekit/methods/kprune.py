@@ -71,7 +71,7 @@ from prunekit.core.runtime import (
     temporaries_mapped,
 )
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
-from prunekit.families import ModelAdapter, SublayerKind, get_adapter, view_of
+from prunekit.core.view import ModelAdapter, SublayerKind
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
 from prunekit.methods.lut import per_unit_costs
 from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
@@ -149,8 +149,8 @@ class _Candidates:
     owners: list[tuple[int, SublayerKind]] = field(default_factory=list)
 
 
-def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> tuple[PruningPlan, dict]:
-    """Kprune's plan for ``model`` (the teacher, left unchanged) and a log.
+def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tuple[PruningPlan, dict]:
+    """Kprune's plan for the teacher of ``t_adapter`` (left unchanged) and a log.
 
     Kprune cuts as it goes: each sublayer's decision and re-fit depend on the cuts below it, so it
     prunes a working copy of the teacher (the student) step by step, beside the teacher itself.
@@ -159,7 +159,7 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     sublayer, so ``apply_plan(teacher, plan)`` replays the run exactly.
 
     Args:
-        model: a fine-tuned model (or its view) with a supported adapter.
+        t_adapter: the view of a fine-tuned model (the teacher).
         data: ``data.kind`` ("classification", "regression" or "qa": which distillation loss,
             spec §1.4) and ``data.sample``, a calibration sample with ``batches`` (dicts of tensors
             on the model's device), ``num_sequences``, ``num_tokens`` and ``mean_length``;
@@ -170,10 +170,9 @@ def kprune(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
     _check_mask_special(sample, kind, config)
-    t_adapter = view_of(model)
     teacher = t_adapter.model
     student_model = _working_copy(teacher)
-    adapter = get_adapter(student_model)
+    adapter = t_adapter.of(student_model)
     seq_len = config.seq_len or sample.mean_length
     costs, budget = _budget(adapter, seq_len, config)
     batches = sample.batches
@@ -272,16 +271,15 @@ def _budget(adapter: ModelAdapter, seq_len: float, config: KpruneConfig) -> tupl
     return costs, query_and_neuron_budget(config.keep, full, kv_head_flops(costs, adapter))
 
 
-def kprune_prepare(model: nn.Module | ModelAdapter, data: TaskData, config: KpruneConfig) -> KpruneCalibration:
-    """The budget-independent start of Kprune on the unpruned ``model`` (left unchanged): the teacher
+def kprune_prepare(adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> KpruneCalibration:
+    """The budget-independent start of Kprune on the unpruned model of ``adapter`` (left unchanged): the teacher
     pass and the first knowledge pass. Pass it as ``data.prepared`` to each budget's ``kprune``."""
     _check_mask_special(data.sample, data.kind, config)
-    adapter = view_of(model)
     if config.low_memory:
         limit_heap_growth()
     student = _working_copy(adapter.model)  # the knowledge pass's hooks and masks go on its modules
     with frozen_for_masks(adapter.model), frozen_for_masks(student):
-        return _calibrate(LayerRunner(adapter.model, adapter), LayerRunner(student, get_adapter(student)),
+        return _calibrate(LayerRunner(adapter.model, adapter), LayerRunner(student, adapter.of(student)),
                           data.sample, data.kind, config)
 
 

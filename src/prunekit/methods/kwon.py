@@ -57,8 +57,7 @@ from prunekit.core.accounting import (
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan
-from prunekit.core.view import unit_columns
-from prunekit.families import ModelAdapter, view_of
+from prunekit.core.view import ModelAdapter, unit_columns
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
 from prunekit.methods.search import SublayerId, full_widths, knapsack_search, params_costs, total_cost
@@ -125,7 +124,7 @@ class FisherGradients:
         return scores
 
 
-def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[PruningPlan, dict]:
+def kwon(adapter: ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[PruningPlan, dict]:
     """Kwon et al.'s plan for ``model`` (left unchanged: masks only, as hooks) and a log.
 
     Args:
@@ -139,7 +138,6 @@ def kwon(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig) ->
     sample, kind, prepared = data.sample, data.kind, data.prepared
     if kind not in TASK_KINDS:
         raise ConfigError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
-    adapter = view_of(model)
     model = adapter.model
     seq_len = config.seq_len or sample.mean_length
     costs, budget_of, full = _budget(adapter, seq_len, config)
@@ -203,11 +201,11 @@ def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return model(**model_inputs(batch), **labels).loss
 
 
-def kwon_fisher(model: nn.Module | ModelAdapter, data: TaskData, config: KwonConfig | None = None
+def kwon_fisher(adapter: ModelAdapter, data: TaskData, config: KwonConfig | None = None
                 ) -> FisherGradients:
     """Step 1, reusable across budgets (``data.prepared``): per-batch gradients of the task loss
     with respect to an all-ones mask on every head (H,) and FFN neuron (d_ff,) of every layer."""
-    return _fisher(view_of(model), data.sample)
+    return _fisher(adapter, data.sample)
 
 
 def _fisher(adapter: ModelAdapter, sample: Any) -> FisherGradients:

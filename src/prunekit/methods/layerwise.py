@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.families import ModelAdapter, SublayerKind
+from prunekit.core.view import ModelAdapter, SublayerKind
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

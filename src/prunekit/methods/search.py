@@ -32,7 +32,7 @@ import torch
 
 from prunekit.core.accounting import param_unit_costs, unit_costs
 from prunekit.core.errors import ConfigError
-from prunekit.families import ModelAdapter
+from prunekit.core.view import ModelAdapter
 
 SublayerId = tuple[str, int]  # ("attn" | "ffn", layer)
 KINDS = ("attn", "ffn")

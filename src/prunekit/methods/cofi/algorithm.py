@@ -21,7 +21,7 @@ from prunekit.core.accounting import count_flops, count_prunable_params, full_fl
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_gates
 from prunekit.core.surgery import PruningPlan, apply_plan
-from prunekit.families import ModelAdapter, get_adapter, view_of
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.checkpoint import STATE_FILE, RunState, has_state, load_tensors, save_checkpoint
 from prunekit.methods.cofi.config import CofiConfig, check_cofi_schedule
 from prunekit.methods.cofi.distill import LABEL_KEYS, default_teacher_layers, identity_map
@@ -35,8 +35,8 @@ from prunekit.tasks.task_data import TaskData, TrainingData
 logger = logging.getLogger(__name__)
 
 
-def cofi(model: nn.Module | ModelAdapter, data: TaskData, config: CofiConfig) -> tuple[PruningPlan, dict[str, Any]]:
-    """CoFi's plan for ``model`` (the teacher, left unchanged) and a log.
+def cofi(adapter: ModelAdapter, data: TaskData, config: CofiConfig) -> tuple[PruningPlan, dict[str, Any]]:
+    """CoFi's plan for the teacher of ``adapter`` (left unchanged) and a log.
 
     The student, a copy of ``data.student_init`` or of the teacher, is trained with gates, cut by
     the gate plan (:func:`gate_plan`, applied by :func:`prunekit.core.surgery.apply_plan`), then
@@ -50,10 +50,10 @@ def cofi(model: nn.Module | ModelAdapter, data: TaskData, config: CofiConfig) ->
     stage; with ``data.resume`` the run continues from the checkpoint found there (same config and
     data).
     """
-    teacher = view_of(model).model
-    student = copy.deepcopy(data.student_init if data.student_init is not None else teacher)
+    teacher = adapter.model
+    student = adapter.of(copy.deepcopy(data.student_init if data.student_init is not None else teacher))
     with _requires_grad_kept(teacher):
-        return _cofi(teacher, student, data, config)
+        return _cofi(adapter, student, data, config)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class _Setting:
 
     accelerator: Any
     teacher: nn.Module
+    teacher_view: ModelAdapter
     data: TrainingData
     config: CofiConfig
     sizer: SizeModel
@@ -69,7 +70,7 @@ class _Setting:
     checkpoint_dir: str | Path | None
 
 
-def _cofi(teacher: nn.Module, student: nn.Module, task: TaskData, config: CofiConfig
+def _cofi(teacher: ModelAdapter, student: ModelAdapter, task: TaskData, config: CofiConfig
           ) -> tuple[PruningPlan, dict[str, Any]]:
     _check_inputs(task, config)
     setting = _set_up(teacher, student, task, config)
@@ -87,8 +88,9 @@ def _cofi(teacher: nn.Module, student: nn.Module, task: TaskData, config: CofiCo
         wrapper, plan = _resumed_finetune(setting, log)
         resume_finetune = True
     _finetune(setting, wrapper, run, resume_finetune, log)
-    model = setting.accelerator.unwrap_model(wrapper).model.eval()
-    _log_outcome(model, task.seq_len, log)
+    view = setting.accelerator.unwrap_model(wrapper).view
+    model = view.model.eval()
+    _log_outcome(view, task.seq_len, log)
     log["train_seconds"] = time.perf_counter() - started
     # Every weight was trained: the plan carries the pruned student's, so it replays on the teacher.
     plan.weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -107,7 +109,7 @@ def _check_inputs(task: TaskData, config: CofiConfig) -> None:
         raise ConfigError("CoFi needs the FLOPs sequence length (TaskData.seq_len)")
 
 
-def _set_up(teacher: nn.Module, student: nn.Module, task: TaskData, config: CofiConfig) -> _Setting:
+def _set_up(teacher_view: ModelAdapter, student: ModelAdapter, task: TaskData, config: CofiConfig) -> _Setting:
     """The trainer (Accelerate: CPU, one GPU or several), the seed, the teacher frozen on the
     trainer's device and the size model the budget is measured with."""
     from accelerate import Accelerator  # training only; keeps `import prunekit` light
@@ -116,12 +118,12 @@ def _set_up(teacher: nn.Module, student: nn.Module, task: TaskData, config: Cofi
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)
-    teacher = teacher.to(accelerator.device).eval()
+    teacher = teacher_view.model.to(accelerator.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sizer = SizeModel(get_adapter(student), config.target_kind, task.seq_len)
-    teacher_layers = config.teacher_layers or default_teacher_layers(get_adapter(teacher).num_layers)
-    return _Setting(accelerator, teacher, task.training, config, sizer, tuple(teacher_layers), task.checkpoint_dir)
+    sizer = SizeModel(student, config.target_kind, task.seq_len)
+    teacher_layers = config.teacher_layers or default_teacher_layers(teacher_view.num_layers)
+    return _Setting(accelerator, teacher, teacher_view, task.training, config, sizer, tuple(teacher_layers), task.checkpoint_dir)
 
 
 @contextmanager
@@ -136,13 +138,13 @@ def _requires_grad_kept(teacher: nn.Module) -> Iterator[None]:
 
 
 # ---- pruning -----------------------------------------------------------------------------------------------
-def _prune(s: _Setting, student: nn.Module, run: RunState, resume: bool, log: dict[str, Any]
+def _prune(s: _Setting, student: ModelAdapter, run: RunState, resume: bool, log: dict[str, Any]
            ) -> tuple[CofiStudent, PruningPlan]:
     """Gates on every structure, trained with distillation under the Lagrangian; then the student
     cut by its deterministic gates (met onto the budget). Returns the cut student and the plan."""
     started = time.perf_counter()
     check_cofi_schedule(s.config, len(s.data.features), s.accelerator.num_processes)
-    adapter = get_adapter(student)
+    adapter = student
     wrapper = _gated_student(student, s.config)
     if resume:
         load_tensors(wrapper, Path(s.checkpoint_dir) / "prune")
@@ -159,19 +161,18 @@ def _prune(s: _Setting, student: nn.Module, run: RunState, resume: bool, log: di
     # Surgery is exact: the cut model computes what the gated one did.
     log["surgery_max_abs_diff"] = float((gated_out - _outputs(wrapper, check, None)).abs().max())
     log["prune_history"] = run.history
-    return CofiStudent(student, None, transform), plan
+    return CofiStudent(adapter, None, transform), plan
 
 
-def _gated_student(student: nn.Module, config: CofiConfig) -> CofiStudent:
+def _gated_student(adapter: ModelAdapter, config: CofiConfig) -> CofiStudent:
     """The student with L0 gates on its heads, neurons, sublayers and hidden dims, and W_layer
     (the identity) when distilling layerwise."""
-    adapter = get_adapter(student)
     shapes = adapter.layer_shapes()
     gates = CofiGates([s.num_heads for s in shapes], [s.intermediate_size for s in shapes], adapter.hidden_size,
                       prune_hidden=config.prune_hidden, prune_layers=config.prune_layers,
                       init=config.init_log_alpha, neuron_init=config.neuron_init_log_alpha)
     transform = identity_map(adapter.hidden_size) if config.distill == "layer" else None
-    return CofiStudent(student, gates, transform)
+    return CofiStudent(adapter, gates, transform)
 
 
 def _final_gates(wrapper: CofiStudent, sizer: SizeModel, config: CofiConfig, log: dict[str, Any]) -> GateValues:
@@ -183,7 +184,7 @@ def _final_gates(wrapper: CofiStudent, sizer: SizeModel, config: CofiConfig, log
     values = gates.deterministic()
     log["expected_sparsity"] = float(sizer.expected_sparsity(gates).detach())  # a log value, not a loss term
     log["deterministic_sparsity"] = sizer.sparsity(values)
-    values, log["target_projection"] = project_to_target(gates, values, sizer, get_adapter(wrapper.model),
+    values, log["target_projection"] = project_to_target(gates, values, sizer, wrapper.view,
                                                          config.target_sparsity, config.sparsity_epsilon)
     log["gates"] = gate_summary(values)
     return values
@@ -218,11 +219,11 @@ def _begin_finetune(s: _Setting, wrapper: CofiStudent, plan: PruningPlan, log: d
 
 def _resumed_finetune(s: _Setting, log: dict[str, Any]) -> tuple[CofiStudent, PruningPlan]:
     """The pruned student, its plan and the pruning log, as the fine-tuning checkpoint holds them."""
-    from prunekit.core.io import load_plan, load_pruned
+    from prunekit.io.folders import load_plan, load_pruned
 
     folder = Path(s.checkpoint_dir) / "finetune"
-    student = load_pruned(folder / "model")
-    transform = identity_map(get_adapter(student).hidden_size) if s.config.distill == "layer" else None
+    student = s.teacher_view.of(load_pruned(folder / "model"))
+    transform = identity_map(student.hidden_size) if s.config.distill == "layer" else None
     wrapper = CofiStudent(student, None, transform)
     load_tensors(wrapper, folder)
     plan = load_plan(folder)
@@ -240,7 +241,7 @@ def _finetune(s: _Setting, wrapper: CofiStudent, run: RunState, resume: bool, lo
     log["finetune_history"] = run.history
 
 
-def _log_outcome(model: nn.Module, seq_len: float, log: dict[str, Any]) -> None:
+def _log_outcome(model: ModelAdapter, seq_len: float, log: dict[str, Any]) -> None:
     log["final_prunable_params"] = count_prunable_params(model)
     log["achieved_param_sparsity"] = 1.0 - count_prunable_params(model) / full_prunable_params(model)
     log["achieved_flops_kept"] = count_flops(model, seq_len) / full_flops(model, seq_len)

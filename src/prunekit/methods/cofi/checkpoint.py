@@ -84,7 +84,7 @@ def save_checkpoint(accelerator: Any, student: CofiStudent, run: RunState, check
     folder = Path(checkpoint_dir) / run.stage
     folder.mkdir(parents=True, exist_ok=True)
     if run.stage == "finetune" and (new_stage or not (folder / "model").is_dir()):
-        from prunekit.core.io import as_pruned_model, save_plan
+        from prunekit.io.folders import as_pruned_model, save_plan
 
         model = as_pruned_model(student.model)
         shutil.rmtree(folder / "model", ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunekit.families import ModelAdapter, get_adapter
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.config import CofiConfig
 from prunekit.methods.cofi.l0 import GateValues
 from prunekit.tasks.losses import distill_loss, teacher_targets
@@ -88,7 +88,7 @@ def distillation_loss(wrapped: nn.Module, student: CofiStudent, teacher: nn.Modu
     total = pred
     if config.distill == "layer":
         values = student.holder.values
-        adapter = get_adapter(student.model)
+        adapter = student.view
         candidates = [layer + 1 for layer in range(adapter.num_layers)
                       if layer_exists(adapter, values, layer)]  # fmt: skip
         layer_loss, mapping = layer_distill_loss(student_out.hidden_states, teacher_out.hidden_states,

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from prunekit.core.surgery import LayerPlan, PruningPlan, slice_linear
-from prunekit.families import ModelAdapter, view_of
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.l0 import GateValues
 
 
-def gate_plan(model: nn.Module | ModelAdapter, values: GateValues) -> PruningPlan:
+def gate_plan(adapter: ModelAdapter, values: GateValues) -> PruningPlan:
     """The plan that folds deterministic gate values into ``model``'s weights and removes what they
     close (applied by :func:`prunekit.core.surgery.apply_plan`, the one surgery path).
 
@@ -18,7 +18,6 @@ def gate_plan(model: nn.Module | ModelAdapter, values: GateValues) -> PruningPla
     neuron values are folded as unit scales; a sublayer that is off is removed (the identity);
     hidden dims whose gate is 0 are cut everywhere (their kept values are exactly 1).
     """
-    adapter = view_of(model)
     plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
     for layer in range(adapter.num_layers):
         step = plan.layers[layer]

@@ -10,7 +10,7 @@ import torch
 
 from prunekit.core.accounting import full_flops, full_prunable_params, unit_costs
 from prunekit.core.errors import ModelError
-from prunekit.families import ModelAdapter
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.l0 import CofiGates, GateValues
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from prunekit.families import ModelAdapter
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.l0 import SOFT_FACTOR, TEMPERATURE, CofiGates, GateValues, _on, keep_probability
 from prunekit.methods.cofi.size import SizeModel
 

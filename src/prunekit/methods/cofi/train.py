@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.core.masks import GateHolder
-from prunekit.families import get_adapter
+from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.checkpoint import (
     RunState,
     keep_best,
@@ -41,9 +41,10 @@ class CofiStudent(nn.Module):
     that data parallelism sees every trained parameter. Gates act through hooks installed by
     :func:`prunekit.core.masks.apply_gates` reading ``holder``."""
 
-    def __init__(self, model: nn.Module, gates: CofiGates | None, transform: nn.Linear | None) -> None:
+    def __init__(self, view: ModelAdapter, gates: CofiGates | None, transform: nn.Linear | None) -> None:
         super().__init__()
-        self.model = model
+        self.model = view.model
+        self.view = view  # the model's view, built once by the run (not a module: nothing to train)
         self.gates = gates
         self.transform = transform
         self.holder = GateHolder()
@@ -188,7 +189,7 @@ def _model_parameters(wrapper: CofiStudent, freeze_embeddings: bool) -> list[nn.
     """The weights the model optimiser trains: the student's (embeddings frozen by default) and W_layer."""
     frozen = set()
     if freeze_embeddings:
-        frozen = {id(p) for p in get_adapter(wrapper.model).embedding_parameters()}
+        frozen = {id(p) for p in wrapper.view.embedding_parameters()}
     params = [p for p in wrapper.model.parameters() if id(p) not in frozen]
     for p in wrapper.model.parameters():
         p.requires_grad_(id(p) not in frozen)

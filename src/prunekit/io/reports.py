@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prunekit.core.io import load_pruned
 from prunekit.families import get_adapter
+from prunekit.io.folders import load_pruned
 
 
 def _pyplot() -> Any:

@@ -10,7 +10,7 @@ which torch deprecates but which is faster to run and needs no onnxscript.
 
 An export folder holds ``model.onnx``, the tokenizer files, ``config.json`` and ``export.json``
 (graph input and output names, dynamic axes, per-layer shapes, the numerical check). The folder is
-written atomically (:mod:`prunekit.core.outdir`): when the export, the check or the quantization fails,
+written atomically (:mod:`prunekit.io.outdir`): when the export, the check or the quantization fails,
 nothing is left behind.
 
 What is exported is described by a :class:`GraphSpec` per model head (sequence classification,
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.core.outdir import atomic_output_dir, check_output_dir
 from prunekit.families import get_adapter
+from prunekit.io.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def _config_record(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
 
 
 def _load(model: nn.Module | str | Path, tokenizer: Any) -> tuple[nn.Module, Any, Path | None]:
-    from prunekit.core.io import load_pruned, load_tokenizer
+    from prunekit.io.folders import load_pruned, load_tokenizer
 
     if isinstance(model, (str, Path)):
         source = Path(model)

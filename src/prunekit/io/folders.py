@@ -13,7 +13,7 @@ registered with the Auto classes here, once, so after ``import prunekit``::
 
 returns the pruned model. Output folders are written atomically: everything goes into a hidden
 temporary folder beside the target, which is renamed into place only when complete
-(:mod:`prunekit.core.outdir`, which also decides which folders ``overwrite`` may replace).
+(:mod:`prunekit.io.outdir`, which also decides which folders ``overwrite`` may replace).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from transformers import (
 )
 
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.core.folder_files import add_remote_code, write_readme
-from prunekit.core.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files
 from prunekit.core.surgery import PruningPlan
+from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, LayerShape, base_model_type, get_adapter
+from prunekit.io.files import add_remote_code, write_readme
+from prunekit.io.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,11 @@ def register_pruned_classes(family: str, adapter: type) -> None:
     PRUNED_CLASSES.update(_register({family: adapter}))
 
 
-def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
+def as_pruned_model(model: PreTrainedModel, view: ModelAdapter | None = None) -> PreTrainedModel:
     """Give a (physically pruned) model prunekit's config and class, in place, so that
-    ``save_pretrained`` writes a folder the Auto classes can rebuild. Returns the model."""
-    adapter = get_adapter(model)
+    ``save_pretrained`` writes a folder the Auto classes can rebuild; ``view`` is the model's view
+    when the caller has it. Returns the model."""
+    adapter = view if view is not None else get_adapter(model)
     base_class = next((c for c in PRUNED_CLASSES if type(model) is c or type(model) is PRUNED_CLASSES[c]), None)
     if base_class is None:
         raise ModelError(f"no pruned class for {type(model).__name__}")
@@ -151,12 +153,12 @@ def as_pruned_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def as_stock_model(model: PreTrainedModel) -> PreTrainedModel:
+def as_stock_model(model: PreTrainedModel, view: ModelAdapter | None = None) -> PreTrainedModel:
     """Give a physically pruned model whose every layer has the same query heads, key/value heads
     (equal groups), FFN width and the full residual width the family's own stock config and class,
     in place, so that ``save_pretrained`` writes a folder any transformers (and vLLM, llama.cpp's
     converter) loads as it is. A ConfigError names what is not uniform. Returns the model."""
-    adapter = get_adapter(model)
+    adapter = view if view is not None else get_adapter(model)
     updates_of = getattr(adapter, "uniform_config_updates", None)
     if updates_of is None:
         raise ConfigError(f"--uniform is not available for {type(model).__name__}: its family has no stock "
@@ -196,18 +198,20 @@ def save_pruned(
     inputs: Iterable[str | Path | None] = (),
     plan: PruningPlan | None = None,
     uniform: bool = False,
+    view: ModelAdapter | None = None,
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer, ``prune_report.json`` and the plan
     (``plan.json`` + ``plan.safetensors``, when given) atomically; ``extra(folder)`` may add files
     (plots) before the folder is moved into place. ``inputs`` are the run's input paths, which the
-    output may not touch (see :mod:`prunekit.core.outdir`). ``uniform``: the model's layers all have
+    output may not touch (see :mod:`prunekit.io.outdir`). ``uniform``: the model's layers all have
     the same widths and the folder is the family's stock class (:func:`as_stock_model`), which
-    loads with no prunekit and no remote code; a ConfigError if they differ."""
+    loads with no prunekit and no remote code; a ConfigError if they differ. ``view``: the
+    model's view, when the caller has it."""
     # Always re-derive the config: a reloaded pruned model may have been pruned again since.
     if uniform:
-        as_stock_model(model)
+        as_stock_model(model, view)
     else:
-        as_pruned_model(model)
+        as_pruned_model(model, view)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -5,7 +5,7 @@
 ``.start_logits`` / ``.end_logits``), so :func:`prunekit.tasks.evaluate.evaluate` scores it with the
 same data, feature and metric code as any model (GLUE and SQuAD).
 
-:func:`measure_onnx_latency` is ``prunekit.bench.measure_latency`` for ONNX Runtime: the same
+:func:`measure_onnx_latency` is ``prunekit.deploy.bench.measure_latency`` for ONNX Runtime: the same
 inputs, the same result layout, threads pinned (``intra_op_num_threads``), the model and the
 baseline measured alternately, round by round, and the medians reported.
 """
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.bench import _inputs
 from prunekit.core.errors import ConfigError
-from prunekit.export import export_onnx, is_export_dir, ort_session, read_export
+from prunekit.deploy.bench import _inputs
+from prunekit.deploy.export import export_onnx, is_export_dir, ort_session, read_export
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def measure_onnx_latency(
     """Median ONNX Runtime latency (ms) of ``model`` (and ``baseline``) at each batch size and length.
 
     ``model`` and ``baseline`` are export folders, or model folders, which are exported to a
-    temporary folder first. Returns the layout of :func:`prunekit.bench.measure_latency` plus
+    temporary folder first. Returns the layout of :func:`prunekit.deploy.bench.measure_latency` plus
     ``"runtime": "onnxruntime"``.
     """
     if rounds < 1:

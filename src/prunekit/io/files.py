@@ -81,7 +81,7 @@ def _remote_adapter(family: str | None) -> Any:
 
 
 def _head(config: dict[str, Any]) -> str:
-    from prunekit.core.io import _head_of_architectures
+    from prunekit.io.folders import _head_of_architectures
 
     return _head_of_architectures(config.get("architectures") or [])
 
