@@ -18,7 +18,7 @@ with its volatile keys removed (``transformers_version``, ``_name_or_path``; the
 stay), and of the weights tensor by tensor (name, dtype, shape, raw bytes; so that a change of the
 safetensors header alone shows as such); the report's flops/params kept and dev metrics (exact
 ``repr`` of every float); the plan's kept units per layer; and the state dict of ``apply_plan``
-(teacher, saved folder), which must equal the saved folder's own reloaded weights. Other files of
+(teacher, saved folder), with whether it equals the saved folder's reloaded state dict. Other files of
 the folder (tokenizer files, remote code, README.md with this run's temporary paths replaced by
 placeholders) are digested as information only: compare lists them but does not fail on them.
 prune_report.json (timings, versions) and structure.png are not digested. A case that raises is
@@ -29,11 +29,12 @@ Usage (from any checkout; PYTHONPATH picks the prunekit under test):
     PYTHONPATH=/path/to/checkout/src python benchmarks/fingerprints.py --out A.json
     python benchmarks/fingerprints.py --compare A.json B.json     # exit 1 on any difference
     ... --only bert-kprune,llama-gqa-kprune-uniform   # a subset of cases (for debugging)
-    ... --skip-real                                   # tiny models only (about a minute)
+    ... --skip-real                                   # tiny models only (20-40 s)
 
 One run takes about 1 min 45 s of CPU time (about 20 s for the 39 tiny cases, the rest the three
-real-model cases): 2 minutes wall on an idle 2-core machine, 4-4.5 minutes when it is shared. Library versions (torch, transformers) are recorded, and compare
-warns when they differ: fingerprints are only comparable on the same versions and machine type.
+real-model cases): 2 minutes wall on an idle 2-core machine, 4-4.5 minutes when it is shared.
+Library versions (torch, transformers) are recorded, and compare warns when they differ:
+fingerprints are only comparable on the same library versions and CPU type.
 """
 
 from __future__ import annotations
