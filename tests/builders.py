@@ -12,6 +12,7 @@ from torch import nn
 
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import PruningPlan
+from prunekit.core.view import ModelAdapter
 from prunekit.families import get_adapter
 from prunekit.families.gpt2 import FusedQKV
 
@@ -29,6 +30,11 @@ except ImportError:
 import torch
 import transformers
 """
+
+def view(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """What core functions and methods take: a test's model viewed (a view is used as it is)."""
+    return model if isinstance(model, ModelAdapter) else get_adapter(model)
+
 
 NORM_WEIGHTS = ("norm.weight",)  # Llama-layout names: input_layernorm, post_attention_layernorm, norm
 
@@ -81,7 +87,7 @@ def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def masked(model: nn.Module, plan: PruningPlan, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """:func:`outputs` of ``model`` with ``plan``'s masks applied (what the pruned model must compute)."""
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         return outputs(model, batch)
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from builders import view
 from hypothesis import HealthCheck, settings
 from transformers import (
     BertConfig,
@@ -313,8 +314,8 @@ def run_method(method: Callable, model: PreTrainedModel, sample, kind: str, conf
     from prunekit.core.surgery import apply_plan
     from prunekit.tasks import TaskData
 
-    plan, log = method(model, TaskData(kind=kind, sample=sample, prepared=prepared), config)
-    apply_plan(model, plan)
+    plan, log = method(view(model), TaskData(kind=kind, sample=sample, prepared=prepared), config)
+    apply_plan(view(model), plan)
     return plan, log
 
 

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from builders import view
 from transformers import BertConfig, BertForSequenceClassification
 
 from prunekit import count_flops, count_params
@@ -45,15 +46,15 @@ def test_bert_base_sst2_unit_costs():
     assert round(cost.neuron / 1e6, 3) == 0.077
     assert cost.head == pytest.approx(2 * (3 * s * 768 * 64 + 2 * s**2 * 64 + s * 64 * 768), rel=1e-12)
     assert cost.neuron == pytest.approx(2 * 2 * s * 768, rel=1e-12)
-    assert count_flops(model, s) == pytest.approx(12 * cost.head + 3072 * cost.neuron, rel=1e-12)
-    assert count_flops(model, s) == full_flops(model, s)
+    assert count_flops(view(model), s) == pytest.approx(12 * cost.head + 3072 * cost.neuron, rel=1e-12)
+    assert count_flops(view(model), s) == full_flops(view(model), s)
 
 
 def test_count_flops_of_unpruned_model(family, make_model):
     model = make_model(family, num_layers=3)
     cost = unit_costs(get_adapter(model), 0, 12.0)
-    assert count_flops(model, 12.0) == pytest.approx(3 * (H * cost.head + D_FF * cost.neuron), rel=1e-12)
-    assert count_flops(model, 12.0) == full_flops(model, 12.0)
+    assert count_flops(view(model), 12.0) == pytest.approx(3 * (H * cost.head + D_FF * cost.neuron), rel=1e-12)
+    assert count_flops(view(model), 12.0) == full_flops(view(model), 12.0)
 
 
 def test_count_flops_of_pruned_model_is_the_sum_over_kept_units(family, head, make_model):
@@ -64,28 +65,28 @@ def test_count_flops_of_pruned_model_is_the_sum_over_kept_units(family, head, ma
         LayerPlan(heads=[2], neurons=[]),
     ])  # fmt: skip
     seq_len = 17.3
-    original_full = full_flops(model, seq_len)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    original_full = full_flops(view(model), seq_len)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     cost = unit_costs(get_adapter(pruned), 0, seq_len)
     kept_heads, kept_neurons = 2 + 0 + 1, 10 + 1 + 0
-    assert count_flops(pruned, seq_len) == pytest.approx(kept_heads * cost.head + kept_neurons * cost.neuron, rel=1e-12)
-    assert full_flops(pruned, seq_len) == pytest.approx(original_full, rel=1e-12)  # the architecture's, unpruned
-    rows = layer_flops(pruned, seq_len)
+    assert count_flops(view(pruned), seq_len) == pytest.approx(kept_heads * cost.head + kept_neurons * cost.neuron, rel=1e-12)
+    assert full_flops(view(pruned), seq_len) == pytest.approx(original_full, rel=1e-12)  # the architecture's, unpruned
+    rows = layer_flops(view(pruned), seq_len)
     assert [(row["heads"], row["neurons"]) for row in rows] == [(2, 10), (0, 1), (1, 0)]
     assert rows[1]["attn_flops"] == 0.0 and rows[2]["ffn_flops"] == 0.0
     assert rows[0]["attn_flops"] == pytest.approx(2 * cost.head, rel=1e-12)
 
 
 def test_count_flops_of_an_empty_model_is_zero(make_model):
-    pruned = apply_plan(make_model("roberta"), PruningPlan([LayerPlan(heads=[], neurons=[])] * 2))
-    assert count_flops(pruned, 20) == 0.0
-    assert full_flops(pruned, 20) > 0
+    pruned = apply_plan(view(make_model("roberta")), PruningPlan([LayerPlan(heads=[], neurons=[])] * 2))
+    assert count_flops(view(pruned), 20) == 0.0
+    assert full_flops(view(pruned), 20) > 0
 
 
 @pytest.mark.parametrize("seq_len", [0, -3.0])
 def test_count_flops_rejects_non_positive_length(make_model, seq_len):
     with pytest.raises(ValueError, match="seq_len must be positive"):
-        count_flops(make_model("bert"), seq_len)
+        count_flops(view(make_model("bert")), seq_len)
 
 
 def removed_params(heads_removed: int, neurons_removed: int) -> int:
@@ -108,17 +109,17 @@ def removed_params(heads_removed: int, neurons_removed: int) -> int:
 )
 def test_count_params_drops_by_the_removed_units(family, head, make_model, plan):
     model = make_model(family, head)
-    before, before_encoder = count_params(model), count_params(model, encoder_only=True)
+    before, before_encoder = count_params(view(model)), count_params(view(model), encoder_only=True)
     heads_removed = sum(H - len(step.heads) for step in plan.layers if step.heads is not None)
     neurons_removed = sum(D_FF - len(step.neurons) for step in plan.layers if step.neurons is not None)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     expected = removed_params(heads_removed, neurons_removed)
-    assert before - count_params(pruned) == expected
-    assert before_encoder - count_params(pruned, encoder_only=True) == expected
-    assert count_params(model) == before  # the original is untouched
+    assert before - count_params(view(pruned)) == expected
+    assert before_encoder - count_params(view(pruned), encoder_only=True) == expected
+    assert count_params(view(model)) == before  # the original is untouched
 
 
 def test_count_params_counts_every_parameter(make_model):
     model = make_model("bert")
-    assert count_params(model) == sum(p.numel() for p in model.parameters())
-    assert count_params(model, encoder_only=True) == sum(p.numel() for p in model.bert.encoder.parameters())
+    assert count_params(view(model)) == sum(p.numel() for p in model.parameters())
+    assert count_params(view(model), encoder_only=True) == sum(p.numel() for p in model.bert.encoder.parameters())

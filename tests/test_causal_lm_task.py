@@ -17,15 +17,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import view
 from llama_view import LlamaTestAdapter, registered
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit.api import PruneOptions, prune
-from prunekit.deploy.bench import measure_generation
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops, param_unit_costs
 from prunekit.core.errors import ConfigError
-from prunekit.io.folders import load_pruned, register_pruned_classes
+from prunekit.deploy.bench import measure_generation
 from prunekit.families import get_adapter
+from prunekit.io.folders import load_pruned, register_pruned_classes
 from prunekit.methods.kprune import KpruneConfig, kprune_prepare
 from prunekit.tasks import TaskData
 from prunekit.tasks.causal_lm.data import build_lm_calibration_sample, perplexity
@@ -91,7 +92,7 @@ def test_prune_save_reload_perplexity(tmp_path):
     tokens = stream(seed=5)
     before, after = perplexity(result.model, tokens, window=16), perplexity(reloaded, tokens, window=16)
     assert before == after and after["window"] == 16 and math.isfinite(after["perplexity"])
-    assert count_non_embedding_params(reloaded) <= 0.7 * count_non_embedding_params(model)
+    assert count_non_embedding_params(view(reloaded)) <= 0.7 * count_non_embedding_params(view(model))
     saved = json.loads((folder / "prune_report.json").read_text())
     assert saved["non_embedding_params_kept"] <= 0.7
     assert (folder / "structure.png").is_file()
@@ -105,17 +106,17 @@ def test_every_method_meets_its_budget_on_a_decoder(method, budget):
     teacher = copy.deepcopy(model)
     result = prune(model, None, lm_sample(), PruneOptions(task="causal_lm", method=method, **{budget: 0.6}))
     pruned, seq_len = result.model, result.report["flops_seq_len"]
-    assert count_non_embedding_params(pruned) == hand_non_embedding_params(pruned)
-    assert count_non_embedding_params(model) == hand_non_embedding_params(model)
+    assert count_non_embedding_params(view(pruned)) == hand_non_embedding_params(pruned)
+    assert count_non_embedding_params(view(model)) == hand_non_embedding_params(model)
     if budget == "keep_params":
-        kept = count_non_embedding_params(pruned) / count_non_embedding_params(teacher)
+        kept = count_non_embedding_params(view(pruned)) / count_non_embedding_params(view(teacher))
         assert kept == pytest.approx(result.report["non_embedding_params_kept"])
         # At most the budget, within one head's worth of parameters of it.
-        slack = param_unit_costs(get_adapter(teacher)).head / count_non_embedding_params(teacher)
+        slack = param_unit_costs(get_adapter(teacher)).head / count_non_embedding_params(view(teacher))
         assert 0.6 - slack - 0.02 <= kept <= 0.6
     else:
         assert seq_len == 16  # FLOPs at the calibration window length
-        assert 0.45 * full_flops(teacher, seq_len) < count_flops(pruned, seq_len) <= 0.6 * full_flops(teacher, seq_len)
+        assert 0.45 * full_flops(view(teacher), seq_len) < count_flops(view(pruned), seq_len) <= 0.6 * full_flops(view(teacher), seq_len)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values(),
                                                  strict=True))  # the teacher is left unchanged
 
@@ -159,7 +160,7 @@ def test_the_cached_targets_do_not_grow_with_the_vocabulary():
     sizes = {}
     for vocab in (61, 997):
         sample = lm_sample(vocab)
-        prepared = kprune_prepare(tiny_lm(vocab), TaskData("lm", sample), KpruneConfig(top_k=4))
+        prepared = kprune_prepare(view(tiny_lm(vocab)), TaskData("lm", sample), KpruneConfig(top_k=4))
         sizes[vocab] = sum(sparse_target_bytes(t) for t in prepared.targets)
         assert sizes[vocab] == sample.num_tokens * (8 * 4 + 4)
         assert sizes[vocab] < sample.num_tokens * vocab * 4

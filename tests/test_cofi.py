@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from builders import view
 from conftest import build_tiny_model, build_tokenizer, model_inputs_for, outputs_of, write_sst2
 
 from prunekit.core.accounting import count_prunable_params, full_prunable_params
@@ -41,8 +42,8 @@ def run_cofi(teacher, student, data, config, seq_len=16.0, checkpoint_dir=None, 
     """CoFi through its method contract; returns the model rebuilt from the teacher by the plan."""
     task_data = TaskData(kind=data.kind if data is not None else "classification", training=data, seq_len=seq_len,
                          student_init=student, device="cpu", checkpoint_dir=checkpoint_dir, resume=resume)
-    plan, log = cofi(teacher, task_data, config)
-    return apply_plan(copy.deepcopy(teacher), plan), plan, log
+    plan, log = cofi(view(teacher), task_data, config)
+    return apply_plan(view(copy.deepcopy(teacher)), plan), plan, log
 
 
 # ---- hard-concrete gates ---------------------------------------------------------------------------
@@ -131,8 +132,8 @@ def test_gated_model_equals_pruned_model(family, head, make_batch):
         holder.values = values
         gated = outputs_of(model, batch)
     transform = torch.nn.Linear(32, 32)
-    plan = gate_plan(model, values)
-    apply_plan(model, plan)
+    plan = gate_plan(view(model), values)
+    apply_plan(view(model), plan)
     narrowed = narrow_transform(transform, plan)
     adapter = get_adapter(model)
     assert adapter.is_removed(1, "attn") and adapter.is_removed(2, "attn") and adapter.is_removed(0, "ffn")
@@ -160,7 +161,7 @@ def test_size_model_params_and_flops_agree_with_accounting():
     model = build_tiny_model("bert", "classification", num_layers=3)
     adapter = get_adapter(model)
     params = SizeModel(adapter, "params", 16.0)
-    assert params.full == full_prunable_params(model)
+    assert params.full == full_prunable_params(view(model))
     gates = CofiGates([4] * 3, [37] * 3, 32, init=10.0, neuron_init=10.0)
     assert float(params.expected_sparsity(gates).detach()) == pytest.approx(0.0, abs=0.02)  # output biases uncounted
     flops = SizeModel(adapter, "flops", 16.0)
@@ -171,9 +172,9 @@ def test_size_model_params_and_flops_agree_with_accounting():
     predicted = flops.sparsity(values)
     from prunekit.core.accounting import count_flops, full_flops
 
-    full = full_flops(model, 16.0)
-    apply_plan(model, gate_plan(model, values))
-    assert predicted == pytest.approx(1 - count_flops(model, 16.0) / full, abs=1e-9)
+    full = full_flops(view(model), 16.0)
+    apply_plan(view(model), gate_plan(view(model), values))
+    assert predicted == pytest.approx(1 - count_flops(view(model), 16.0) / full, abs=1e-9)
 
 
 # ---- layer mapping -------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_controller_drives_expected_sparsity_to_the_target(tmp_path):
     assert log["deterministic_sparsity"] == pytest.approx(0.7, abs=0.03)
     assert history[-1]["lambda2"] > 0  # λ₂ only grows under ascent on (ŝ − t)²
     assert log["surgery_max_abs_diff"] < 1e-4
-    assert count_prunable_params(model) < full_prunable_params(model)
+    assert count_prunable_params(view(model)) < full_prunable_params(view(model))
 
 
 def test_same_seed_gives_the_same_masks(tmp_path):

@@ -5,6 +5,7 @@ projected onto it, so the pruned model keeps at most the target and misses it by
 from __future__ import annotations
 
 import pytest
+from builders import view
 from conftest import build_tiny_model, build_tokenizer, write_sst2
 from test_cofi import run_cofi
 
@@ -27,9 +28,9 @@ def _cofi(tmp_path, **options):
 
 
 @pytest.mark.parametrize("options, kept", [
-    (dict(keep_params=0.3), lambda m: count_prunable_params(m) / full_prunable_params(m)),
-    (dict(keep_params=0.5, prune_hidden=False), lambda m: count_prunable_params(m) / full_prunable_params(m)),
-    (dict(keep_params=None, keep_flops=0.4), lambda m: count_flops(m, SEQ_LEN) / full_flops(m, SEQ_LEN)),
+    (dict(keep_params=0.3), lambda m: count_prunable_params(view(m)) / full_prunable_params(view(m))),
+    (dict(keep_params=0.5, prune_hidden=False), lambda m: count_prunable_params(view(m)) / full_prunable_params(view(m))),
+    (dict(keep_params=None, keep_flops=0.4), lambda m: count_flops(view(m), SEQ_LEN) / full_flops(view(m), SEQ_LEN)),
 ])  # fmt: skip
 def test_a_short_valid_schedule_meets_its_budget(options, kept, tmp_path):
     # 12 steps (warm-up 6): far too few for the controller, so the projection has to do the work.

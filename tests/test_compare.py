@@ -8,6 +8,7 @@ import json
 
 import matplotlib.image
 import pytest
+from builders import view
 from conftest import make_sample, run_method
 
 from prunekit.api import budgets_from, prune, prune_many
@@ -152,7 +153,7 @@ def test_kprune_reuses_its_calibration_across_budgets(make_model, head):
     teacher = make_model("bert", head)
     sample = make_sample("bert")
     kind = head
-    prepared = kprune_prepare(teacher, TaskData(kind=kind, sample=sample), KpruneConfig())
+    prepared = kprune_prepare(view(teacher), TaskData(kind=kind, sample=sample), KpruneConfig())
     for keep in (0.6, 0.3):
         fresh, reused = [teacher.__class__(teacher.config) for _ in range(2)]
         fresh.load_state_dict(teacher.state_dict())

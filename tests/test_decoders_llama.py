@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from builders import WITHOUT_PRUNEKIT, masked, outputs, padded_pair, spread_out
+from builders import WITHOUT_PRUNEKIT, masked, outputs, padded_pair, spread_out, view
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -30,11 +30,11 @@ from transformers import (
 
 import prunekit
 from prunekit.core.accounting import count_flops, count_params, count_prunable_params
-from prunekit.io.folders import load_pruned, save_pruned
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, remove_sublayer
 from prunekit.families import get_adapter
 from prunekit.families.remote_code.modeling_prunekit_decoder import EmptyAttention, MappedKvAttention
+from prunekit.io.folders import load_pruned, save_pruned
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 97, 3  # groups of 3; d_h != d / H
 ATOL = 1e-5
@@ -107,7 +107,7 @@ def test_pruned_equals_masked(family, head, seed):
     plan = random_plan(seed)
     batch = batch_of(seed)
     want = masked(model, plan, batch)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs(pruned, batch), want, atol=ATOL, rtol=0)
     assert torch.equal(outputs(model, batch), outputs(build(family, head, seed=seed), batch))  # teacher unchanged
     # The saved config records every layer: query heads, key/value heads and which one each reads.
@@ -120,7 +120,7 @@ def test_pruned_equals_masked(family, head, seed):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_idx_and_rotary_stay_each_layers_own(family):
     model = build(family, seed=1, layers=4)
-    pruned = apply_plan(copy.deepcopy(model), random_plan(0, layers=4))  # every attention case once
+    pruned = apply_plan(view(copy.deepcopy(model)), random_plan(0, layers=4))  # every attention case once
     for layer, block in enumerate(pruned.model.layers):
         assert block.self_attn.layer_idx == layer  # the cache slot of this layer
     assert any(isinstance(b.self_attn, MappedKvAttention) for b in pruned.model.layers)
@@ -137,14 +137,14 @@ def test_layer_idx_and_rotary_stay_each_layers_own(family):
 def test_greedy_generation_with_and_without_the_cache(family, seed):
     model = build(family, seed=seed)
     plan = random_plan(seed)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     if seed == 2:
         assert isinstance(pruned.model.layers[0].self_attn, EmptyAttention)
     prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(seed))
     options = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
     cached = pruned.generate(prompt, use_cache=True, **options)
     assert torch.equal(cached, pruned.generate(prompt, use_cache=False, **options))
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         assert torch.equal(cached, model.generate(prompt, use_cache=True, **options))
 
@@ -156,7 +156,7 @@ def test_generation_with_removed_sublayers(family):
     model = build(family, seed=2)
     plan = PruningPlan(layers=[LayerPlan(attention_removed=True, neurons=list(range(0, D_FF, 2))),
                                LayerPlan(heads=[0, 4, 5], ffn_removed=True), LayerPlan(heads=[1])])
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     prompt = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(2))
     options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     cached = pruned.generate(prompt, use_cache=True, **options)
@@ -165,7 +165,7 @@ def test_generation_with_removed_sublayers(family):
         return
     as_masks = PruningPlan(layers=[LayerPlan(heads=[], neurons=list(range(0, D_FF, 2))),
                                    LayerPlan(heads=[0, 4, 5], neurons=[]), LayerPlan(heads=[1])])
-    head_masks, neuron_masks = as_masks.masks(model)
+    head_masks, neuron_masks = as_masks.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         assert torch.equal(cached, model.generate(prompt, use_cache=True, **options))
 
@@ -211,7 +211,7 @@ def hard_pruned(family: str, head: str):
     from prunekit.core.surgery import narrow_hidden
 
     model = build(family, head, seed=7, layers=4)
-    pruned = apply_plan(copy.deepcopy(model), random_plan(3, layers=4))
+    pruned = apply_plan(view(copy.deepcopy(model)), random_plan(3, layers=4))
     adapter = get_adapter(pruned)
     remove_sublayer(adapter, 1, "ffn")
     remove_sublayer(adapter, 2, "attn")
@@ -262,7 +262,7 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
     ("kv_map", [0, 0, 7], "kv_map [0, 0, 7]"),
 ])
 def test_a_folder_with_broken_key_value_fields_is_refused_in_one_line(tmp_path, key, value, words):
-    folder = save_pruned(apply_plan(build("llama"), random_plan(0)), tmp_path / "out")
+    folder = save_pruned(apply_plan(view(build("llama")), random_plan(0)), tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     config["prunekit_layers"][0][key] = value
     (folder / "config.json").write_text(json.dumps(config))
@@ -279,20 +279,20 @@ def test_flops_and_parameters_equal_a_hand_count():
     plan = PruningPlan(layers=[LayerPlan(heads=[0, 1, 3], neurons=list(range(10))),  # 3 q heads, 2 kv groups
                                LayerPlan(heads=[3, 4, 5], neurons=[]),  # 1 group whole, FFN emptied
                                LayerPlan(heads=[], neurons=list(range(D_FF)))])  # attention emptied
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     s = 16
     heads, kv, neurons = [3, 3, 0], [2, 1, 0], [10, 0, D_FF]
     params = sum(
         h * D_H * (D + 1) + 2 * k * D_H * (D + 1) + h * D_H * D  # q (+bias), k, v (+bias), o (no bias)
         + 3 * n * D  # gate, up, down; no biases
         for h, k, n in zip(heads, kv, neurons, strict=True))
-    assert count_prunable_params(pruned) == params
+    assert count_prunable_params(view(pruned)) == params
     macs = sum(s * (h * D_H * D + 2 * k * D_H * D + h * D_H * D) + 2 * s * s * h * D_H + 3 * s * n * D
                for h, k, n in zip(heads, kv, neurons, strict=True))
-    assert count_flops(pruned, s) == 2 * macs
+    assert count_flops(view(pruned), s) == 2 * macs
     embeddings = VOCAB * D  # tied: counted once
     norms = D * (2 + 1 + 1 + 1)  # layer 0 keeps both norms, layers 1 and 2 one each, the final norm
-    assert count_params(pruned) == params + embeddings + norms
+    assert count_params(view(pruned)) == params + embeddings + norms
 
 
 # ---- --uniform ---------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_uniform_folders_are_stock_classes(tmp_path):
         model = build(family, head, seed=6, layers=4)
         plan = random_plan(6, layers=4)
         uniform, log = uniform_plan(get_adapter(model), plan, seq_len=16.0)
-        pruned = apply_plan(copy.deepcopy(model), uniform)
+        pruned = apply_plan(view(copy.deepcopy(model)), uniform)
         shapes = get_adapter(pruned).layer_shapes()
         assert len(set(shapes)) == 1 and shapes[0].num_heads == log["query_heads"] >= 1, name
         assert shapes[0].num_kv_heads == log["kv_groups"] and shapes[0].intermediate_size == log["neurons"] >= 1
@@ -331,7 +331,7 @@ def test_uniform_folders_are_stock_classes(tmp_path):
         spent = 4 * (shapes[0].num_heads * cost.head + shapes[0].num_kv_heads * cost.kv_head
                      + shapes[0].intermediate_size * cost.neuron)
         assert spent == log["uniform_cost"] <= log["plan_cost"] and not log["over_budget"], name
-        assert count_flops(pruned, 16.0) <= count_flops(apply_plan(copy.deepcopy(model), plan), 16.0) + 1e-6
+        assert count_flops(view(pruned), 16.0) <= count_flops(view(apply_plan(view(copy.deepcopy(model)), plan)), 16.0) + 1e-6
         batch = batch_of(6)
         torch.testing.assert_close(outputs(pruned, batch), masked(model, uniform, batch), atol=ATOL, rtol=0)
         folder = save_pruned(pruned, tmp_path / name, uniform=True)
@@ -401,7 +401,7 @@ def test_prune_with_uniform_writes_a_stock_folder(method, tokenizer, sst2_dir, t
     shapes = get_adapter(result.model).layer_shapes()
     assert len(set(shapes)) == 1 and shapes[0].num_heads == log["query_heads"]
     seq_len = result.report["flops_seq_len"]
-    assert count_flops(result.model, seq_len) <= 0.6 * full_flops(teacher, seq_len) + 1e-6
+    assert count_flops(view(result.model), seq_len) <= 0.6 * full_flops(view(teacher), seq_len) + 1e-6
     folder = result.save(tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and "auto_map" not in config
@@ -431,7 +431,7 @@ def test_cli_prune_uniform(tokenizer, sst2_dir, tmp_path):
 
 
 def test_uniform_refuses_a_model_whose_layers_differ(tmp_path):
-    pruned = apply_plan(build("qwen3"), random_plan(0))
+    pruned = apply_plan(view(build("qwen3")), random_plan(0))
     with pytest.raises(prunekit.ConfigError, match="--uniform needs every layer"):
         save_pruned(pruned, tmp_path / "out", uniform=True)
     assert not (tmp_path / "out").exists()
@@ -473,7 +473,7 @@ def test_llama_wiki_gqa_prunes_saves_and_reloads(tmp_path):
     tokens = torch.randint(3, 8192, (2, 24), generator=gen)
     batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
     want = masked(model, plan, batch)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs(pruned, batch), want, atol=1e-4, rtol=1e-5)
     folder = save_pruned(pruned, tmp_path / "pruned")
     reloaded = load_pruned(folder)

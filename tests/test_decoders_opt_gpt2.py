@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out
+from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out, view
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -36,12 +36,12 @@ from prunekit.core.accounting import (
     full_flops,
     full_prunable_params,
 )
-from prunekit.io.folders import load_pruned, save_pruned
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, narrow_hidden, remove_sublayer
 from prunekit.families import BlockFacts, LayerShape, get_adapter
 from prunekit.families.gpt2 import FusedQKV, GPT2Adapter, to_conv_form
 from prunekit.families.opt import OPTAdapter, OPTBlock
+from prunekit.io.folders import load_pruned, save_pruned
 from prunekit.tasks import TaskData
 
 D, H, D_H, D_FF, VOCAB, LAYERS = 32, 4, 8, 37, 99, 3
@@ -162,7 +162,7 @@ def test_pruned_equals_masked(variant, head, seed):
     plan = random_plan(seed)
     batch = make_batch(variant, seed)
     expected = masked(model, plan, batch)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs(pruned, batch), expected, atol=ATOL, rtol=0)
     assert not torch.allclose(expected, outputs(model, batch), atol=1e-3)  # the plan changed something
     shapes = get_adapter(pruned).layer_shapes()
@@ -196,7 +196,7 @@ def test_emptied_and_removed_sublayers(variant):
     b_attn, b_ffn = _bias(model, variant, 1, "attn"), _bias(model, variant, 1, "ffn")
     plan = PruningPlan(layers=[LayerPlan(), LayerPlan(heads=[], neurons=[]), LayerPlan()])
     expected = masked(model, plan, batch)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     x, y = layer_io(pruned, 1, batch)
     if variant == "opt-post":
         block = pruned.model.decoder.layers[1]
@@ -228,12 +228,12 @@ def test_greedy_generation_with_and_without_the_cache(variant, seed):
     and without the key/value cache; so does a layer whose attention was removed."""
     model = build(variant, "causal_lm", seed=11 + seed)
     plan = random_plan(seed)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     prompt = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(seed))
     options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD[family_of(variant)]}
     cached = pruned.generate(prompt, use_cache=True, **options)
     assert torch.equal(cached, pruned.generate(prompt, use_cache=False, **options))
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         assert torch.equal(cached, model.generate(prompt, use_cache=True, **options))
     # Left padding: the model reads positions and the mask's past length from the cache.
@@ -274,7 +274,7 @@ def assert_incremental_equals_full(model, tokens: torch.Tensor) -> None:
 def _pruned_for_saving(variant: str, head: str):
     """Per-layer heads and neurons, an emptied and a removed sublayer, a narrowed (tied) stream."""
     model = build(variant, head, seed=10)
-    pruned = apply_plan(copy.deepcopy(model), random_plan(1))
+    pruned = apply_plan(view(copy.deepcopy(model)), random_plan(1))
     adapter = get_adapter(pruned)
     remove_sublayer(adapter, 2, "ffn")
     narrow_hidden(adapter, [i for i in range(D) if i % 5])
@@ -334,13 +334,13 @@ def test_a_saved_gpt2_folder_has_gpt2_weight_names_and_shapes(tmp_path):
 
 def test_a_reloaded_model_prunes_again(tmp_path):
     """A reloaded GPT-2 (stock Conv1D modules) is viewed in linear form again and prunes further."""
-    pruned = apply_plan(build("gpt2", seed=4), PruningPlan(layers=[LayerPlan(heads=[0, 1, 3], neurons=list(range(30)))]))
+    pruned = apply_plan(view(build("gpt2", seed=4)), PruningPlan(layers=[LayerPlan(heads=[0, 1, 3], neurons=list(range(30)))]))
     save_pruned(pruned, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     plan = PruningPlan(layers=[LayerPlan(heads=[0, 2], neurons=[1, 4, 9]), LayerPlan(heads=[]), LayerPlan()])
     batch = make_batch("gpt2", 4)
     expected = masked(reloaded, plan, batch)
-    again = apply_plan(copy.deepcopy(reloaded), plan)
+    again = apply_plan(view(copy.deepcopy(reloaded)), plan)
     torch.testing.assert_close(outputs(again, batch), expected, atol=ATOL, rtol=0)
     assert [s.num_heads for s in get_adapter(again).layer_shapes()] == [2, 0, H]
 
@@ -351,17 +351,17 @@ def test_flops_and_parameters_equal_a_hand_count(variant):
     model = build(variant)
     s = 16
     per_layer = 4 * D * D + 4 * D + 2 * D * D_FF + D_FF + D  # q, k, v, out with biases; fc1, fc2 with biases
-    assert full_prunable_params(model) == count_prunable_params(model) == LAYERS * per_layer == 19983
-    assert full_flops(model, s) == count_flops(model, s) == 2 * macs_by_hand(model, s)
+    assert full_prunable_params(view(model)) == count_prunable_params(view(model)) == LAYERS * per_layer == 19983
+    assert full_flops(view(model), s) == count_flops(view(model), s) == 2 * macs_by_hand(model, s)
     # A tied head is one parameter, counted once.
-    assert count_params(model) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    pruned = apply_plan(copy.deepcopy(model), random_plan(1))
-    assert count_flops(pruned, s) == 2 * macs_by_hand(pruned, s)
+    assert count_params(view(model)) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    pruned = apply_plan(view(copy.deepcopy(model)), random_plan(1))
+    assert count_flops(view(pruned), s) == 2 * macs_by_hand(pruned, s)
     linears = [m for block in get_adapter(pruned).layers() for m in block.modules() if isinstance(m, torch.nn.Linear)]
     emptied_biases = D * sum(1 for step in random_plan(1).layers for units in (step.heads, step.neurons) if not units)
-    assert count_prunable_params(pruned) == sum(p.numel() for m in linears for p in m.parameters()) + emptied_biases
+    assert count_prunable_params(view(pruned)) == sum(p.numel() for m in linears for p in m.parameters()) + emptied_biases
     opt_nobias = build("opt-nobias")
-    assert full_prunable_params(opt_nobias) == LAYERS * (4 * D * D + 2 * D * D_FF)
+    assert full_prunable_params(view(opt_nobias)) == LAYERS * (4 * D * D + 2 * D * D_FF)
 
 
 def classification_sample(variant: str, num_batches: int = 3, seed: int = 0) -> SimpleNamespace:
@@ -388,10 +388,10 @@ def test_methods_meet_the_budget(variant, method):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     plan, log = run(get_adapter(teacher), TaskData("classification", classification_sample(variant, seed=8)), config)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    pruned = apply_plan(copy.deepcopy(teacher), plan)
+    pruned = apply_plan(view(copy.deepcopy(teacher)), plan)
     seq_len = log["seq_len"]
     assert get_adapter(pruned).is_pruned()
-    assert 0.3 * full_flops(teacher, seq_len) < count_flops(pruned, seq_len) <= 0.5 * full_flops(teacher, seq_len)
+    assert 0.3 * full_flops(view(teacher), seq_len) < count_flops(view(pruned), seq_len) <= 0.5 * full_flops(view(teacher), seq_len)
     batch = make_batch(variant, 8)
     if method == "kprune":  # re-fitted output weights: no masked form
         assert torch.isfinite(outputs(pruned, batch)).all()
@@ -404,12 +404,12 @@ def test_a_plan_carries_trained_weights(variant):
     """A plan's trained weights (CoFi's) are a state dict of the pruned model, GPT-2's in its own
     Conv1D names and layout: apply_plan loads them into the linear form exactly."""
     plan = random_plan(2)
-    target = apply_plan(build(variant, seed=6), plan)
+    target = apply_plan(view(build(variant, seed=6)), plan)
     with torch.no_grad():
         for param in target.parameters():
             param.add_(0.01)
     plan.weights = {k: v.clone() for k, v in target.state_dict().items()}
-    rebuilt = apply_plan(build(variant, seed=6), plan)
+    rebuilt = apply_plan(view(build(variant, seed=6)), plan)
     state = rebuilt.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plan.weights.items())
     batch = make_batch(variant, 6)
@@ -533,7 +533,7 @@ def test_gpt2_linear_form_survives_deep_copies():
     model = build("gpt2", seed=9)
     get_adapter(model)
     twin = copy.deepcopy(model)
-    apply_plan(model, PruningPlan(layers=[LayerPlan(heads=[1], neurons=[2, 3])]))  # new modules in the original
+    apply_plan(view(model), PruningPlan(layers=[LayerPlan(heads=[1], neurons=[2, 3])]))  # new modules in the original
     state = {k: v.clone() for k, v in twin.state_dict().items()}
     assert state["transformer.h.0.attn.c_attn.weight"].shape == (D, 3 * D)
     fresh = copy.deepcopy(twin)
@@ -578,7 +578,7 @@ def test_cofi_gates_equal_gate_surgery_with_hidden_dims(variant):
         holder.values = values
         expected = outputs(model, batch)
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, gate_plan(pruned, values))
+    apply_plan(view(pruned), gate_plan(view(pruned), values))
     adapter = get_adapter(pruned)
     assert adapter.hidden_size == D - 4 and adapter.tied_embeddings
     assert adapter.is_removed(2, "attn") and adapter.is_removed(1, "ffn")

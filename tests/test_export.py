@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from builders import view
 from conftest import build_tiny_model, build_tokenizer, make_batch, model_inputs_for, outputs_of, write_sst2
 from test_cli import assert_clean_error, run
 from test_squad_pipeline import synthetic_examples, write_squad_json
@@ -26,8 +27,8 @@ from transformers import BertConfig, BertModel
 from prunekit import ConfigError, ModelError, save_pruned
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.deploy.export import ExportOptions, export_onnx, quantize_onnx, read_export
-from prunekit.families import get_adapter
 from prunekit.deploy.onnxrt import OnnxModel, measure_onnx_latency
+from prunekit.families import get_adapter
 from prunekit.tasks.evaluate import evaluate
 
 ATOL = 1e-4
@@ -44,7 +45,7 @@ UNEVEN = PruningPlan(
 
 
 def pruned_model(family: str, head: str = "classification", num_labels: int | None = None):
-    return apply_plan(build_tiny_model(family, head, num_layers=4, num_labels=num_labels), UNEVEN)
+    return apply_plan(view(build_tiny_model(family, head, num_layers=4, num_labels=num_labels)), UNEVEN)
 
 
 def pad_id(family: str) -> int:
@@ -260,7 +261,7 @@ def test_measure_onnx_latency_has_the_bench_layout(exported):
 # ---- CLI ------------------------------------------------------------------------------------------
 def test_cli_export_bench_and_eval_end_to_end(tmp_path, capsys, make_teacher):
     teacher = make_teacher("teacher", num_layers=4)
-    model = apply_plan(build_tiny_model("bert", num_layers=4, num_labels=2), UNEVEN)
+    model = apply_plan(view(build_tiny_model("bert", num_layers=4, num_labels=2)), UNEVEN)
     pruned = save_pruned(model, tmp_path / "pruned", tokenizer=build_tokenizer())
     sst2 = write_sst2(tmp_path / "sst2")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from builders import WITHOUT_PRUNEKIT
+from builders import WITHOUT_PRUNEKIT, view
 from conftest import make_batch, model_inputs_for, outputs_of
 
 from prunekit import load_pruned, save_pruned
@@ -49,7 +49,7 @@ CASES = [(family, head) for family in ("bert", "roberta", "distilbert") for head
 
 def _pruned(make_model, family: str, head: str):
     model = make_model(family, head, num_layers=3)
-    return apply_plan(model, copy.deepcopy(PLAN)).eval()
+    return apply_plan(view(model), copy.deepcopy(PLAN)).eval()
 
 
 def _plain_transformers_load(jobs: dict, tmp_path: Path) -> dict:

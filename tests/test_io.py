@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import view
 from conftest import assert_reloads_identically
 
 import prunekit
 from prunekit import ConfigError, ModelError, load_pruned, save_pruned
-from prunekit.io.folders import atomic_output_dir, load_model, read_report
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import LayerShape, get_adapter
+from prunekit.io.folders import atomic_output_dir, load_model, read_report
 
 H, D_FF = 4, 37
 PLAN = PruningPlan([
@@ -32,7 +33,7 @@ ALLOWED_SUFFIXES = {".json", ".safetensors", ".png", ".txt", ".model", ".md", ".
 
 def pruned_model(make_model, family: str, head: str):
     model = make_model(family, head, num_layers=3)
-    return apply_plan(model, copy.deepcopy(PLAN))
+    return apply_plan(view(model), copy.deepcopy(PLAN))
 
 
 def listing(folder: Path) -> dict[str, bytes]:
@@ -87,7 +88,7 @@ def test_unpruned_model_saves_and_reloads(family, make_model, batch, outputs_of,
 def test_a_reloaded_model_can_be_pruned_and_saved_again(family, make_model, batch, outputs_of, tmp_path):
     save_pruned(pruned_model(make_model, family, "classification"), tmp_path / "first")
     model = load_pruned(tmp_path / "first")
-    apply_plan(model, PruningPlan([LayerPlan(heads=[1], neurons=[0, 12]), LayerPlan(), LayerPlan(heads=[0])]))
+    apply_plan(view(model), PruningPlan([LayerPlan(heads=[1], neurons=[0, 12]), LayerPlan(), LayerPlan(heads=[0])]))
     expected = outputs_of(model, batch)
     save_pruned(model, tmp_path / "second")
     again = load_pruned(tmp_path / "second")

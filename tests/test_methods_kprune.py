@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+from builders import view
 from conftest import run_method
 
 import prunekit
@@ -46,9 +47,9 @@ def test_counted_flops_fit_the_budget(family, head, make_model, make_sample, kee
     """The whole sweep on BERT for every head; the other families at a middle and a tiny budget."""
     model = make_model(family, head)
     sample = make_sample(family)
-    budget = keep * full_flops(model, sample.mean_length)
+    budget = keep * full_flops(view(model), sample.mean_length)
     plan, log = run_kprune(model, sample, head, keep_flops=keep)
-    counted = count_flops(model, sample.mean_length)
+    counted = count_flops(view(model), sample.mean_length)
     assert counted <= budget * (1 + 1e-9)
     assert counted == pytest.approx(sum(step["kept_flops"] for step in log["steps"]), rel=1e-9)
     assert get_adapter(model).layer_shapes() == plan_shapes(plan)
@@ -61,7 +62,7 @@ def test_budget_is_counted_at_the_configured_length(make_model, make_sample):
     sample = make_sample("bert")
     plan, log = run_kprune(model, sample, "classification", keep_flops=0.4, seq_len=64.0)
     assert log["seq_len"] == 64.0
-    assert count_flops(model, 64.0) <= 0.4 * full_flops(model, 64.0) * (1 + 1e-9)
+    assert count_flops(view(model), 64.0) <= 0.4 * full_flops(view(model), 64.0) * (1 + 1e-9)
 
 
 def test_full_budget_keeps_every_unit(family, make_model, make_sample):
@@ -75,7 +76,7 @@ def test_qa_with_padding_masked(make_model, make_sample):
     model = make_model("roberta", "qa")
     sample = make_sample("roberta")
     run_kprune(model, sample, "qa", keep_flops=0.4, mask_padding=True)
-    assert count_flops(model, sample.mean_length) <= 0.4 * full_flops(model, sample.mean_length) * (1 + 1e-9)
+    assert count_flops(view(model), sample.mean_length) <= 0.4 * full_flops(view(model), sample.mean_length) * (1 + 1e-9)
 
 
 @pytest.mark.parametrize(("family", "head"), PAIRS)
@@ -117,13 +118,13 @@ def test_without_tuning_the_pruned_model_is_the_masked_original(family, head, ma
     plan, log = run_kprune(model, sample, head, keep_flops=0.45, sublayer_tuning=False)
     assert all(step["tuning"] is None for step in log["steps"])
     assert get_adapter(model).layer_shapes() == plan_shapes(plan)
-    head_masks, neuron_masks = plan.masks(original)
+    head_masks, neuron_masks = plan.masks(view(original))
     for batch in sample.batches:
         with apply_masks(get_adapter(original), head_masks, neuron_masks):
             expected = outputs_of(original, batch)
         torch.testing.assert_close(outputs_of(model, batch), expected, atol=1e-5, rtol=0)
     # Replaying the plan on a fresh copy gives the same model.
-    replayed = apply_plan(copy.deepcopy(original), plan)
+    replayed = apply_plan(view(copy.deepcopy(original)), plan)
     for batch in sample.batches:
         torch.testing.assert_close(outputs_of(replayed, batch), outputs_of(model, batch), atol=1e-6, rtol=0)
 
@@ -133,7 +134,7 @@ def test_model_state_is_restored(make_model, make_sample):
     its flags (also of tensors the student replaced) and its mode."""
     model = make_model("bert").train()
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
-    plan, _ = kprune(model, TaskData(kind="classification", sample=make_sample("bert")), KpruneConfig(keep_flops=0.5))
+    plan, _ = kprune(view(model), TaskData(kind="classification", sample=make_sample("bert")), KpruneConfig(keep_flops=0.5))
     assert any(len(step.heads) < H or len(step.neurons) < D_FF for step in plan.layers)  # it did cut
     assert model.training
     assert all(p.requires_grad for p in model.parameters())
@@ -242,11 +243,11 @@ def test_bad_task_kind_and_method_options(make_model, make_sample):
 
 def test_a_model_that_comes_in_pruned(make_model, make_sample):
     model = make_model("bert", num_layers=3)
-    apply_plan(model, PruningPlan([LayerPlan(heads=[]), LayerPlan(neurons=[]), LayerPlan(heads=[0, 1])]))
+    apply_plan(view(model), PruningPlan([LayerPlan(heads=[]), LayerPlan(neurons=[]), LayerPlan(heads=[0, 1])]))
     sample = make_sample("bert")
     plan, _ = run_kprune(model, sample, "classification", keep_flops=0.5)
     assert plan.layers[0].heads == [] and plan.layers[1].neurons == []
-    assert count_flops(model, sample.mean_length) <= 0.5 * full_flops(model, sample.mean_length)
+    assert count_flops(view(model), sample.mean_length) <= 0.5 * full_flops(view(model), sample.mean_length)
 
 
 def test_through_the_api_with_a_real_calibration_sample(make_model, tokenizer, sst2_dir, make_batch, outputs_of):
@@ -262,7 +263,7 @@ def test_through_the_api_with_a_real_calibration_sample(make_model, tokenizer, s
     assert get_adapter(result.model).layer_shapes() == plan_shapes(result.plan)
     report = result.report
     assert report["flops_kept"] <= 0.5 * (1 + 1e-9)
-    assert report["after"]["flops"] == pytest.approx(count_flops(result.model, sample.mean_length), rel=1e-9)
+    assert report["after"]["flops"] == pytest.approx(count_flops(view(result.model), sample.mean_length), rel=1e-9)
     assert report["after"]["params"] < report["before"]["params"]
     assert report["hyperparameters"]["keep_flops"] == 0.5 and report["method"] == "kprune"
     with pytest.raises(ConfigError, match="keep_flops"):
@@ -338,7 +339,7 @@ def test_each_ffn_width_runs_once_per_batch_shape_before_the_calibration(make_mo
     monkeypatch.setattr(kp, "temporaries_mapped", lambda restore: _Mapped([], restore, applies))
     model = make_model("bert", num_layers=4)
     # Layer 0's FFN emptied, 1 and 3 of one width, 2 of another: layers 1 and 2 run.
-    apply_plan(model, PruningPlan([LayerPlan(neurons=[]), LayerPlan(neurons=[0, 2, 5]), LayerPlan(neurons=[1]),
+    apply_plan(view(model), PruningPlan([LayerPlan(neurons=[]), LayerPlan(neurons=[0, 2, 5]), LayerPlan(neurons=[1]),
                                    LayerPlan(neurons=[3, 4, 7])]))
     sample = make_sample("bert", num_batches=4)
     sample.batches.append(sample.batches[0])  # a shape seen twice runs once

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from builders import view
 from conftest import make_sample, model_inputs_for, outputs_of, run_method
 
 from prunekit.core.accounting import count_flops, full_flops
@@ -46,7 +47,7 @@ def kind_of(head: str) -> str:
 
 def masked_outputs(teacher, plan, batch):
     adapter = get_adapter(teacher)
-    heads, neurons = plan.masks(teacher)
+    heads, neurons = plan.masks(view(teacher))
     with apply_masks(adapter, heads, neurons):
         return outputs_of(teacher, batch)
 
@@ -58,7 +59,7 @@ def test_meets_the_flops_budget_and_equals_its_masked_form(tiny_model, family, h
     model = tiny_model
     plan, log = run_method(kwon, model, sample, kind_of(head), KwonConfig(keep_flops=keep))
     seq_len = sample.mean_length
-    assert count_flops(model, seq_len) <= keep * full_flops(teacher, seq_len) * (1 + 1e-9)
+    assert count_flops(view(model), seq_len) <= keep * full_flops(view(teacher), seq_len) * (1 + 1e-9)
     assert log["search"]["cost"] <= log["budget"] * (1 + 1e-9)
     for batch in sample.batches:
         torch.testing.assert_close(outputs_of(model, batch), masked_outputs(teacher, plan, batch), rtol=1e-4, atol=1e-5)
@@ -114,7 +115,7 @@ def test_fisher_gradients_are_reused_across_budgets(make_model):
     teacher = make_model("bert", "regression")
     sample = labelled_sample("bert", "regression")
     config = KwonConfig(keep_flops=0.5)
-    fisher = kwon_fisher(teacher, TaskData(kind="regression", sample=sample), config)
+    fisher = kwon_fisher(view(teacher), TaskData(kind="regression", sample=sample), config)
     assert fisher.heads[0].shape == (len(sample.batches), 4) and fisher.neurons[1].shape == (len(sample.batches), 37)
     fresh, reused = copy.deepcopy(teacher), copy.deepcopy(teacher)
     plan_fresh, _ = run_method(kwon, fresh, sample, "regression", config)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out
+from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out, view
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from prunekit.core.accounting import (
@@ -125,7 +125,7 @@ def test_a_sublayer_by_kind_gives_its_output_projection_and_units(family):
     assert attn.columns(torch.tensor([2, 0])).tolist() == [*range(2 * d_h, 3 * d_h), *range(d_h)]  # head by head
     assert ffn.columns(torch.tensor([3, 1])).tolist() == [3, 1]
     assert adapter.sublayer_bias(0, "ffn") is ffn.down.bias  # None for Llama: no biases
-    apply_plan(adapter, PruningPlan(layers=[LayerPlan(heads=[], neurons=[])] + [LayerPlan()] * (adapter.num_layers - 1)))
+    apply_plan(view(adapter), PruningPlan(layers=[LayerPlan(heads=[], neurons=[])] + [LayerPlan()] * (adapter.num_layers - 1)))
     assert adapter.sublayer(0, "attn") is None and adapter.sublayer(0, "ffn") is None  # emptied
     remove_sublayer(adapter, 1, "ffn")
     assert adapter.sublayer(1, "ffn") is None
@@ -140,7 +140,7 @@ def test_pruned_equals_masked(head, seed):
     plan = hard_plan(seed)
     batch = llama_batch(seed)
     expected = masked(model, plan, batch)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs(pruned, batch), expected, atol=ATOL, rtol=0)
     assert not torch.allclose(expected, outputs(model, batch), atol=1e-3)  # the plan changed something
     adapter = get_adapter(pruned)
@@ -182,11 +182,11 @@ def test_a_plan_keeps_key_value_groups_whole_or_in_part():
     batch = llama_batch(3)
     by_groups = PruningPlan(layers=[LayerPlan(), LayerPlan(kv_groups=[1]), LayerPlan(kv_groups=[0], heads=[1])])
     by_heads = PruningPlan(layers=[LayerPlan(), LayerPlan(heads=[3, 4, 5]), LayerPlan(heads=[1])])
-    pruned = apply_plan(copy.deepcopy(model), PruningPlan.from_dict(by_groups.to_dict()))
+    pruned = apply_plan(view(copy.deepcopy(model)), PruningPlan.from_dict(by_groups.to_dict()))
     torch.testing.assert_close(outputs(pruned, batch), masked(model, by_heads, batch), atol=ATOL, rtol=0)
     assert [get_adapter(pruned).attention(i).num_kv_heads for i in range(LAYERS)] == [2, 1, 1]
     with pytest.raises(ValueError, match=r"heads \[0\] lie outside the kept key/value groups \[1\]"):
-        apply_plan(copy.deepcopy(model), PruningPlan(layers=[LayerPlan(kv_groups=[1], heads=[0, 3])]))
+        apply_plan(view(copy.deepcopy(model)), PruningPlan(layers=[LayerPlan(kv_groups=[1], heads=[0, 3])]))
 
 
 def test_a_group_mask_is_its_query_heads_mask():
@@ -219,7 +219,7 @@ def test_emptied_pre_norm_sublayers_compute_x_plus_bias(biases):
     expected = masked(model, plan, batch)
     b_attn = model.model.layers[1].self_attn.o_proj.bias
     b_ffn = model.model.layers[1].mlp.down_proj.bias
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     x, y = layer_io(pruned, 1, batch)
     assert torch.equal(y, (x + b_attn) + b_ffn if biases else x)
     torch.testing.assert_close(outputs(pruned, batch), expected, atol=ATOL, rtol=0)
@@ -240,7 +240,7 @@ def test_emptied_post_norm_sublayers_compute_layer_norm_of_x_plus_bias(make_mode
     ln1, b1 = block.attention.output.LayerNorm, block.attention.output.dense.bias
     ln2, b2 = block.output.LayerNorm, block.output.dense.bias
     plan = PruningPlan(layers=[LayerPlan(), LayerPlan(heads=[], neurons=[])])
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     x, y = layer_io(pruned, 1, batch)
     y = y[0] if isinstance(y, tuple) else y
 
@@ -260,32 +260,32 @@ def test_flops_and_parameters_equal_a_hand_count():
     s = 16
     # Unpruned, per layer: Q 36·72, K and V 36·24 each, O 72·36, FFN 3·36·37 weights; no biases.
     per_layer = 36 * 72 + 2 * 36 * 24 + 72 * 36 + 3 * 36 * 37
-    assert full_prunable_params(model) == count_prunable_params(model) == LAYERS * per_layer == 32724
+    assert full_prunable_params(view(model)) == count_prunable_params(view(model)) == LAYERS * per_layer == 32724
     attention = 6 * (s * 36 * 12 + 2 * s * s * 12 + s * 12 * 36) + 2 * (2 * s * 36 * 12)
-    assert full_flops(model, s) == count_flops(model, s) == 2 * LAYERS * (attention + 37 * 3 * s * 36)
-    assert count_flops(model, s) == 2 * macs_by_hand(model, s)
+    assert full_flops(view(model), s) == count_flops(view(model), s) == 2 * LAYERS * (attention + 37 * 3 * s * 36)
+    assert count_flops(view(model), s) == 2 * macs_by_hand(model, s)
     # A tied output head is one parameter: counted once.
-    assert count_params(model) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert count_params(view(model)) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
-    pruned = apply_plan(copy.deepcopy(model), hard_plan(1))
-    assert count_flops(pruned, s) == 2 * macs_by_hand(pruned, s)
+    pruned = apply_plan(view(copy.deepcopy(model)), hard_plan(1))
+    assert count_flops(view(pruned), s) == 2 * macs_by_hand(pruned, s)
     linears = [m for block in pruned.model.layers for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    assert count_prunable_params(pruned) == sum(p.numel() for m in linears for p in m.parameters())
+    assert count_prunable_params(view(pruned)) == sum(p.numel() for m in linears for p in m.parameters())
 
     with_biases = build_llama(biases=True)
     bias_count = 72 + 2 * 24 + 36 + 2 * 37 + 36  # q, k, v, o, gate and up, down
-    assert full_prunable_params(with_biases) == LAYERS * (per_layer + bias_count)
-    emptied = apply_plan(copy.deepcopy(with_biases), PruningPlan(layers=[LayerPlan(heads=[], neurons=[])]))
+    assert full_prunable_params(view(with_biases)) == LAYERS * (per_layer + bias_count)
+    emptied = apply_plan(view(copy.deepcopy(with_biases)), PruningPlan(layers=[LayerPlan(heads=[], neurons=[])]))
     # An emptied sublayer keeps only its output bias (d each).
-    assert count_prunable_params(emptied) == (LAYERS - 1) * (per_layer + bias_count) + 2 * D
+    assert count_prunable_params(view(emptied)) == (LAYERS - 1) * (per_layer + bias_count) + 2 * D
 
 
 def test_resize_rebuilds_a_pruned_architecture():
     """The saved per-layer shapes (query heads, key/value heads and their map, FFN width) rebuild
     the architecture, which then takes the pruned weights and computes the same."""
     model = build_llama(seed=5)
-    pruned = apply_plan(copy.deepcopy(model), hard_plan(2))
+    pruned = apply_plan(view(copy.deepcopy(model)), hard_plan(2))
     shapes = get_adapter(pruned).layer_shapes()
     assert LayerShape(**shapes[0].to_dict()) == shapes[0]  # survives the config's JSON form
     fresh = build_llama(seed=9)
@@ -328,7 +328,7 @@ def test_gates_equal_gate_surgery_with_hidden_dims_in_pre_norm():
     # The residual stream (what layer distillation reads) is 0 in the closed dims, from the embeddings on.
     assert all(torch.equal(h[..., hidden == 0], torch.zeros_like(h[..., hidden == 0])) for h in states)
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, gate_plan(pruned, values))
+    apply_plan(view(pruned), gate_plan(view(pruned), values))
     adapter = get_adapter(pruned)
     assert adapter.hidden_size == D - 4 and adapter.tied_embeddings  # narrowed, still tied
     assert adapter.is_removed(2, "attn") and adapter.is_removed(1, "ffn")
@@ -361,8 +361,8 @@ def test_kwon_on_the_test_family(monkeypatch):
     sample = llama_sample()
     offsets, real = [], kwon_module._unit_system
     monkeypatch.setattr(kwon_module, "_unit_system", lambda *a, **k: offsets.append(k["offset"]) or real(*a, **k))
-    plan, log = kwon_module.kwon(model, TaskData("classification", sample), kwon_module.KwonConfig(keep_flops=0.6))
-    apply_plan(model, plan)
+    plan, log = kwon_module.kwon(view(model), TaskData("classification", sample), kwon_module.KwonConfig(keep_flops=0.6))
+    apply_plan(view(model), plan)
     assert offsets and not any(offsets)
     assert any(step["status"] == "tuned" for step in log["tuning"])
     rows = kwon_module._rows(sample.batches[0], True, "last")
@@ -371,7 +371,7 @@ def test_kwon_on_the_test_family(monkeypatch):
     batch = llama_batch(7)
     torch.testing.assert_close(outputs(model, batch), masked(teacher, plan, batch), atol=ATOL, rtol=0)
     seq_len = log["seq_len"]
-    assert count_flops(model, seq_len) <= 0.6 * full_flops(teacher, seq_len)
+    assert count_flops(view(model), seq_len) <= 0.6 * full_flops(view(teacher), seq_len)
 
 
 @pytest.mark.parametrize("method", ["kprune", "magnitude"])
@@ -386,13 +386,13 @@ def test_other_methods_meet_the_budget_on_the_test_family(method):
     sample = llama_sample(seed=8)
     data = TaskData("classification", sample)
     if method == "kprune":
-        plan, log = kprune(model, data, KpruneConfig(keep_flops=0.5))
+        plan, log = kprune(view(model), data, KpruneConfig(keep_flops=0.5))
     else:
-        plan, log = magnitude(model, data, MagnitudeConfig(keep_flops=0.5))
-    apply_plan(model, plan)
+        plan, log = magnitude(view(model), data, MagnitudeConfig(keep_flops=0.5))
+    apply_plan(view(model), plan)
     seq_len = log["seq_len"]
     assert get_adapter(model).is_pruned()
-    assert 0.3 * full_flops(teacher, seq_len) < count_flops(model, seq_len) <= 0.5 * full_flops(teacher, seq_len)
+    assert 0.3 * full_flops(view(teacher), seq_len) < count_flops(view(model), seq_len) <= 0.5 * full_flops(view(teacher), seq_len)
     assert torch.isfinite(outputs(model, llama_batch(8))).all()
 
 
@@ -403,11 +403,11 @@ def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
     removed sublayer and a narrowed, tied residual stream saves and reloads bit-identically."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from prunekit.io.folders import load_pruned, save_pruned
     from prunekit.core.surgery import narrow_hidden
+    from prunekit.io.folders import load_pruned, save_pruned
 
     model = build_llama(head, seed=10)
-    pruned = apply_plan(copy.deepcopy(model), hard_plan(1))
+    pruned = apply_plan(view(copy.deepcopy(model)), hard_plan(1))
     adapter = get_adapter(pruned)
     remove_sublayer(adapter, 2, "ffn")
     narrow_hidden(adapter, [i for i in range(D) if i % 5])
@@ -429,12 +429,12 @@ def test_greedy_generation_with_and_without_the_cache():
     the masked model's greedy tokens, with and without the key/value cache."""
     model = build_llama("causal_lm", seed=11)
     plan = hard_plan(1)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     cached = pruned.generate(prompt, use_cache=True, **options)
     assert torch.equal(cached, pruned.generate(prompt, use_cache=False, **options))
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         assert torch.equal(cached, model.generate(prompt, use_cache=True, **options))
 

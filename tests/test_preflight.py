@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import view
 from conftest import build_tiny_model, save_teacher, write_sst2
 from test_cli import assert_clean_error, assert_no_output, prune_args, run
 
@@ -69,7 +70,7 @@ def _no_dev(w: dict) -> Path:
 def _pruned_folder(w: dict, name: str = "pruned") -> Path:
     model = build_tiny_model("bert", "classification", num_labels=2)
     plan = PruningPlan([LayerPlan(heads=[0, 2], neurons=list(range(0, 37, 2))), LayerPlan(heads=[1], neurons=[3])])
-    return save_pruned(apply_plan(model, copy.deepcopy(plan)), w["tmp"] / name, tokenizer=w["tokenizer"])
+    return save_pruned(apply_plan(view(model), copy.deepcopy(plan)), w["tmp"] / name, tokenizer=w["tokenizer"])
 
 
 def _edit_pruned(w: dict, name: str, edit: Callable[[dict], object]) -> Path:
@@ -250,7 +251,7 @@ def test_cofi_on_a_short_valid_schedule_meets_keep_params(ws, capsys):
     from prunekit.io.folders import load_pruned
 
     model = load_pruned(ws["out"])
-    assert count_prunable_params(model) / full_prunable_params(model) == pytest.approx(report["achieved_keep"])
+    assert count_prunable_params(view(model)) / full_prunable_params(view(model)) == pytest.approx(report["achieved_keep"])
 
 
 def test_finetune_refuses_a_folder_without_a_tokenizer_and_takes_one_given(ws, capsys):

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from builders import view
 from conftest import _randomize, assert_reloads_identically, make_batch, make_sample, outputs_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,9 +38,9 @@ from transformers import (
 import prunekit
 from prunekit import save_pruned
 from prunekit.core.accounting import count_flops, count_params, full_flops
-from prunekit.io.folders import save_plan
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import get_adapter
+from prunekit.io.folders import save_plan
 from prunekit.methods import get_method
 from prunekit.tasks import TaskData
 
@@ -120,10 +121,10 @@ def test_pruned_equals_masked_and_reloads_identically(case, batch_seed):
     model = build(shape)
     batch = batch_for(shape, batch_seed)
     expected = reference_outputs(model, plan, batch, outputs_of)
-    pruned = apply_plan(copy.deepcopy(model), copy.deepcopy(plan))
+    pruned = apply_plan(view(copy.deepcopy(model)), copy.deepcopy(plan))
     got = outputs_of(pruned, batch)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    assert count_params(pruned) == sum(p.numel() for p in pruned.parameters())
+    assert count_params(view(pruned)) == sum(p.numel() for p in pruned.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned"
         save_pruned(pruned, out)
@@ -156,11 +157,11 @@ def test_a_methods_plan_meets_its_budget_and_replays_from_its_files(shape, metho
     kind = "qa" if shape["head"] == "qa" else "classification"
     sample = labelled_sample(shape, kind)
     spec = get_method(method)
-    plan, _ = spec.run(teacher, TaskData(kind, sample), spec.make_config(keep_flops=keep))
+    plan, _ = spec.run(view(teacher), TaskData(kind, sample), spec.make_config(keep_flops=keep))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is left alone
-    pruned = apply_plan(copy.deepcopy(teacher), plan)
+    pruned = apply_plan(view(copy.deepcopy(teacher)), plan)
     seq_len = sample.mean_length
-    assert count_flops(pruned, seq_len) <= keep * full_flops(teacher, seq_len) * (1 + 1e-9)
+    assert count_flops(view(pruned), seq_len) <= keep * full_flops(view(teacher), seq_len) * (1 + 1e-9)
     with tempfile.TemporaryDirectory() as tmp:
         save_plan(plan, tmp)
         replayed = prunekit.apply_plan(teacher, tmp)

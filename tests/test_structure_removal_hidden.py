@@ -19,6 +19,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import view
 from conftest import assert_reloads_identically, assert_same_plan
 from torch import nn
 from transformers import (
@@ -37,7 +38,6 @@ from prunekit.core.accounting import (
     layer_flops,
     unit_costs,
 )
-from prunekit.io.folders import load_model
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import (
     LayerPlan,
@@ -49,6 +49,7 @@ from prunekit.core.surgery import (
     remove_sublayer,
 )
 from prunekit.families import LayerShape, get_adapter
+from prunekit.io.folders import load_model
 
 H, D_H, D, D_FF, VOCAB, POSITIONS = 4, 8, 32, 37, 99, 128
 ATOL = 1e-5
@@ -95,7 +96,7 @@ def _zero_dropped_dims(model: nn.Module, dropped: torch.Tensor) -> None:
 
 
 def reference_outputs(model: nn.Module, plan: PruningPlan, batch, outputs_of) -> torch.Tensor:
-    """What ``apply_plan(model, plan)`` must compute, from the unpruned ``model`` and hooks only:
+    """What ``apply_plan(view(model), plan)`` must compute, from the unpruned ``model`` and hooks only:
     heads and neurons by masks (as in test_surgery), each removed sublayer forced to the identity
     (its LayerNorm returns the sublayer's input X), and ``plan.hidden`` as zeroed weights plus
     LayerNorms over the kept dims."""
@@ -128,7 +129,7 @@ def reference_outputs(model: nn.Module, plan: PruningPlan, batch, outputs_of) ->
                     handles.append(norm.register_forward_hook(identity((layer, kind))))
                 elif keep is not None:
                     handles.append(norm.register_forward_hook(_masked_layer_norm(keep)))
-        head_masks, neuron_masks = plan.masks(model)
+        head_masks, neuron_masks = plan.masks(view(model))
         with apply_masks(adapter, head_masks, neuron_masks):
             return outputs_of(model, batch)
     finally:
@@ -140,7 +141,7 @@ def check_plan(model, plan, batch, outputs_of) -> nn.Module:
     """Apply ``plan`` to a copy of ``model``; its outputs must equal the reference's (and differ
     from the unpruned model's, so the plan did something)."""
     expected = reference_outputs(model, plan, batch, outputs_of)
-    pruned = apply_plan(copy.deepcopy(model), copy.deepcopy(plan))
+    pruned = apply_plan(view(copy.deepcopy(model)), copy.deepcopy(plan))
     got = outputs_of(pruned, batch)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -197,16 +198,16 @@ def test_removed_sublayers_pass_their_input_through_exactly(family, make_model, 
 def test_removal_works_from_every_sublayer_state(family, state, make_model, batch, outputs_of):
     model = make_model(family)
     if state == "narrowed":
-        model = apply_plan(model, PruningPlan([LayerPlan(heads=[1, 3], neurons=[0, 4, 9])]))
+        model = apply_plan(view(model), PruningPlan([LayerPlan(heads=[1, 3], neurons=[0, 4, 9])]))
     elif state == "empty":
-        model = apply_plan(model, PruningPlan([LayerPlan(heads=[], neurons=[])]))
+        model = apply_plan(view(model), PruningPlan([LayerPlan(heads=[], neurons=[])]))
     check_plan(model, PruningPlan([LayerPlan(attention_removed=True, ffn_removed=True)]), batch, outputs_of)
 
 
 def test_removed_sublayer_view(family, make_model):
     model = make_model(family, num_layers=3)
     adapter = get_adapter(model)
-    apply_plan(model, PruningPlan([LayerPlan(heads=[], attention_removed=True), LayerPlan(neurons=[]), LayerPlan()]))
+    apply_plan(view(model), PruningPlan([LayerPlan(heads=[], attention_removed=True), LayerPlan(neurons=[]), LayerPlan()]))
     remove_sublayer(adapter, 2, "ffn")
     remove_sublayer(adapter, 2, "ffn")  # removing twice is a no-op
     assert adapter.layer_shapes() == [LayerShape(0, D_FF, attention_removed=True), LayerShape(H, 0),
@@ -282,7 +283,7 @@ def test_narrowed_bare_base_model(make_batch):
             out = m(**b)
         return torch.cat([out.last_hidden_state[:, 0], out.pooler_output], dim=-1)  # (B, d + D)
 
-    narrowed = apply_plan(copy.deepcopy(model), PruningPlan(hidden=KEEP))
+    narrowed = apply_plan(view(copy.deepcopy(model)), PruningPlan(hidden=KEEP))
     reference = reference_outputs(model, PruningPlan(hidden=KEEP), batch, outputs)
     got = outputs(narrowed, batch)
     assert got.shape == (4, len(KEEP) + D)
@@ -294,9 +295,9 @@ def test_narrowing_twice_composes(family, make_model, batch, outputs_of):
     """Indices refer to the current dims: keeping KEEP and then dims (1, 4, 5, 11) of those keeps
     KEEP[1], KEEP[4], KEEP[5], KEEP[11]."""
     model = make_model(family)
-    twice = apply_plan(copy.deepcopy(model), PruningPlan(hidden=KEEP))
+    twice = apply_plan(view(copy.deepcopy(model)), PruningPlan(hidden=KEEP))
     narrow_hidden(get_adapter(twice), [1, 4, 5, 11])
-    once = apply_plan(copy.deepcopy(model), PruningPlan(hidden=[KEEP[i] for i in (1, 4, 5, 11)]))
+    once = apply_plan(view(copy.deepcopy(model)), PruningPlan(hidden=[KEEP[i] for i in (1, 4, 5, 11)]))
     assert get_adapter(twice).hidden_size == 4
     torch.testing.assert_close(outputs_of(twice, batch), outputs_of(once, batch), atol=ATOL, rtol=0)
 
@@ -327,7 +328,7 @@ def test_bad_hidden_indices_raise_before_anything_changes(make_model, keep, matc
     model = make_model("bert")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
-        apply_plan(model, PruningPlan([LayerPlan(heads=[0], attention_removed=True)], hidden=keep))
+        apply_plan(view(model), PruningPlan([LayerPlan(heads=[0], attention_removed=True)], hidden=keep))
     with pytest.raises(ValueError, match=match):
         narrow_hidden(get_adapter(model), keep)
     assert get_adapter(model).layer_shapes() == [LayerShape(H, D_FF)] * 2
@@ -377,14 +378,14 @@ def test_pruning_plan_round_trip_with_the_new_fields():
 def test_plan_masks_ignore_removals_and_hidden(make_model):
     model = make_model("bert")
     plan = PruningPlan([LayerPlan(heads=[1], attention_removed=True), LayerPlan(ffn_removed=True)], hidden=[0, 1])
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     assert list(head_masks) == [0] and neuron_masks == {}
 
 
 # ---- save and reload ------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", TASK_HEADS)
 def test_save_and_reload_identical_outputs(family, task, make_model, tokenizer, batch, outputs_of, tmp_path):
-    model = apply_plan(make_model(family, task, num_layers=3), combined_plan())
+    model = apply_plan(view(make_model(family, task, num_layers=3)), combined_plan())
     shapes = get_adapter(model).layer_shapes()
     expected = outputs_of(model, batch)
     out = save_pruned(model, tmp_path / "pruned", tokenizer=tokenizer)
@@ -400,7 +401,7 @@ def test_save_and_reload_identical_outputs(family, task, make_model, tokenizer, 
     assert get_adapter(reloaded).hidden_size == len(KEEP)
 
     # Reloaded, it can be pruned further and saved again.
-    apply_plan(reloaded, PruningPlan([LayerPlan(), LayerPlan(attention_removed=True)], hidden=[0, 3, 4, 9, 11]))
+    apply_plan(view(reloaded), PruningPlan([LayerPlan(), LayerPlan(attention_removed=True)], hidden=[0, 3, 4, 9, 11]))
     again = outputs_of(reloaded, batch)
     save_pruned(reloaded, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["prunekit_hidden_size"] == 5
@@ -410,7 +411,7 @@ def test_save_and_reload_identical_outputs(family, task, make_model, tokenizer, 
 def test_unnarrowed_config_keeps_the_old_format(family, make_model, tmp_path):
     """Without removals or narrowing the saved config is what older prunekit wrote, and a config
     written by it (no flags, no prunekit_hidden_size) still loads."""
-    model = apply_plan(make_model(family), PruningPlan([LayerPlan(heads=[1, 2], neurons=[]), LayerPlan()]))
+    model = apply_plan(view(make_model(family)), PruningPlan([LayerPlan(heads=[1, 2], neurons=[]), LayerPlan()]))
     save_pruned(model, tmp_path / "pruned")
     path = tmp_path / "pruned" / "config.json"
     config = json.loads(path.read_text())
@@ -432,7 +433,7 @@ def test_narrowed_sinusoidal_distilbert_reloads(make_batch, outputs_of, tmp_path
     torch.manual_seed(0)
     config = DistilBertConfig(vocab_size=VOCAB, dim=D, n_layers=2, n_heads=H, hidden_dim=D_FF,
                               max_position_embeddings=POSITIONS, sinusoidal_pos_embds=True)  # fmt: skip
-    model = apply_plan(_randomize(DistilBertForSequenceClassification(config)).eval(), PruningPlan(hidden=KEEP))
+    model = apply_plan(view(_randomize(DistilBertForSequenceClassification(config)).eval()), PruningPlan(hidden=KEEP))
     batch = make_batch([9, 5, 2, 7], token_type_ids=False)
     expected = outputs_of(model, batch)
     save_pruned(model, tmp_path / "pruned")
@@ -440,7 +441,7 @@ def test_narrowed_sinusoidal_distilbert_reloads(make_batch, outputs_of, tmp_path
 
 
 def test_hidden_size_that_does_not_match_the_weights_fails_to_load(make_model, tmp_path):
-    folder = save_pruned(apply_plan(make_model("bert"), PruningPlan(hidden=KEEP)), tmp_path / "pruned")
+    folder = save_pruned(apply_plan(view(make_model("bert")), PruningPlan(hidden=KEEP)), tmp_path / "pruned")
     config = json.loads((folder / "config.json").read_text())
     config["prunekit_hidden_size"] = len(KEEP) - 1
     (folder / "config.json").write_text(json.dumps(config))
@@ -451,7 +452,7 @@ def test_hidden_size_that_does_not_match_the_weights_fails_to_load(make_model, t
 # ---- resize -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", TASK_HEADS)
 def test_resize_rebuilds_a_pruned_architecture(family, task, make_model, batch, outputs_of):
-    pruned = apply_plan(make_model(family, task, num_layers=3), combined_plan())
+    pruned = apply_plan(view(make_model(family, task, num_layers=3)), combined_plan())
     shapes = get_adapter(pruned).layer_shapes()
     fresh = make_model(family, task, num_layers=3, seed=5)
     adapter = get_adapter(fresh)
@@ -489,18 +490,18 @@ def test_counts_of_a_narrowed_bert_by_hand(make_model):
     FLOPs: per head 2·(3·10·12·8 + 2·10²·8 + 10·8·12) = 10880, per neuron 2·2·10·12 = 480:
     2·10880 + 10·480 = 26560.
     """
-    model = apply_plan(make_model("bert"), accounting_plan())
-    assert count_params(model) == 4461
-    assert count_params(model, encoder_only=True) == 1174
-    assert count_prunable_params(model) == 1102
+    model = apply_plan(view(make_model("bert")), accounting_plan())
+    assert count_params(view(model)) == 4461
+    assert count_params(view(model), encoder_only=True) == 1174
+    assert count_prunable_params(view(model)) == 1102
     cost = unit_costs(get_adapter(model), 0, 10)
     assert (cost.head, cost.neuron) == (10880, 480)
     assert unit_costs(get_adapter(model), 0, 10, hidden_size=D).head == 23680  # the unpruned width
-    assert count_flops(model, 10) == 26560
+    assert count_flops(view(model), 10) == 26560
     # The reference stays the unpruned architecture: 2·(4·23680 + 37·1280).
-    assert full_flops(model, 10) == 284160 == full_flops(make_model("bert"), 10)
-    assert full_prunable_params(model) == 13322 == count_prunable_params(make_model("bert"))
-    rows = layer_flops(model, 10)
+    assert full_flops(view(model), 10) == 284160 == full_flops(view(make_model("bert")), 10)
+    assert full_prunable_params(view(model)) == 13322 == count_prunable_params(view(make_model("bert")))
+    rows = layer_flops(view(model), 10)
     assert rows[1] == {"heads": 0, "neurons": 0, "attn_flops": 0.0, "ffn_flops": 0.0, "attention_removed": True}
     assert "attention_removed" not in rows[0] and "ffn_removed" not in rows[0]
 
@@ -509,13 +510,13 @@ def test_prunable_params_of_every_family(family, make_model):
     """L·(4d² + 4d) + L·(2·d·d_ff + d + d_ff) = 2·(4096 + 128) + 2·(2368 + 69) = 13322 unpruned;
     after the plan: as in the BERT hand count, which depends only on the encoder linears."""
     model = make_model(family, "qa")
-    assert count_prunable_params(model) == full_prunable_params(model) == 13322
-    apply_plan(model, accounting_plan())
-    assert count_prunable_params(model) == 1102
-    assert full_prunable_params(model) == 13322
+    assert count_prunable_params(view(model)) == full_prunable_params(view(model)) == 13322
+    apply_plan(view(model), accounting_plan())
+    assert count_prunable_params(view(model)) == 1102
+    assert full_prunable_params(view(model)) == 13322
     # The encoder's own parameters: the prunable ones plus the 2·12 of each present LayerNorm.
-    assert count_params(model, encoder_only=True) == 1102 + 3 * 2 * len(KEEP)
-    assert count_flops(model, 10) == 26560
+    assert count_params(view(model), encoder_only=True) == 1102 + 3 * 2 * len(KEEP)
+    assert count_flops(view(model), 10) == 26560
 
 
 def test_full_prunable_params_of_bert_base():
@@ -523,4 +524,4 @@ def test_full_prunable_params_of_bert_base():
     config = BertConfig(vocab_size=10, hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=8)  # fmt: skip
     model = BertForSequenceClassification(config)
-    assert full_prunable_params(model) == 85_017_600 // 12 == count_prunable_params(model)
+    assert full_prunable_params(view(model)) == 85_017_600 // 12 == count_prunable_params(view(model))

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from builders import view
 from conftest import assert_same_plan
 from torch import nn
 
@@ -47,7 +48,7 @@ def random_plan(num_layers: int, seed: int) -> PruningPlan:
 
 
 def masked_outputs(model, plan, batch, outputs_of):
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     with apply_masks(get_adapter(model), head_masks, neuron_masks):
         return outputs_of(model, batch)
 
@@ -64,7 +65,7 @@ def test_pruned_model_equals_masked_model(family, head, make_model, batch, outpu
     model = make_model(family, head, num_layers=3, seed=seed)
     plan = random_plan(3, seed)
     expected = masked_outputs(model, plan, batch, outputs_of)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     assert get_adapter(pruned).layer_shapes() == expected_shapes(plan)
     got = outputs_of(pruned, batch)
     assert got.shape == expected.shape
@@ -87,9 +88,9 @@ def test_random_plans_cover_the_hard_cases():
 def test_pruning_twice_composes(family, make_model, batch, outputs_of):
     """Indices refer to the current units: keeping heads (0, 1, 3) and then (0, 2) of those keeps 0 and 3."""
     model = make_model(family)
-    twice = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[0, 1, 3], neurons=list(range(0, D_FF, 2)))]))
-    apply_plan(twice, PruningPlan([LayerPlan(heads=[0, 2], neurons=[0, 5, 18])]))
-    once = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[0, 3], neurons=[0, 10, 36])]))
+    twice = apply_plan(view(copy.deepcopy(model)), PruningPlan([LayerPlan(heads=[0, 1, 3], neurons=list(range(0, D_FF, 2)))]))
+    apply_plan(view(twice), PruningPlan([LayerPlan(heads=[0, 2], neurons=[0, 5, 18])]))
+    once = apply_plan(view(copy.deepcopy(model)), PruningPlan([LayerPlan(heads=[0, 3], neurons=[0, 10, 36])]))
     torch.testing.assert_close(outputs_of(twice, batch), outputs_of(once, batch), atol=ATOL, rtol=0)
 
 
@@ -112,7 +113,7 @@ def test_emptied_sublayers_compute_layernorm_of_input_plus_bias(family, head, ma
 
     # Against the masked model with zero masks: equal outputs.
     expected = masked_outputs(model, plan, batch, outputs_of)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs_of(pruned, batch), expected, atol=ATOL, rtol=0)
 
     # And directly: with no units, layer 0 computes LN_ffn(LN_attn(X + b_attn) + b_ffn).
@@ -144,14 +145,14 @@ def test_emptying_folds_scales_into_the_kept_bias_only(family, make_model, batch
     model = make_model(family)
     plan = PruningPlan([LayerPlan(heads=[], head_scales=[-2.0, 3.0, 0.5, 7.0], neurons=[], neuron_scales=[5.0] * D_FF)])
     expected = masked_outputs(model, plan, batch, outputs_of)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     torch.testing.assert_close(outputs_of(pruned, batch), expected, atol=ATOL, rtol=0)
 
 
 def test_model_pruned_to_nothing_still_runs(family, head, make_model, batch, outputs_of):
     model = make_model(family, head, num_layers=3)
     plan = PruningPlan([LayerPlan(heads=[], neurons=[]) for _ in range(3)])
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    pruned = apply_plan(view(copy.deepcopy(model)), plan)
     adapter = get_adapter(pruned)
     assert adapter.layer_shapes() == [LayerShape(0, 0)] * 3
     assert all(adapter.attention(layer) is None and adapter.ffn(layer) is None for layer in range(3))
@@ -159,7 +160,7 @@ def test_model_pruned_to_nothing_still_runs(family, head, make_model, batch, out
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, masked_outputs(model, plan, batch, outputs_of), atol=ATOL, rtol=0)
     # Pruning an emptied model again with an empty plan is a no-op; keeping units is an error.
-    apply_plan(pruned, plan)
+    apply_plan(view(pruned), plan)
     with pytest.raises(ValueError, match="no attention heads left"):
         prune_heads(adapter, 0, [0])
     with pytest.raises(ValueError, match="no FFN neurons left"):
@@ -239,19 +240,19 @@ def test_bad_indices_raise(family, make_model, sublayer, keep, match):
 def test_bad_plans_raise(make_model):
     model = make_model("bert")
     with pytest.raises(ValueError, match="plan has 3 layers"):
-        apply_plan(model, PruningPlan([LayerPlan()] * 3))
+        apply_plan(view(model), PruningPlan([LayerPlan()] * 3))
     with pytest.raises(ValueError, match="scales must have shape"):
-        apply_plan(model, PruningPlan([LayerPlan(neurons=[0], neuron_scales=[1.0, 2.0])]))
+        apply_plan(view(model), PruningPlan([LayerPlan(neurons=[0], neuron_scales=[1.0, 2.0])]))
     with pytest.raises(ValueError, match="4 entries"):
-        apply_plan(model, PruningPlan([LayerPlan(heads=[0], head_scales=[1.0] * 3)]))
+        apply_plan(view(model), PruningPlan([LayerPlan(heads=[0], head_scales=[1.0] * 3)]))
     assert get_adapter(model).layer_shapes() == [LayerShape(H, D_FF)] * 2
 
 
 def test_unsorted_indices_are_sorted(make_model, make_batch, outputs_of):
     batch = make_batch([9, 5, 2, 7])
     model = make_model("bert")
-    a = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[3, 0], neurons=[20, 4, 11])]))
-    b = apply_plan(copy.deepcopy(model), PruningPlan([LayerPlan(heads=[0, 3], neurons=[4, 11, 20])]))
+    a = apply_plan(view(copy.deepcopy(model)), PruningPlan([LayerPlan(heads=[3, 0], neurons=[20, 4, 11])]))
+    b = apply_plan(view(copy.deepcopy(model)), PruningPlan([LayerPlan(heads=[0, 3], neurons=[4, 11, 20])]))
     assert torch.equal(outputs_of(a, batch), outputs_of(b, batch))
 
 
@@ -295,7 +296,7 @@ def test_pruning_plan_round_trip():
 def test_plan_masks(make_model):
     model = make_model("bert")
     plan = PruningPlan([LayerPlan(heads=[1, 2], head_scales=[9.0, 0.5, -2.0, 9.0]), LayerPlan(neurons=[0])])
-    head_masks, neuron_masks = plan.masks(model)
+    head_masks, neuron_masks = plan.masks(view(model))
     assert list(head_masks) == [0] and list(neuron_masks) == [1]
     assert head_masks[0].tolist() == [0.0, 0.5, -2.0, 0.0]
     assert neuron_masks[1].tolist() == [1.0] + [0.0] * (D_FF - 1)

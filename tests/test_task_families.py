@@ -12,14 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-import prunekit.tasks.family as family_module
+import prunekit.tasks.registry as registry_module
 import prunekit.tasks.spec as spec_module
 from prunekit.api import loss_kind
 from prunekit.core.errors import ConfigError
 from prunekit.tasks import build_calibration_sample, build_training_data, load_examples
 from prunekit.tasks.evaluate import evaluate
-from prunekit.tasks.family import LOSS_KINDS, TaskFamily, family_of, register_family
+from prunekit.tasks.family import LOSS_KINDS, TaskFamily
 from prunekit.tasks.finetune import FinetuneConfig, finetune
+from prunekit.tasks.registry import family_of, register_family
 from prunekit.tasks.spec import TASKS, TaskSpec
 
 
@@ -113,7 +114,7 @@ PARITY = {split: [{"x": [a, b, 1.0], "label": int(a + b) % 2} for a in range(3) 
 @pytest.fixture
 def parity_task(monkeypatch: pytest.MonkeyPatch) -> TaskSpec:
     # A copy of both registries, so the test family is gone after the test.
-    monkeypatch.setattr(family_module, "_FAMILIES", dict(family_module._registry()))
+    monkeypatch.setattr(registry_module, "_FAMILIES", dict(registry_module._FAMILIES))
     monkeypatch.setattr(spec_module, "_KINDS", dict(spec_module._KINDS))
     register_family(ParityFamily())
     return TaskSpec(name="parity", kind="parity", text_columns=("x",), num_labels=2, label_values=("0", "1"),

@@ -52,7 +52,7 @@ from prunekit.methods.search import current_widths, full_widths, total_cost
 from prunekit.tasks import CalibrationSample, TaskData, build_calibration_sample, build_training_data
 from prunekit.tasks.causal_lm.family import calibration_window
 from prunekit.tasks.dispatch import check_split
-from prunekit.tasks.family import family_of
+from prunekit.tasks.registry import family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ class PruneOptions:
         sort_by_length: calibration batches of similar lengths.
         method_options: the method's hyperparameters (e.g. ``temperature``, ``lam_rep``, ``seq_len``;
             CoFi's ``student_init``, ``checkpoint_dir``, ``resume``).
-        overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len: ``prune_and_save`` only:
-            replace a folder prunekit wrote, evaluate on dev, time against the teacher.
+        overwrite, run_eval, run_bench, bench_batch_size, bench_seq_len, bench_rounds,
+            max_eval_examples: ``prune_and_save`` and ``compare`` only: replace a folder prunekit
+            wrote, evaluate on dev (the first ``max_eval_examples``), time against the teacher.
         calibration_length, eval_window, eval_stride, bench_new_tokens: causal LM only: the
             calibration window length L (``num_sequences`` windows of L tokens), the perplexity
             window and stride, and the new tokens of the decode benchmark (``prune_and_save``).
@@ -146,6 +147,10 @@ class PruneOptions:
     eval_stride: int | None = None
     bench_new_tokens: int = 32
     uniform: bool = False
+    # prune_and_save and compare: score only the first N dev examples (quick checks), and the
+    # benchmark's rounds (latency) or repeats (decode).
+    max_eval_examples: int | None = None
+    bench_rounds: int = 5
 
     @classmethod
     def of(cls, options: PruneOptions | str | TaskSpec | None = None, **kwargs: Any) -> PruneOptions:
@@ -430,15 +435,20 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
         teacher.model.train(was_training)
 
 
-def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
+def count_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
     """FLOPs (attention heads and FFN neurons) of one sequence of ``seq_len`` tokens through any
-    supported ``model``, pruned or not; the model is not changed."""
-    return accounting.count_flops(pruning_view(model), seq_len)
+    supported ``model`` (or its view), pruned or not; the model is not changed."""
+    return accounting.count_flops(_view(model), seq_len)
 
 
-def count_params(model: nn.Module, encoder_only: bool = False) -> int:
-    """Parameters of any supported ``model``; with ``encoder_only`` only its transformer layers'."""
-    return accounting.count_params(pruning_view(model), encoder_only=encoder_only)
+def count_params(model: nn.Module | ModelAdapter, encoder_only: bool = False) -> int:
+    """Parameters of any supported ``model`` (or its view); with ``encoder_only`` only its
+    transformer layers'."""
+    return accounting.count_params(_view(model), encoder_only=encoder_only)
+
+
+def _view(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    return model if isinstance(model, ModelAdapter) else pruning_view(model)
 
 
 def _check_params_budget(spec: MethodSpec, budget: Budget, report: dict[str, Any]) -> None:
@@ -539,9 +549,30 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
+    teacher, tokenizer, task = load_teacher(model_dir, tokenizer, data, options)
+    results = _pipeline(teacher, tokenizer, data, options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under `accelerate launch` every process trains; only the first evaluates and writes.
+        return [result.report for result in results]
+    teacher_eval = None
+    reports = []
+    for result, out in zip(results, out_dirs, strict=True):
+        teacher_eval = evaluate_and_time(result, teacher.model, tokenizer, data, options, teacher_eval)
+        result.report.setdefault("teacher", str(model_dir))
+        result.save(out, overwrite=options.overwrite, inputs=inputs)
+        reports.append(result.report)
+        result.model = result.view = None  # free the pruned model before the next budget's evaluation
+    return reports
+
+
+def load_teacher(model_dir: str | Path, tokenizer: str | Path | None, data: Any, options: PruneOptions
+                 ) -> tuple[ModelAdapter, Any, TaskSpec]:
+    """The teacher folder loaded with the task's head, viewed once, with its tokenizer (or the one
+    given), after every check that can run before any work (device, head, dev split, benchmark
+    shape). For the commands that prune and save (``prune``, ``compare``)."""
     task = get_task(options.task)
     preflight.check_device(options.device)
-    teacher = load_model(model_dir, head=task.head)
+    teacher = get_adapter(load_model(model_dir, head=task.head))
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_head_fits_task(teacher.config, task)
     if options.run_eval:
@@ -549,34 +580,33 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     if options.run_bench:
         preflight.check_positive("bench_batch_size", options.bench_batch_size)
         preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
-    results = _pipeline(get_adapter(teacher), tokenizer, data, options)  # the one view of this run
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Under `accelerate launch` every process trains; only the first evaluates and writes.
-        return [result.report for result in results]
-    device = options.device
-    teacher_eval = None
-    reports = []
-    for result, out in zip(results, out_dirs, strict=True):
-        if options.run_eval:
-            from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+    return teacher, tokenizer, task
 
-            window = family_of(task).pick_options(window=options.eval_window, stride=options.eval_stride)
-            if teacher_eval is None:
-                teacher_eval = evaluate(teacher, tokenizer, task, data, device=device, **window)
-            result.report["eval"] = {
-                "teacher": teacher_eval,
-                "pruned": evaluate(result.model, tokenizer, task, data, device=device, **window),
-            }
-        if options.run_bench:
-            latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
-                                      seq_lens=[options.bench_seq_len], device=device)
-            result.report["latency"] = latency
-            if family_of(task).generates:
-                result.report["generation"] = measure_generation(
-                    result.model, baseline=teacher, prompt_len=options.bench_seq_len,
-                    new_tokens=options.bench_new_tokens, device=device)
-        result.report.setdefault("teacher", str(model_dir))
-        result.save(out, overwrite=options.overwrite, inputs=inputs)
-        reports.append(result.report)
-        result.model = None  # free the pruned model before the next budget's evaluation
-    return reports
+
+def evaluate_and_time(result: PruneResult, teacher: nn.Module, tokenizer: Any, data: Any, options: PruneOptions,
+                      teacher_eval: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Score the pruned model on the dev split beside the teacher and time both, as ``options``
+    say (``run_eval``, ``max_eval_examples``, the perplexity window; ``run_bench`` at
+    (``bench_batch_size``, ``bench_seq_len``) over ``bench_rounds`` rounds, and a causal LM's
+    greedy decode), into ``result.report``'s ``eval``, ``latency`` and ``generation``. The teacher is
+    scored once: pass back what this returns for the next result."""
+    task = get_task(options.task)
+    device = options.device
+    if options.run_eval:
+        from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
+
+        scoring = family_of(task).pick_options(window=options.eval_window, stride=options.eval_stride)
+        scoring["max_examples"] = options.max_eval_examples
+        if teacher_eval is None:
+            teacher_eval = evaluate(teacher, tokenizer, task, data, device=device, **scoring)
+        result.report["eval"] = {"teacher": teacher_eval,
+                                 "pruned": evaluate(result.model, tokenizer, task, data, device=device, **scoring)}
+    if options.run_bench:
+        result.report["latency"] = measure_latency(
+            result.model, baseline=teacher, batch_sizes=[options.bench_batch_size], seq_lens=[options.bench_seq_len],
+            device=device, rounds=options.bench_rounds)
+        if family_of(task).generates:
+            result.report["generation"] = measure_generation(
+                result.model, baseline=teacher, prompt_len=options.bench_seq_len,
+                new_tokens=options.bench_new_tokens, device=device, repeats=options.bench_rounds)
+    return teacher_eval

@@ -256,7 +256,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.low_memory:
         options["low_memory"] = True
     from prunekit.methods import get_method
-    from prunekit.tasks.family import family_of
+    from prunekit.tasks.registry import family_of
 
     lm = family_of(args.task).generates  # calibrated on windows, scored in perplexity windows
     if lm and options.get("seq_len") is not None:

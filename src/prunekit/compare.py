@@ -27,20 +27,18 @@ from typing import Any
 
 import torch
 
-from prunekit.api import PruneOptions, budget_name, prune_many
+from prunekit.api import PruneOptions, budget_name, evaluate_and_time, load_teacher, prune_many
 from prunekit.core import preflight
 from prunekit.core.accounting import count_flops, count_non_embedding_params, count_params, full_flops
 from prunekit.core.errors import ConfigError
 from prunekit.core.runtime import library_versions, resolve_device
 from prunekit.core.view import ModelAdapter
-from prunekit.deploy.bench import measure_generation, measure_latency
-from prunekit.families import get_adapter
-from prunekit.io.folders import atomic_output_dir, check_output_dir, load_model, load_tokenizer
+from prunekit.io.folders import atomic_output_dir, check_output_dir
 from prunekit.io.reports import markdown_table, plot_compare
 from prunekit.methods import get_method
 from prunekit.tasks import build_calibration_sample
-from prunekit.tasks.family import family_of
-from prunekit.tasks.spec import get_task
+from prunekit.tasks.registry import family_of
+from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -100,125 +98,114 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     """Prune ``model_dir`` with each method at each budget and compare the results.
 
     ``options`` is a :class:`CompareOptions`, or give its fields as keyword arguments (which win).
-    Returns the content of compare.json.
+    Returns the content of compare.json. Loading, checks, pruning, evaluation, timing and saving
+    are the pipeline's own (``prunekit.api``); this adds the one shared sample, the loop over
+    methods and the table.
     """
     unknown = sorted(set(kwargs) - {f.name for f in fields(CompareOptions)})
     if unknown:
         raise ConfigError(f"compare has no option(s) {', '.join(unknown)}; per-method options go in method_options")
     o = replace(options or CompareOptions(), **kwargs)
-    methods, seed, device, seq_len, metric = o.methods, o.seed, o.device, o.seq_len, o.metric
-    num_tokens, num_sequences, overwrite = o.num_tokens, o.num_sequences, o.overwrite
-    run_bench, bench_batch_size, bench_seq_len, bench_rounds = o.run_bench, o.bench_batch_size, o.bench_seq_len, o.bench_rounds
-    max_eval_examples, save_models = o.max_eval_examples, o.save_models
-    tokenizer = o.tokenizer
-    inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
-    out_dir = check_output_dir(out_dir, overwrite, inputs)
+    inputs = (model_dir, data if isinstance(data, str | Path) else None, o.tokenizer)
+    out_dir = check_output_dir(out_dir, o.overwrite, inputs)
     preflight.check_distinct_budgets("flops", list(o.keep_flops))
-    preflight.check_sample_size(num_tokens, num_sequences)
+    preflight.check_sample_size(o.num_tokens, o.num_sequences)
     task_spec = get_task(task)
-    metric = metric or task_spec.main_metric
+    metric = o.metric or task_spec.main_metric
     if metric not in task_spec.metrics:
         raise ConfigError(f"task {task_spec.name!r} has no metric {metric!r}; choose one of {task_spec.metrics}")
     method_options = {name: dict(values) for name, values in (o.method_options or {}).items()}
-    unknown = sorted(set(method_options) - set(methods))
+    unknown = sorted(set(method_options) - set(o.methods))
     if unknown:
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
-    if not methods:
+    if not o.methods:
         raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
-    specs = [get_method(name) for name in methods]
+    specs = [get_method(name) for name in o.methods]
     budget_kind = "params" if o.keep_params is not None else "flops"
     budgets = sorted({float(keep) for keep in (o.keep_params if o.keep_params is not None else o.keep_flops)},
                      reverse=True)
     if not budgets:
         raise ConfigError(f"no budgets given: pass keep_{budget_kind}, e.g. 0.7,0.5")
-    device = resolve_device(device)
-
-    from prunekit.tasks.evaluate import evaluate  # entry-level helper; keeps `import prunekit` light
-
-    teacher = load_model(model_dir, head=task_spec.head).to(device)
-    view = get_adapter(teacher)  # the one view of the teacher, handed to every method's run
-    tokenizer = load_tokenizer(tokenizer or model_dir)
-    preflight.check_head_fits_task(teacher.config, task_spec)
-    if run_bench:
-        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
-    family = family_of(task_spec)
-    lm = family.generates  # timed on decoding too, and benchmarked one sequence at a time
-    # One sample for every method: the given size, else 100,000 tokens (a causal LM: its windows).
-    size = family.sample_size(task_spec, teacher, num_tokens, num_sequences, calibration_length=o.calibration_length)
-    sample = build_calibration_sample(task_spec, tokenizer, data, **size, seed=seed, batch_size=task_spec.batch_size)
-    window = family.pick_options(window=o.eval_window)
+    lm = family_of(task_spec).generates  # timed on decoding too, and benchmarked one sequence at a time
+    run = PruneOptions(
+        task=task_spec, seed=o.seed, device=resolve_device(o.device), run_eval=True, run_bench=o.run_bench,
+        bench_batch_size=1 if lm else o.bench_batch_size, bench_seq_len=o.bench_seq_len, bench_rounds=o.bench_rounds,
+        bench_new_tokens=o.bench_new_tokens, max_eval_examples=o.max_eval_examples, eval_window=o.eval_window,
+        calibration_length=o.calibration_length, **{f"keep_{budget_kind}": budgets})
+    teacher, tokenizer, task_spec = load_teacher(model_dir, o.tokenizer, data, run)
+    sample = _shared_sample(teacher, tokenizer, data, task_spec, o)
     # The task's FLOPs length (SQuAD: 170, as both papers) unless given; else the sample's mean.
-    seq_len = seq_len or task_spec.flops_seq_len
+    seq_len = o.seq_len or task_spec.flops_seq_len
     flops_seq_len = seq_len or sample.mean_length
-    teacher_metrics = evaluate(teacher, tokenizer, task_spec, data, device=device, max_examples=max_eval_examples,
-                               **window)
-    result: dict[str, Any] = {
-        "task": task_spec.name,
-        "model": str(model_dir),
-        "data": str(data),
-        "metric": metric,
-        "higher_is_better": task_spec.higher_is_better,
-        "methods": list(methods),
-        "budget_kind": budget_kind,
-        "budgets": budgets,
-        "seed": seed,
-        "sample": sample.summary(),
-        "flops_seq_len": flops_seq_len,
-        "teacher": {"metrics": teacher_metrics, "flops": full_flops(view, flops_seq_len),
-                    "params": count_params(view), "non_embedding_params": count_non_embedding_params(view)},
-        "bench": ({"device": str(device), "batch_size": 1 if lm else bench_batch_size, "seq_len": bench_seq_len,
-                   "rounds": bench_rounds, "threads": torch.get_num_threads(),
-                   **({"mode": "prefill latency and greedy decode with KV cache",
-                       "new_tokens": o.bench_new_tokens} if lm else {})} if run_bench else None),
-        "method_options": method_options,
-        "versions": library_versions(),
-        "rows": [],
-    }
-    with atomic_output_dir(out_dir, overwrite, inputs) as folder:
+    result = _setting(model_dir, data, task_spec, metric, budget_kind, budgets, sample, flops_seq_len, teacher, run,
+                      o, method_options, lm)
+    teacher_eval = None
+    with atomic_output_dir(out_dir, o.overwrite, inputs) as folder:
         for spec in specs:
             options = dict(method_options.get(spec.name, {}))
             if seq_len is not None:
                 options.setdefault("seq_len", seq_len)
             logger.info("compare: %s at keep %s", spec.name, ", ".join(f"{b:g}" for b in budgets))
-            results = prune_many(view, tokenizer, sample, PruneOptions(
-                task=task_spec, method=spec.name, seed=seed, device=device, method_options=options,
-                **{f"keep_{budget_kind}": budgets}))
+            results = prune_many(teacher, tokenizer, sample, replace(run, method=spec.name, method_options=options))
             for keep, pruned in zip(budgets, results, strict=True):
-                row = _row(spec.name, keep, pruned, view, flops_seq_len, budget_kind)
-                row["metrics"] = evaluate(pruned.model, tokenizer, task_spec, data, device=device,
-                                          max_examples=max_eval_examples, **window)
-                if run_bench and lm:
-                    timing = measure_generation(pruned.model, baseline=teacher, prompt_len=bench_seq_len,
-                                                new_tokens=o.bench_new_tokens, device=device,
-                                                repeats=bench_rounds)["results"][0]
-                    row |= {"latency_ms": timing["prefill_ms"], "teacher_latency_ms": timing["baseline_prefill_ms"],
-                            "speedup": timing["prefill_speedup"], "decode_tokens_per_s": timing["decode_tokens_per_s"],
-                            "teacher_decode_tokens_per_s": timing["baseline_decode_tokens_per_s"],
-                            "decode_speedup": timing["decode_speedup"]}
-                elif run_bench:
-                    timing = measure_latency(pruned.model, baseline=teacher, batch_sizes=[bench_batch_size],
-                                             seq_lens=[bench_seq_len], device=device, rounds=bench_rounds)["results"][0]
-                    row |= {"latency_ms": timing["latency_ms"], "teacher_latency_ms": timing["baseline_ms"],
-                            "speedup": timing["speedup"]}
-                if save_models:
+                teacher_eval = evaluate_and_time(pruned, teacher.model, tokenizer, data, run, teacher_eval)
+                row = _row(spec.name, keep, pruned, teacher, flops_seq_len, budget_kind, lm)
+                if o.save_models:
                     pruned.save(folder / "models" / f"{spec.name}-{budget_name((budget_kind, keep))}")
                 result["rows"].append(row)
                 logger.info("compare: %s keep %s %g: %s %.2f (teacher %.2f), FLOPs kept %.3f%s", spec.name,
-                            budget_kind, keep,
-                            metric, row["metrics"][metric], teacher_metrics[metric], row["flops_kept"],
-                            f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
+                            budget_kind, keep, metric, row["metrics"][metric], teacher_eval[metric],
+                            row["flops_kept"], f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
             del results
+        result["teacher"]["metrics"] = teacher_eval
         (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
         (folder / "compare.md").write_text(compare_markdown(result))
         plot_compare([result], folder / "compare.png")
     return result
 
 
-def _row(method: str, keep: float, pruned: Any, teacher: ModelAdapter, seq_len: float,
-         budget_kind: str = "flops") -> dict[str, Any]:
+def _shared_sample(teacher: ModelAdapter, tokenizer: Any, data: Any, task: TaskSpec, o: CompareOptions) -> Any:
+    """One calibration sample for every method: the given size, else 100,000 tokens (a causal LM:
+    its windows)."""
+    size = family_of(task).sample_size(task, teacher.model, o.num_tokens, o.num_sequences,
+                                       calibration_length=o.calibration_length)
+    return build_calibration_sample(task, tokenizer, data, **size, seed=o.seed, batch_size=task.batch_size)
+
+
+def _setting(model_dir: str | Path, data: Any, task: TaskSpec, metric: str, budget_kind: str, budgets: list[float],
+             sample: Any, flops_seq_len: float, teacher: ModelAdapter, run: PruneOptions, o: CompareOptions,
+             method_options: dict[str, dict[str, Any]], lm: bool) -> dict[str, Any]:
+    """compare.json without its rows (and the teacher's metrics, filled in once scored)."""
+    return {
+        "task": task.name,
+        "model": str(model_dir),
+        "data": str(data),
+        "metric": metric,
+        "higher_is_better": task.higher_is_better,
+        "methods": list(o.methods),
+        "budget_kind": budget_kind,
+        "budgets": budgets,
+        "seed": o.seed,
+        "sample": sample.summary(),
+        "flops_seq_len": flops_seq_len,
+        "teacher": {"metrics": None, "flops": full_flops(teacher, flops_seq_len), "params": count_params(teacher),
+                    "non_embedding_params": count_non_embedding_params(teacher)},
+        "bench": ({"device": str(run.device), "batch_size": run.bench_batch_size, "seq_len": o.bench_seq_len,
+                   "rounds": o.bench_rounds, "threads": torch.get_num_threads(),
+                   **({"mode": "prefill latency and greedy decode with KV cache",
+                       "new_tokens": o.bench_new_tokens} if lm else {})} if o.run_bench else None),
+        "method_options": method_options,
+        "versions": library_versions(),
+        "rows": [],
+    }
+
+
+def _row(method: str, keep: float, pruned: Any, teacher: ModelAdapter, seq_len: float, budget_kind: str,
+         lm: bool) -> dict[str, Any]:
+    """One row of compare.json, from the pruned model's report (its metrics and timings included)."""
     report = pruned.report
     layers = report["layers"]
-    return {
+    row = {
         "method": method,
         "keep_flops": keep if budget_kind == "flops" else None,
         "keep_params": keep if budget_kind == "params" else None,
@@ -232,7 +219,19 @@ def _row(method: str, keep: float, pruned: Any, teacher: ModelAdapter, seq_len: 
         "run_seconds": report["run_seconds"],
         "heads": [layer["num_heads"] for layer in report["layers"]],
         "neurons": [layer["intermediate_size"] for layer in report["layers"]],
+        "metrics": report["eval"]["pruned"],
     }
+    if "generation" in report and lm:
+        timing = report["generation"]["results"][0]
+        row |= {"latency_ms": timing["prefill_ms"], "teacher_latency_ms": timing["baseline_prefill_ms"],
+                "speedup": timing["prefill_speedup"], "decode_tokens_per_s": timing["decode_tokens_per_s"],
+                "teacher_decode_tokens_per_s": timing["baseline_decode_tokens_per_s"],
+                "decode_speedup": timing["decode_speedup"]}
+    elif "latency" in report:
+        timing = report["latency"]["results"][0]
+        row |= {"latency_ms": timing["latency_ms"], "teacher_latency_ms": timing["baseline_ms"],
+                "speedup": timing["speedup"]}
+    return row
 
 
 def compare_markdown(result: Mapping[str, Any]) -> str:

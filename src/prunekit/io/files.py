@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from prunekit.families import ADAPTERS
+
 # The files live with the model families (prunekit.families.remote_code); they are copied, never imported here.
 REMOTE_CODE_DIR = Path(__file__).parents[1] / "families" / "remote_code"
 # The encoder families share one pair of files; every other family has its own pair, named by its
@@ -44,8 +46,6 @@ def remote_files(family: str) -> tuple[str, ...] | None:
 def auto_map(family: str) -> dict[str, str]:
     """config.json's ``auto_map`` for a pruned model of ``family``: the configuration class and,
     for each head of the family's adapter, its pruned class in the remote code."""
-    from prunekit.families import ADAPTERS
-
     files = remote_files(family)
     if files is None:
         raise ValueError(f"no remote code for the {family} family")
@@ -74,16 +74,12 @@ def add_remote_code(folder: Path) -> None:
 
 def _remote_adapter(family: str | None) -> Any:
     """The adapter of ``family`` when it names its own remote-code file, else None."""
-    from prunekit.families import ADAPTERS  # here: the adapters import the remote-code modules
-
     adapter = ADAPTERS.get(family or "")
     return adapter if getattr(adapter, "remote_code", None) else None
 
 
 def _head(config: dict[str, Any]) -> str:
-    from prunekit.io.folders import _head_of_architectures
-
-    return _head_of_architectures(config.get("architectures") or [])
+    return head_of_architectures(config.get("architectures") or [])
 
 
 def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
@@ -142,3 +138,22 @@ def write_readme(folder: Path, report: dict[str, Any] | None, name: str) -> None
     """Write README.md into ``folder`` (a temporary folder that becomes ``name``)."""
     config = json.loads((folder / "config.json").read_text())
     (folder / README).write_text(readme_text(name, config, report))
+
+
+def head_of_architectures(architectures: list[str]) -> str:
+    """The task head of a saved model: by the adapters' own class names first (GPT-2's causal LM
+    is ``GPT2LMHeadModel``), then by the usual suffixes."""
+    by_name = {cls.__name__: head for adapter in ADAPTERS.values() for head, cls in adapter.model_classes.items()}
+    by_name |= {f"Pruned{name}": head for name, head in by_name.items()}  # prunekit's pruned classes
+    for name in architectures:
+        if name in by_name:
+            return by_name[name]
+    head = "base"
+    for name in architectures:
+        if "QuestionAnswering" in name:
+            head = "question_answering"
+        elif "SequenceClassification" in name:
+            head = "sequence_classification"
+        elif "CausalLM" in name:
+            head = "causal_lm"
+    return head

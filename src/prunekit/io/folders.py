@@ -42,7 +42,7 @@ from prunekit.core.preflight import check_config_dict, check_tokenizer, check_to
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, LayerShape, base_model_type, get_adapter
-from prunekit.io.files import add_remote_code, write_readme
+from prunekit.io.files import add_remote_code, head_of_architectures, write_readme
 from prunekit.io.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -409,27 +409,8 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None) -> P
     folder = check_model_dir(path)
     config = json.loads((folder / "config.json").read_text())
     architectures = config.get("architectures") or []
-    head = _head_of_architectures(architectures)
+    head = head_of_architectures(architectures)
     return load_model(folder, head=head, device=device)
-
-
-def _head_of_architectures(architectures: list[str]) -> str:
-    """The task head of a saved model: by the adapters' own class names first (GPT-2's causal LM
-    is ``GPT2LMHeadModel``), then by the usual suffixes."""
-    by_name = {cls.__name__: head for adapter in ADAPTERS.values() for head, cls in adapter.model_classes.items()}
-    by_name |= {PRUNED_CLASSES[cls].__name__: by_name[cls.__name__] for cls in PRUNED_CLASSES if cls.__name__ in by_name}
-    for name in architectures:
-        if name in by_name:
-            return by_name[name]
-    head = "base"
-    for name in architectures:
-        if "QuestionAnswering" in name:
-            head = "question_answering"
-        elif "SequenceClassification" in name:
-            head = "sequence_classification"
-        elif "CausalLM" in name:
-            head = "causal_lm"
-    return head
 
 
 def read_report(path: str | Path) -> dict:

@@ -14,7 +14,8 @@ here: ``from prunekit.tasks import get_task, load_examples, build_calibration_sa
 from prunekit.tasks.spec import TASKS, GlueTsvLayout, TaskSpec, get_task  # noqa: I001  (first: the rest read it)
 from prunekit.tasks.calibration import CalibrationSample
 from prunekit.tasks.dispatch import build_calibration_sample, load_examples
-from prunekit.tasks.family import TaskFamily, family_of, register_family
+from prunekit.tasks.family import TaskFamily
+from prunekit.tasks.registry import family_of, register_family
 from prunekit.tasks.glue.data import collate, iter_feature_batches, tokenize_examples
 from prunekit.tasks.qa.data import build_qa_calibration_sample, load_squad_split
 from prunekit.tasks.task_data import TaskData, TrainingData, build_training_data

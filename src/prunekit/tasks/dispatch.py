@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 from prunekit.tasks.calibration import CalibrationSample
-from prunekit.tasks.family import Source, family_of
+from prunekit.tasks.family import Source
+from prunekit.tasks.registry import family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 __all__ = ["build_calibration_sample", "check_split", "load_examples"]

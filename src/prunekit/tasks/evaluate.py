@@ -21,9 +21,9 @@ import torch
 from prunekit.core.errors import ConfigError
 from prunekit.core.preflight import check_not_meta
 from prunekit.tasks.causal_lm.family import default_window, evaluate_lm
-from prunekit.tasks.family import family_of
 from prunekit.tasks.glue.family import predict
 from prunekit.tasks.qa.family import evaluate_squad, predict_qa
+from prunekit.tasks.registry import family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 __all__ = ["default_window", "evaluate", "evaluate_lm", "evaluate_squad", "predict", "predict_qa"]

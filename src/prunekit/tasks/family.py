@@ -5,11 +5,12 @@ reading a split, the calibration sample, training features and their collation, 
 supervised loss of fine-tuning, evaluation, the distillation-loss kind, and the options only it
 takes (SQuAD's ``doc_stride``; a causal LM's perplexity ``window`` and ``stride``). `evaluate`,
 `finetune`, `build_calibration_sample`, `build_training_data` and the pipeline ask
-``family_of(task)`` instead of branching on ``TaskSpec.kind``, so a new kind of task is one
-`TaskFamily` subclass handed to `register_family`.
+``family_of(task)`` (`prunekit.tasks.registry`) instead of branching on ``TaskSpec.kind``, so a new
+kind of task is one `TaskFamily` subclass handed to `register_family`.
 
-The built-in families live in their packages (`prunekit.tasks.glue.family`,
-`prunekit.tasks.qa.family`, `prunekit.tasks.causal_lm.family`) and are registered on first use.
+This module is the protocol only; the built-in families live in their packages
+(`prunekit.tasks.glue.family`, `prunekit.tasks.qa.family`, `prunekit.tasks.causal_lm.family`), which
+build on it, and the registry that knows them all sits above them (`prunekit.tasks.registry`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from torch import nn
 
 from prunekit.core.errors import ConfigError
 from prunekit.tasks.calibration import CalibrationSample
-from prunekit.tasks.spec import TaskSpec, add_task_kind, get_task
+from prunekit.tasks.spec import TaskSpec
 
-__all__ = ["LOSS_KINDS", "Collate", "Scorer", "Source", "TaskFamily", "family_of", "register_family"]
+__all__ = ["LOSS_KINDS", "Collate", "Scorer", "Source", "TaskFamily"]
 
 # TaskSpec.distill_loss -> the loss kind of prunekit.tasks.losses; the only place it is derived.
 LOSS_KINDS: dict[str, str] = {"kl": "classification", "mse": "regression", "start_end_kl": "qa",
@@ -67,7 +68,8 @@ class TaskFamily:
         """The family's own options out of ``given``; any other one set (not None) is a ConfigError."""
         foreign = [name for name, value in given.items() if value is not None and name not in self.options]
         if foreign:
-            owners = sorted({f.label for f in _registry().values() if set(foreign) & set(f.options)})
+            # Every family class defined, registered or not: the protocol knows no registry.
+            owners = sorted({f.label for f in _family_classes(TaskFamily) if set(foreign) & set(f.options)})
             verb = "applies" if len(foreign) == 1 else "apply"
             raise ConfigError(f"{' and '.join(foreign)} {verb} to {' or '.join(owners) or 'no'} tasks only; "
                               f"task {spec.name!r} is a {self.label} task")
@@ -138,35 +140,6 @@ class TaskFamily:
         return ConfigError(f"task {spec.name!r} is a {self.label} task; its family does not support {what}")
 
 
-_FAMILIES: dict[str, TaskFamily] = {}
-
-
-def _registry() -> dict[str, TaskFamily]:
-    if not _FAMILIES:
-        # Imported on first use: each family module builds on this one.
-        from prunekit.tasks.causal_lm.family import CausalLmFamily
-        from prunekit.tasks.glue.family import GlueFamily
-        from prunekit.tasks.qa.family import QaFamily
-
-        for family in (GlueFamily(), QaFamily(), CausalLmFamily()):
-            _FAMILIES.setdefault(family.kind, family)
-    return _FAMILIES
-
-
-def register_family(family: TaskFamily) -> TaskFamily:
-    """Register (or replace) the handler of ``family.kind``, which TaskSpecs may then name; returns it."""
-    if not family.kind:
-        raise ConfigError(f"{type(family).__name__} names no kind; set its class attribute `kind`")
-    add_task_kind(family.kind)
-    _registry()[family.kind] = family
-    return family
-
-
-def family_of(task: TaskSpec | str) -> TaskFamily:
-    """The family that handles a task (a TaskSpec or a registered task name), by its kind."""
-    spec = get_task(task)
-    families = _registry()
-    if spec.kind not in families:
-        raise ConfigError(f"task {spec.name!r} has kind {spec.kind!r}, which no task family handles "
-                          f"(registered: {', '.join(sorted(families))}); register one with register_family")
-    return families[spec.kind]
+def _family_classes(cls: type[TaskFamily]) -> list[type[TaskFamily]]:
+    """``cls``'s subclasses, at every depth."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_family_classes(direct))]

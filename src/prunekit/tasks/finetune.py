@@ -40,7 +40,8 @@ from prunekit.core.errors import ConfigError
 from prunekit.core.preflight import check_seq_len
 from prunekit.core.runtime import library_versions, resolve_device
 from prunekit.io.folders import atomic_output_dir, check_output_dir, load_tokenizer
-from prunekit.tasks.family import Collate, TaskFamily, family_of
+from prunekit.tasks.family import Collate, TaskFamily
+from prunekit.tasks.registry import family_of
 from prunekit.tasks.spec import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)

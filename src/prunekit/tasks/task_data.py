@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.tasks.family import family_of
+from prunekit.tasks.registry import family_of
 from prunekit.tasks.spec import get_task
 
 

@@ -40,7 +40,7 @@ from prunekit.methods.cofi.config import CofiConfig, CofiSchedule, check_cofi_sc
 from prunekit.methods.cofi.distill import default_teacher_layers, layer_distill_loss, match_layers
 from prunekit.methods.cofi.plan import gate_plan, narrow_transform
 from prunekit.methods.cofi.size import SizeModel
-from prunekit.methods.cofi.train import CofiStudent
+from prunekit.methods.cofi.student import CofiStudent
 
 __all__ = [
     "CofiConfig",

@@ -28,8 +28,9 @@ from prunekit.methods.cofi.distill import LABEL_KEYS, default_teacher_layers, id
 from prunekit.methods.cofi.l0 import CofiGates, GateValues
 from prunekit.methods.cofi.plan import gate_plan, narrow_transform
 from prunekit.methods.cofi.size import SizeModel, gate_summary
+from prunekit.methods.cofi.student import CofiStudent
 from prunekit.methods.cofi.target import project_to_target
-from prunekit.methods.cofi.train import CofiStudent, train_stage
+from prunekit.methods.cofi.train import train_stage
 from prunekit.tasks.task_data import TaskData, TrainingData
 
 logger = logging.getLogger(__name__)

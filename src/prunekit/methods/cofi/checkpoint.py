@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from prunekit.core.surgery import PruningPlan
-
-if TYPE_CHECKING:
-    from prunekit.methods.cofi.train import CofiStudent
+from prunekit.methods.cofi.student import CofiStudent
 
 STATE_FILE = "trainer_state.json"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,10 +13,8 @@ from torch import nn
 from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.config import CofiConfig
 from prunekit.methods.cofi.l0 import GateValues
+from prunekit.methods.cofi.student import CofiStudent
 from prunekit.tasks.losses import distill_loss, teacher_targets
-
-if TYPE_CHECKING:
-    from prunekit.methods.cofi.train import CofiStudent
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")  # distillation only: the student never sees labels
 

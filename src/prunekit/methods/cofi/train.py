@@ -18,8 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.core.masks import GateHolder
-from prunekit.core.view import ModelAdapter
 from prunekit.methods.cofi.checkpoint import (
     RunState,
     keep_best,
@@ -29,33 +27,11 @@ from prunekit.methods.cofi.checkpoint import (
 )
 from prunekit.methods.cofi.config import CofiConfig, cofi_schedule
 from prunekit.methods.cofi.distill import distillation_loss
-from prunekit.methods.cofi.l0 import CofiGates
 from prunekit.methods.cofi.size import SizeModel
+from prunekit.methods.cofi.student import CofiStudent
 from prunekit.tasks.task_data import TrainingData
 
 logger = logging.getLogger(__name__)
-
-
-class CofiStudent(nn.Module):
-    """The student model with its gates and the layer-distillation map W_layer, as one module so
-    that data parallelism sees every trained parameter. Gates act through hooks installed by
-    :func:`prunekit.core.masks.apply_gates` reading ``holder``."""
-
-    def __init__(self, view: ModelAdapter, gates: CofiGates | None, transform: nn.Linear | None) -> None:
-        super().__init__()
-        self.model = view.model
-        self.view = view  # the model's view, built once by the run (not a module: nothing to train)
-        self.gates = gates
-        self.transform = transform
-        self.holder = GateHolder()
-        self.gated = False  # False before pruning starts: the model runs ungated
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        if self.gates is not None and self.gated:
-            self.holder.values = self.gates.sample() if self.training else self.gates.deterministic()
-        else:
-            self.holder.values = None
-        return self.model(**batch, output_hidden_states=True)
 
 
 def target_sparsity_at(target: float, step: int, prepruning: int, warmup: int) -> float:
