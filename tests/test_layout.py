@@ -73,8 +73,6 @@ def _existing(name: str) -> bool:
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_point_down(path: Path) -> None:
     here = module_name(path)
-    if here == "prunekit._compat":
-        return  # names every old path as a string, imports by name on request
     upward = [name for name in imports_of(path) if _existing(name) and layer_of(name) > layer_of(here)]
     assert not upward, f"{here} ({LAYERS[layer_of(here)][0]}) imports upward: {sorted(upward)}"
 
@@ -112,7 +110,7 @@ def _module_graph() -> dict[str, set[str]]:
     """Each module's prunekit imports that name modules (not classes or functions inside them)."""
     graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        if "remote_code" in path.parts or path.name == "_compat.py":
+        if "remote_code" in path.parts:
             continue
         names = {name for name in imports_of(path) if _existing(name)}
         # `from prunekit.x import y`: the edge goes to y when y is a module, else to prunekit.x.
