@@ -158,3 +158,14 @@ def test_no_import_circles() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_tests_mirror_the_source_layout() -> None:
+    """A folder of tests per package of src/prunekit; at the top only the entry points' tests."""
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__"))
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert folders == packages
+    top_modules = {p.stem for p in PACKAGE.glob("*.py")} | {"layout"}
+    top_tests = {p.stem.removeprefix("test_") for p in tests.glob("test_*.py")}
+    assert top_tests <= top_modules, f"tests of no top-level module at the top: {sorted(top_tests - top_modules)}"

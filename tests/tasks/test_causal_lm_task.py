@@ -33,7 +33,7 @@ from prunekit.tasks.causal_lm.data import build_lm_calibration_sample, perplexit
 from prunekit.tasks.losses import distill_loss, sparse_target_bytes, teacher_targets
 from prunekit.tasks.spec import get_task
 
-SHARED = Path(__file__).parents[2] / "shared"
+SHARED = Path(__file__).parents[3] / "shared"
 GQA = SHARED / "models" / "llama-wiki-gqa"
 WIKITEXT = SHARED / "data" / "wikitext2"
 D, FF, LAYERS, H, H_KV, D_H = 32, 48, 2, 4, 2, 8

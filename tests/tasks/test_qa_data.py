@@ -25,7 +25,7 @@ from prunekit.tasks.qa import (
 )
 from prunekit.tasks.qa.metrics import normalize_answer
 
-DEV_V1 = Path(__file__).parents[2] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
+DEV_V1 = Path(__file__).parents[3] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
 # Small windows force most contexts into several overlapping features.
 SMALL_MAX_LENGTH, SMALL_STRIDE = 128, 48
 N_REAL = 300

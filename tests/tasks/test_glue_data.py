@@ -21,7 +21,7 @@ from prunekit.tasks import (
 )
 from prunekit.tasks.spec import TASKS, GlueTsvLayout, TaskSpec, get_task
 
-SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).parents[3] / "shared" / "data"
 
 WORDS = "a the movie film good bad great awful is was not very and it of to man dog runs sits cat".split()
 

@@ -37,7 +37,7 @@ from prunekit.tasks.losses import distill_loss, teacher_targets
 from prunekit.tasks.qa import collate_qa, prepare_features, split_by_article
 from prunekit.tasks.spec import TASKS, TaskSpec
 
-DEV_V1 = Path(__file__).parents[2] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
+DEV_V1 = Path(__file__).parents[3] / "shared" / "data" / "squad_v1" / "dev-v1.1.json"
 
 
 # ---- helpers ------------------------------------------------------------------------------------

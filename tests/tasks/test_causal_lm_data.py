@@ -20,7 +20,7 @@ from prunekit.tasks.causal_lm.data import (
     tokenize_text,
 )
 
-SHARED = Path(__file__).parents[2] / "shared"
+SHARED = Path(__file__).parents[3] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext2"
 
 

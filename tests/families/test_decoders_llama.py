@@ -456,7 +456,7 @@ def test_an_unsupported_decoder_family_gets_the_clear_error(name):
 
 
 # ---- the reference model -----------------------------------------------------------------------
-REFERENCE = Path(__file__).parents[2] / "shared" / "models" / "llama-wiki-gqa"
+REFERENCE = Path(__file__).parents[3] / "shared" / "models" / "llama-wiki-gqa"
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="needs ../shared/models/llama-wiki-gqa")

@@ -32,7 +32,7 @@ from prunekit.io.folders import PLAN_FILE, PLAN_TENSORS, save_plan, save_pruned
 from prunekit.methods import METHODS
 from prunekit.tasks import TaskData
 
-FIXTURE = Path(__file__).parent / "fixtures" / "pre_plan_kwon_bert"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "pre_plan_kwon_bert"
 SENTENCES = ["good movie it was", "bad film not very", "the cat sits and the dog runs good"]
 # Small, fast settings per method; CoFi trains a few steps on 32 examples.
 OPTIONS = {

@@ -21,7 +21,7 @@ import torch
 from builders import view
 from conftest import build_tiny_model, build_tokenizer, make_batch, model_inputs_for, outputs_of, write_sst2
 from test_cli import assert_clean_error, run
-from test_squad_pipeline import synthetic_examples, write_squad_json
+from test_qa_pipeline import synthetic_examples, write_squad_json
 from transformers import BertConfig, BertModel
 
 from prunekit import ConfigError, ModelError, save_pruned

@@ -21,7 +21,7 @@ from prunekit.tasks.evaluate import evaluate, predict
 from prunekit.tasks.finetune import FinetuneConfig, finetune
 from prunekit.tasks.metrics import compute_metrics
 
-SHARED = Path(__file__).parents[2] / "shared"
+SHARED = Path(__file__).parents[3] / "shared"
 
 WORDS = "a the movie film good bad great awful is was not very and it of to man dog runs sits cat".split()
 
