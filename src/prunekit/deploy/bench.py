@@ -23,7 +23,7 @@ from torch.utils import benchmark as tbench
 
 from prunekit.core.accounting import count_flops, count_params
 from prunekit.core.errors import ConfigError
-from prunekit.families import get_adapter
+from prunekit.families import pruning_view
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,6 @@ def measure_generation(
 
 def model_summary(model: nn.Module, seq_len: float) -> dict[str, float]:
     """FLOPs (encoder, per sequence) and parameters, for reports."""
-    view = get_adapter(model)
+    view = pruning_view(model)  # a caller's model is never changed
     return {"flops": count_flops(view, seq_len), "params": count_params(view),
             "encoder_params": count_params(view, encoder_only=True)}

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.families import get_adapter
+from prunekit.families import adapter_class, pruning_view
 from prunekit.io.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class CheckResult:
 # ---- what to export -------------------------------------------------------------------------------
 def graph_spec(model: nn.Module) -> GraphSpec:
     """The graph spec of ``model``'s head; a ModelError for anything prunekit cannot export."""
-    adapter = get_adapter(model)  # unsupported architectures fail here, with the supported list
+    adapter = adapter_class(model)  # unsupported architectures fail here, with the supported list
     head = next((name for name, cls in adapter.model_classes.items() if isinstance(model, cls)), "base")
     if head not in GRAPH_SPECS:
         raise ModelError(
@@ -394,7 +394,7 @@ def _int8_report(path: Path, batches: list[dict[str, np.ndarray]], reference: li
 
 
 def _layers_record(model: nn.Module) -> dict[str, Any]:
-    adapter = get_adapter(model)
+    adapter = pruning_view(model)  # a caller's model is never changed
     return {"layers": [shape.to_dict() for shape in adapter.layer_shapes()], "hidden_size": adapter.hidden_size,
             "full_hidden_size": adapter.full_hidden_size}
 

@@ -4,7 +4,7 @@ One contract for every method, calibration-based or training-based:
 
     method(view, data, config) -> (PruningPlan, log)
 
-``view`` is the teacher's model view (a ``ModelAdapter``, or the model itself), which the method
+``view`` is the teacher's model view (a ``ModelAdapter``, built once by the pipeline), which the method
 leaves unchanged; ``data`` is a :class:`prunekit.tasks.TaskData` (the loss kind and a calibration
 sample, or training features with a dev scorer: methods never build datasets or evaluate);
 ``config`` is the method's config. The plan records everything the method decided and

@@ -125,10 +125,10 @@ class FisherGradients:
 
 
 def kwon(adapter: ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[PruningPlan, dict]:
-    """Kwon et al.'s plan for ``model`` (left unchanged: masks only, as hooks) and a log.
+    """Kwon et al.'s plan for the model of ``adapter`` (left unchanged: masks only, as hooks) and a log.
 
     Args:
-        model: a fine-tuned model (or its view) with a supported adapter.
+        adapter: the view of a fine-tuned model (the teacher).
         data: ``data.kind`` ("classification", "regression" or "qa") and ``data.sample``, a
             calibration sample whose batches carry labels (``labels``, or ``start_positions`` and
             ``end_positions`` for QA), plus ``num_sequences`` and ``mean_length``;

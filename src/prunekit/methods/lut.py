@@ -39,7 +39,8 @@ from torch import nn
 from prunekit.core.accounting import UnitCosts, unit_costs
 from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.surgery import prune_heads, prune_neurons
-from prunekit.families import ModelAdapter, get_adapter
+from prunekit.core.view import ModelAdapter
+from prunekit.families import pruning_view
 from prunekit.methods.search import SublayerCost, SublayerId, flops_costs
 
 logger = logging.getLogger(__name__)
@@ -200,14 +201,13 @@ def measure_latency_table(
     if batch_size < 1 or seq_len < 1 or neuron_step < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("batch_size, seq_len, neuron_step and repeats must be >= 1 and warmup >= 0")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    adapter = get_adapter(model)
+    adapter = pruning_view(model)  # a caller's model is never changed
     num_heads, width = adapter.full_num_heads, adapter.full_intermediate_size
     attn, ffn = adapter.attention(0), adapter.ffn(0)
     if attn is None or ffn is None or attn.num_heads != num_heads or ffn.width != width:
         raise ModelError("a latency table must be measured on an unpruned model (layer 0 has been pruned); "
                          "pass the teacher")
-    probe = copy.deepcopy(model).to(device).eval()
-    probe_adapter = get_adapter(probe)
+    probe_adapter = adapter.of(copy.deepcopy(adapter.model).to(device).eval())
     layers = probe_adapter.layers()
     template = layers[0]
     del layers[1:]  # one layer is all that is timed
