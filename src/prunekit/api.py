@@ -259,8 +259,8 @@ def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task:
         first = next(model.parameters(), None)
         on_device = first is None or first.device == torch.device(device) or (
             first.device.type == torch.device(device).type and torch.device(device).index is None)
-        # Unsupported architectures fail here, before any work.
-        teacher = pruning_view(model if on_device else copy.deepcopy(model))
+        # Unsupported architectures fail here, before any work; one on another device is copied there.
+        teacher = pruning_view(model, copied=not on_device)
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     preflight.check_head_fits_task(teacher.config, task)

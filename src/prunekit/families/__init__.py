@@ -85,12 +85,13 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return _view(adapter_class(model), model)
 
 
-def pruning_view(model: nn.Module) -> ModelAdapter:
+def pruning_view(model: nn.Module, copied: bool = False) -> ModelAdapter:
     """The view the pipeline works on for a caller's ``model``: the model itself when its family
-    reads the stock modules, else a deep copy in working form, so the caller's model is never
-    changed (its module types, parameters and any optimizer built on them stay as they are)."""
+    reads the stock modules, else (or when ``copied``) a deep copy in working form, so the caller's
+    model is never changed (its module types, parameters and any optimizer built on them stay as
+    they are). Unsupported models are refused before anything is copied."""
     adapter_cls = adapter_class(model)
-    if adapter_cls.changes_modules:
+    if copied or adapter_cls.changes_modules:
         model = copy.deepcopy(model)
     return _view(adapter_cls, model)
 
