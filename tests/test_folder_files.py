@@ -84,7 +84,7 @@ def test_pruned_folders_load_in_plain_transformers_without_prunekit(make_model, 
         torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
         # prunekit's own loading is still preferred: no remote code runs after `import prunekit`.
         reloaded = load_pruned(folders[name])
-        assert type(reloaded).__module__ == "prunekit.io.folders", name
+        assert type(reloaded).__module__ == "prunekit.families.remote_code.modeling_prunekit", name
         assert torch.equal(outputs_of(reloaded, batch), want), name
 
 
