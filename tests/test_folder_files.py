@@ -103,7 +103,7 @@ def test_the_folder_readme_says_what_was_pruned_and_how_to_load_it(teacher_dir, 
     text = (tmp_path / "pruned" / "README.md").read_text()
     for words in ("kprune", "keep_flops 0.5", "sst2", str(teacher_dir), "prunekit.load_pruned",
                   "import prunekit", "AutoModelForSequenceClassification", "trust_remote_code=True",
-                  'from_pretrained("pruned")'):
+                  'from_pretrained("pruned")', 'AutoTokenizer.from_pretrained("pruned", trust_remote_code=False)'):
         assert words in text, words
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"] == (

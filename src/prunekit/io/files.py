@@ -113,8 +113,9 @@ def _head(config: dict[str, Any]) -> str:
     return head_of_architectures(config.get("architectures") or [])
 
 
-def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
-    """A short README.md for a saved folder called ``name``: what, from what, how to load."""
+def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None, tokenizer: bool = False) -> str:
+    """A short README.md for a saved folder called ``name`` (``tokenizer``: it holds one): what,
+    from what, how to load."""
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
@@ -160,6 +161,10 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
                   f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
                   "```python", f"from transformers import {auto}",
                   f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", ""]
+        if tokenizer:  # AutoTokenizer reads config.json first, which names this code: say not to run it
+            lines += ["The tokenizer alone loads with `AutoTokenizer.from_pretrained(\"PATH\", "
+                      "trust_remote_code=False)` (without the argument transformers asks whether to run "
+                      "the code above).", ""]
     lines += ["The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
               "heads or neurons; a removed sublayer is the identity).", ""]
     return "\n".join(lines).replace("PATH", name)
@@ -168,4 +173,5 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
 def write_readme(folder: Path, report: dict[str, Any] | None, name: str) -> None:
     """Write README.md into ``folder`` (a temporary folder that becomes ``name``)."""
     config = json.loads((folder / "config.json").read_text())
-    (folder / README).write_text(readme_text(name, config, report))
+    tokenizer = (folder / "tokenizer_config.json").is_file()
+    (folder / README).write_text(readme_text(name, config, report, tokenizer))
