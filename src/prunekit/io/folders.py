@@ -81,8 +81,9 @@ PRUNED_CLASSES: dict[type, type] = _register()
 
 
 def register_pruned_classes(family: str, adapter: type) -> None:
-    """Make the pruned classes of a family whose adapter was added to ``ADAPTERS`` after prunekit
-    was imported (a test family, a plugin), so its pruned models save and reload."""
+    """Register the pruned classes of a family whose adapter was added to ``ADAPTERS`` after
+    prunekit was imported (a test family, a plugin), so its pruned models save and reload; they
+    are the classes of the modeling file its adapter names (``remote_code``)."""
     PRUNED_CLASSES.update(_register({family: adapter}))
 
 

@@ -63,8 +63,9 @@ def pruned_model_class(base: type, build: Callable[[nn.Module, object], None], m
         def __init__(self, config, *args, **kwargs):
             # Heads that build their base model with AutoModel.from_config (transformers' generic
             # *ForSequenceClassification) must find the pruned base class, not ask for remote code.
+            # (Only for prunekit's config class: AutoModel.register refuses any other.)
             base_model = MODEL_MAPPING[base.config_class] if base.config_class in MODEL_MAPPING else None
-            if base_model is not None and base_model is not base:
+            if base_model not in (None, base) and type(config).__name__ == "Prunekit" + base.config_class.__name__:
                 AutoModel.register(type(config), pruned_model_class(base_model, build, module), exist_ok=True)
             base.__init__(self, config, *args, **kwargs)
             build(self, config)

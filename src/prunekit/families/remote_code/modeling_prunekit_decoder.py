@@ -1,7 +1,8 @@
 """Decoders of the Llama layout pruned by prunekit (Llama, Mistral, Qwen2, Qwen3), rebuilt by
 plain transformers without prunekit (remote code), and the modules prunekit itself puts in place
-of pruned attention and FFN sublayers (``prunekit.adapters.decoder`` imports them from here, so a
-folder's weights land in the same modules on both paths).
+of pruned attention and FFN sublayers (``prunekit.families.decoder`` imports them from here, and
+``import prunekit`` registers these same classes, so a folder's weights land in the same modules on
+every path).
 
 This file is copied into every folder prunekit writes for these families, and ``config.json``
 maps the Auto classes to names in it (``auto_map``), so that in a process without prunekit::
