@@ -21,11 +21,11 @@ from llama_view import LlamaTestAdapter, registered
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit.api import PruneOptions, prune
-from prunekit.deploy.bench import measure_generation
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops, param_unit_costs
 from prunekit.core.errors import ConfigError
-from prunekit.io.folders import load_pruned, register_pruned_classes
+from prunekit.deploy.bench import measure_generation
 from prunekit.families import get_adapter
+from prunekit.io.folders import load_pruned, register_pruned_classes
 from prunekit.methods.kprune import KpruneConfig, kprune_prepare
 from prunekit.tasks import TaskData
 from prunekit.tasks.causal_lm.data import build_lm_calibration_sample, perplexity

@@ -26,8 +26,8 @@ from transformers import BertConfig, BertModel
 from prunekit import ConfigError, ModelError, save_pruned
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.deploy.export import ExportOptions, export_onnx, quantize_onnx, read_export
-from prunekit.families import get_adapter
 from prunekit.deploy.onnxrt import OnnxModel, measure_onnx_latency
+from prunekit.families import get_adapter
 from prunekit.tasks.evaluate import evaluate
 
 ATOL = 1e-4

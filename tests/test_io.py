@@ -14,9 +14,9 @@ from conftest import assert_reloads_identically
 
 import prunekit
 from prunekit import ConfigError, ModelError, load_pruned, save_pruned
-from prunekit.io.folders import atomic_output_dir, load_model, read_report
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import LayerShape, get_adapter
+from prunekit.io.folders import atomic_output_dir, load_model, read_report
 
 H, D_FF = 4, 37
 PLAN = PruningPlan([

@@ -403,8 +403,8 @@ def test_save_and_reload_through_the_adapter_alone(tmp_path, head):
     removed sublayer and a narrowed, tied residual stream saves and reloads bit-identically."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from prunekit.io.folders import load_pruned, save_pruned
     from prunekit.core.surgery import narrow_hidden
+    from prunekit.io.folders import load_pruned, save_pruned
 
     model = build_llama(head, seed=10)
     pruned = apply_plan(copy.deepcopy(model), hard_plan(1))

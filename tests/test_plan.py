@@ -27,8 +27,8 @@ import prunekit
 from prunekit import PruneOptions, apply_plan, load_plan, load_pruned
 from prunekit.cli import main
 from prunekit.core.errors import ConfigError
-from prunekit.io.folders import PLAN_FILE, PLAN_TENSORS, save_plan, save_pruned
 from prunekit.core.surgery import LayerPlan, PruningPlan
+from prunekit.io.folders import PLAN_FILE, PLAN_TENSORS, save_plan, save_pruned
 from prunekit.methods import METHODS
 from prunekit.tasks import TaskData
 

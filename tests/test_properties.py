@@ -37,9 +37,9 @@ from transformers import (
 import prunekit
 from prunekit import save_pruned
 from prunekit.core.accounting import count_flops, count_params, full_flops
-from prunekit.io.folders import save_plan
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import get_adapter
+from prunekit.io.folders import save_plan
 from prunekit.methods import get_method
 from prunekit.tasks import TaskData
 

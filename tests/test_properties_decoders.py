@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 import prunekit
 from prunekit import ConfigError, load_pruned, save_pruned
 from prunekit.core.accounting import count_flops, full_flops
-from prunekit.io.folders import save_plan
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
 from prunekit.families import get_adapter
+from prunekit.io.folders import save_plan
 from prunekit.methods import get_method
 from prunekit.tasks import TaskData
 

@@ -25,9 +25,9 @@ import prunekit
 from prunekit.cli import main
 from prunekit.core.accounting import count_flops, full_flops
 from prunekit.core.errors import ConfigError, DataError, ModelError
-from prunekit.io.folders import load_model, load_pruned
 from prunekit.core.masks import apply_masks
 from prunekit.families import get_adapter
+from prunekit.io.folders import load_model, load_pruned
 from prunekit.methods.kprune import KpruneConfig, kprune
 from prunekit.tasks import build_calibration_sample, load_examples
 from prunekit.tasks.evaluate import evaluate

@@ -37,7 +37,6 @@ from prunekit.core.accounting import (
     layer_flops,
     unit_costs,
 )
-from prunekit.io.folders import load_model
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import (
     LayerPlan,
@@ -49,6 +48,7 @@ from prunekit.core.surgery import (
     remove_sublayer,
 )
 from prunekit.families import LayerShape, get_adapter
+from prunekit.io.folders import load_model
 
 H, D_H, D, D_FF, VOCAB, POSITIONS = 4, 8, 32, 37, 99, 128
 ATOL = 1e-5
