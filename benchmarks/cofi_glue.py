@@ -68,9 +68,9 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from prunekit import prune
-    from prunekit.bench import measure_latency
     from prunekit.core.accounting import count_flops, count_prunable_params, full_flops, full_prunable_params
-    from prunekit.core.io import load_pruned, load_tokenizer
+    from prunekit.deploy.bench import measure_latency
+    from prunekit.io.folders import load_pruned, load_tokenizer
     from prunekit.tasks.evaluate import evaluate
 
     work = Path(args.work)

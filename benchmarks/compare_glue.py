@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from prunekit.compare import compare
-    from prunekit.reports import plot_compare
+    from prunekit.io.reports import plot_compare
     from prunekit.tasks.spec import get_task
 
     methods = args.methods.split(",")

@@ -178,10 +178,10 @@ def main_wikitext(args: argparse.Namespace) -> None:
     import torch
 
     from prunekit import api
-    from prunekit.bench import measure_generation
     from prunekit.core.accounting import count_non_embedding_params
-    from prunekit.core.io import load_model, load_tokenizer
     from prunekit.core.runtime import library_versions, peak_rss_bytes
+    from prunekit.deploy.bench import measure_generation
+    from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.tasks import build_calibration_sample
     from prunekit.tasks.causal_lm.data import perplexity, read_text, tokenize_text
 
@@ -301,8 +301,8 @@ def main_scale(args: argparse.Namespace) -> None:
 
     from prunekit import api
     from prunekit.core.accounting import count_non_embedding_params
-    from prunekit.core.io import load_tokenizer
     from prunekit.core.runtime import peak_rss_bytes
+    from prunekit.io.folders import load_tokenizer
     from prunekit.tasks import build_calibration_sample
     from prunekit.tasks.losses import sparse_target_bytes, teacher_targets
 

@@ -34,7 +34,7 @@ RUNTIMES = ("eager", "ort_fp32", "ort_int8")
 
 def export_all(name: str, model_dir: Path, work: Path) -> dict[str, Path]:
     """fp32 and int8 ONNX folders of one model (reused when a previous run made them from it)."""
-    from prunekit.export import export_onnx, is_export_dir, quantize_onnx, read_export
+    from prunekit.deploy.export import export_onnx, is_export_dir, quantize_onnx, read_export
 
     fp32, int8 = work / f"{name}-onnx", work / f"{name}-onnx-int8"
     if not (is_export_dir(fp32) and read_export(fp32)["source"] == str(model_dir)):
@@ -49,10 +49,10 @@ def export_all(name: str, model_dir: Path, work: Path) -> dict[str, Path]:
 def timed(kind: str, model, inputs, threads: int, min_run_time: float) -> float:
     """One round's median ms for an eager model or an OnnxModel."""
     if kind == "eager":
-        from prunekit.bench import _time_once
+        from prunekit.deploy.bench import _time_once
 
         return _time_once(model, inputs, threads, min_run_time) * 1e3
-    from prunekit.onnxrt import _time_once
+    from prunekit.deploy.onnxrt import _time_once
 
     return _time_once(model, model.feeds(**inputs), min_run_time) * 1e3
 
@@ -82,12 +82,12 @@ def main() -> None:
 
     import torch
 
-    from prunekit.bench import _inputs
     from prunekit.core.accounting import count_flops
-    from prunekit.core.io import load_pruned, load_tokenizer, read_report
     from prunekit.core.runtime import library_versions
-    from prunekit.export import export_tokenizer
-    from prunekit.onnxrt import OnnxModel
+    from prunekit.deploy.bench import _inputs
+    from prunekit.deploy.export import export_tokenizer
+    from prunekit.deploy.onnxrt import OnnxModel
+    from prunekit.io.folders import load_pruned, load_tokenizer, read_report
     from prunekit.tasks.evaluate import evaluate
 
     work = Path(args.work)

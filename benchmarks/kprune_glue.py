@@ -72,8 +72,8 @@ def main() -> None:
 
     import torch
 
-    from prunekit.bench import measure_latency
-    from prunekit.core.io import load_pruned
+    from prunekit.deploy.bench import measure_latency
+    from prunekit.io.folders import load_pruned
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

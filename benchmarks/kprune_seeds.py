@@ -173,7 +173,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from prunekit.core.io import load_model, load_tokenizer
+    from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.tasks.evaluate import evaluate
 
     seeds = [int(s) for s in args.seeds.split(",")]

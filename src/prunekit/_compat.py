@@ -18,8 +18,10 @@ import types
 import warnings
 
 _FAMILIES = ("bert", "roberta", "distilbert", "decoder", "llama", "qwen2", "qwen3", "opt", "gpt2")
-_REMOTE = ("configuration_prunekit", "configuration_prunekit_gpt2", "configuration_prunekit_opt",
-           "modeling_prunekit", "modeling_prunekit_decoder", "modeling_prunekit_gpt2", "modeling_prunekit_opt")
+_REMOTE = ("configuration_prunekit", "modeling_prunekit", "modeling_prunekit_decoder", "modeling_prunekit_gpt2",
+           "modeling_prunekit_opt")
+# GPT-2's and OPT's own configuration files became the shared one (its factory makes their classes).
+_REMOTE_CONFIGS = ("configuration_prunekit_gpt2", "configuration_prunekit_opt")
 
 MOVED: dict[str, str] = {
     "prunekit.errors": "prunekit.core.errors",
@@ -43,6 +45,8 @@ MOVED: dict[str, str] = {
     **{f"prunekit.adapters.{name}": f"prunekit.families.{name}" for name in _FAMILIES},
     "prunekit.remote_code": "prunekit.families.remote_code",
     **{f"prunekit.remote_code.{name}": f"prunekit.families.remote_code.{name}" for name in _REMOTE},
+    **{f"{package}.{name}": "prunekit.families.remote_code.configuration_prunekit"
+       for package in ("prunekit.remote_code", "prunekit.families.remote_code") for name in _REMOTE_CONFIGS},
     "prunekit.search": "prunekit.methods.search",
     "prunekit.lut": "prunekit.methods.lut",
     "prunekit.layerwise": "prunekit.methods.layerwise",

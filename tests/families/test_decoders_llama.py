@@ -186,7 +186,7 @@ for name, (folder, auto, batch_file, remote) in json.loads(sys.argv[1]).items():
         options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
         generated = [model.generate(prompt, use_cache=c, **options) for c in (True, False)]
     results[name] = {"out": out, "class": type(model).__name__, "module": type(model).__module__,
-                     "generated": generated}
+                     "generated": generated, "config": type(model.config).__name__}
 assert not [m for m, v in sys.modules.items() if m.split(".")[0] == "prunekit" and v is not None], "prunekit loaded"
 torch.save(results, sys.argv[2])
 """
@@ -235,8 +235,12 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
         assert (folder / "modeling_prunekit_decoder.py").is_file()
         assert "trust_remote_code=True" in (folder / "README.md").read_text()
         shapes = get_adapter(pruned).layer_shapes()
+        assert config["auto_map"]["AutoConfig"] == f"configuration_prunekit.Prunekit{PREFIX[family]}Config"
+        assert (folder / "configuration_prunekit.py").is_file()
         for reloaded in (load_pruned(folder), getattr(transformers, auto).from_pretrained(folder).eval()):
-            assert type(reloaded).__module__ == "prunekit.io.folders", name  # no remote code with prunekit imported
+            # With prunekit imported no remote code runs: the classes are prunekit's own import of the
+            # same modeling file, not the copy in the folder.
+            assert type(reloaded).__module__ == "prunekit.families.remote_code.modeling_prunekit_decoder", name
             assert get_adapter(reloaded).layer_shapes() == shapes, name
             assert torch.equal(outputs(reloaded, batch), want), name
         generated = None
@@ -251,6 +255,10 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
     loaded = plain_transformers_load(jobs, tmp_path)
     for name, (want, generated) in expected.items():
         assert loaded[name]["class"].startswith("Pruned") and loaded[name]["module"].split(".")[0] != "prunekit"
+        # The config class has one name on every path: the remote code's, which prunekit registers.
+        family = name.split("-")[0]
+        assert loaded[name]["config"] == f"Prunekit{PREFIX[family]}Config", name
+        assert type(transformers.AutoConfig.from_pretrained(tmp_path / name)).__name__ == loaded[name]["config"]
         torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
         if generated is not None:
             for got, ref in zip(loaded[name]["generated"], generated, strict=True):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from builders import labelled_sample, layer_io, macs_by_hand, masked, outputs, padded_pair, spread_out, view
 from safetensors import safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     GPT2Config,
@@ -434,7 +435,8 @@ for name, (folder, auto, batch_file, pad) in json.loads(sys.argv[1]).items():
     model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
     batch = torch.load(batch_file)
     with torch.no_grad():
-        result = {"out": model(**batch).logits, "class": type(model).__name__, "module": type(model).__module__}
+        result = {"out": model(**batch).logits, "class": type(model).__name__, "module": type(model).__module__,
+                  "config": type(model.config).__name__}
     if auto == "AutoModelForCausalLM":
         options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
         result["cached"] = model.generate(**batch, use_cache=True, **options)
@@ -498,6 +500,9 @@ def test_pruned_folders_load_in_plain_transformers_without_prunekit(tmp_path):
         if got["out"].dim() == 3:  # causal LM: the real positions only
             got["out"] = got["out"][want["mask"].bool()]
         assert got["class"].startswith("Pruned") and got["module"].split(".")[0] != "prunekit", name
+        # One config class name on every path (prunekit registers the remote code's classes).
+        assert got["config"] == type(AutoConfig.from_pretrained(tmp_path / name)).__name__, name
+        assert got["config"] == ("PrunekitGPT2Config" if name.startswith("gpt2") else "PrunekitOPTConfig"), name
         # Within 1e-6, not bit for bit: another process may use other thread counts in its matmuls.
         torch.testing.assert_close(got["out"], want["out"], atol=1e-6, rtol=0, msg=name)
         torch.testing.assert_close(got["out"], want["pruned"], atol=1e-6, rtol=0, msg=name)

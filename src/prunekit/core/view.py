@@ -261,9 +261,10 @@ class ModelAdapter(ABC):
     # The token a sequence-level head (classification, regression) reads: "first" ([CLS], BERT)
     # or "last" (the last non-padding token, decoders).
     pooled_token: ClassVar[Literal["first", "last"]] = "first"
-    # The file in prunekit/remote_code/ that saved folders of this family carry so that they load
-    # without prunekit (trust_remote_code=True); it must expose Prunekit<Config> and Pruned<Model>
-    # for the family's classes (prunekit.io.files.auto_map). None: the encoders' shared files.
+    # The modeling file in prunekit/families/remote_code/ that defines this family's placeholder
+    # modules and builds its Pruned<Model> classes (configuration_prunekit.model_class_named);
+    # saved folders carry it, with configuration_prunekit.py, so that they load without prunekit
+    # (trust_remote_code=True), and prunekit registers the same classes. None: no pruned classes.
     remote_code: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:

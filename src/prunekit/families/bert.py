@@ -13,7 +13,9 @@ forward reads ``config.hidden_size`` either (embeddings, attention, pooler and h
 width from their weights), so a narrowed residual stream needs no attribute changes.
 
 The LayerNorms sit inside the sublayer modules (``attention.output.LayerNorm``,
-``output.LayerNorm``), so a removed sublayer is one module that returns its residual input.
+``output.LayerNorm``), so a removed sublayer is one module that returns its residual input. The
+modules put in place of pruned sublayers live in ``remote_code/modeling_prunekit.py`` (BERT,
+RoBERTa and DistilBERT), which saved folders carry so that they load without prunekit.
 """
 
 from __future__ import annotations
@@ -32,52 +34,13 @@ from prunekit.core.view import (
     removed_error,
     require_own_kv_heads,
 )
-
-
-class EmptyBertAttention(nn.Module):
-    """An attention sublayer with every head removed: computes LN(X + b_out) exactly (spec P4)."""
-
-    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-        self.LayerNorm = layer_norm
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.LayerNorm(hidden_states + self.bias), None
-
-
-class EmptyBertIntermediate(nn.Module):
-    """FFN-in with no neurons: a zero-width view, so nothing is computed."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states[..., :0]  # (B, T, 0)
-
-
-class EmptyBertOutput(nn.Module):
-    """FFN-out with no neurons: LN(X + b_out), the masked model's value (spec P4)."""
-
-    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-        self.LayerNorm = layer_norm
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(input_tensor + self.bias)
-
-
-class RemovedBertAttention(nn.Module):
-    """A removed attention sublayer (CoFi): returns X itself, no bias, no LayerNorm (cofi.md §8.1)."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return hidden_states, None  # (B, T, d), no attention weights
-
-
-class RemovedBertOutput(nn.Module):
-    """FFN-out of a removed FFN sublayer: returns the residual input X, skipping the LayerNorm.
-    Its FFN-in is an :class:`EmptyBertIntermediate`, so nothing is computed."""
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return input_tensor  # (B, T, d)
+from prunekit.families.remote_code.modeling_prunekit import (
+    EmptyBertAttention,
+    EmptyBertIntermediate,
+    EmptyBertOutput,
+    RemovedBertAttention,
+    RemovedBertOutput,
+)
 
 
 class BertAdapter(ModelAdapter):
@@ -88,6 +51,7 @@ class BertAdapter(ModelAdapter):
         "question_answering": BertForQuestionAnswering,
         "base": BertModel,
     }
+    remote_code = "modeling_prunekit.py"
 
     @property
     def facts(self) -> BlockFacts:

@@ -24,8 +24,8 @@ set; any other grouping gets ``MappedKvAttention``, which gathers each query hea
 by index. The MLP takes its width from the weights. ``layer_idx`` (the cache slot) stays each
 layer's own, also for emptied and removed attention, which keep a placeholder in the cache.
 
-The modules put in place of pruned sublayers live in ``prunekit/remote_code/
-modeling_prunekit_decoder.py``, which saved folders carry so that they load without prunekit.
+The modules put in place of pruned sublayers live in ``remote_code/modeling_prunekit_decoder.py``,
+which saved folders carry so that they load without prunekit.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LlamaLayoutAdapter(ModelAdapter):
 
     grouped_kv = True
     pooled_token = "last"  # the *ForSequenceClassification heads pool the last non-padding token
-    remote_code: ClassVar[str | None] = REMOTE_CODE_FILE  # loads without prunekit (folder_files)
+    remote_code: ClassVar[str | None] = REMOTE_CODE_FILE  # placeholders and pruned classes (io.files)
 
     @property
     def facts(self) -> BlockFacts:

@@ -14,7 +14,8 @@ also skip that LayerNorm; ``TransformerBlock.forward`` (v5) always computes
 zero-output module in place of the sublayer and ``nn.Identity`` in place of its LayerNorm:
 0 + X = X exactly. Nothing in the v5 forward reads ``config.dim`` or the attention's ``dim``
 (the attention reshapes with ``view(..., -1, d_h)``), so a narrowed residual stream needs no
-attribute changes.
+attribute changes. The modules put in place of pruned sublayers live in
+``remote_code/modeling_prunekit.py``, which saved folders carry so that they load without prunekit.
 """
 
 from __future__ import annotations
@@ -39,44 +40,12 @@ from prunekit.core.view import (
     removed_error,
     require_own_kv_heads,
 )
-
-
-class EmptyDistilBertAttention(nn.Module):
-    """Attention with every head removed: returns b_out; the block computes LN(X + b_out)."""
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.bias.expand_as(hidden_states), None
-
-
-class EmptyDistilBertFFN(nn.Module):
-    """FFN with every neuron removed: returns b_out; the block computes LN(X + b_out)."""
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand_as(hidden_states)
-
-
-class RemovedDistilBertAttention(nn.Module):
-    """A removed attention sublayer (CoFi): adds nothing. The block's ``sa_layer_norm`` is an
-    ``nn.Identity`` once the sublayer is removed, so the block's attention step gives 0 + X = X."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        # A 0-d zero broadcasts against X without allocating a (B, T, d) tensor of zeros.
-        return hidden_states.new_zeros(()), None
-
-
-class RemovedDistilBertFFN(nn.Module):
-    """A removed FFN sublayer (CoFi): adds nothing; ``output_layer_norm`` is an ``nn.Identity``."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states.new_zeros(())  # broadcasts to (B, T, d) in the block's residual add
+from prunekit.families.remote_code.modeling_prunekit import (
+    EmptyDistilBertAttention,
+    EmptyDistilBertFFN,
+    RemovedDistilBertAttention,
+    RemovedDistilBertFFN,
+)
 
 
 class DistilBertAdapter(ModelAdapter):
@@ -87,6 +56,7 @@ class DistilBertAdapter(ModelAdapter):
         "question_answering": DistilBertForQuestionAnswering,
         "base": DistilBertModel,
     }
+    remote_code = "modeling_prunekit.py"
 
     @property
     def facts(self) -> BlockFacts:

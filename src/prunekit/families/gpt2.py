@@ -34,7 +34,9 @@ bookkeeping) set. ``GPT2MLP`` takes its width from the weights.
 A sublayer emptied or removed takes its pre-norm with it (nothing else reads it): the block then
 computes X + b_out (emptied) or X (removed), as the masked model does. An emptied or removed
 attention still records the sequence length in the key/value cache (one placeholder head of width
-1), because the model reads the past length from the cache's first layer (positions, masks).
+1), because the model reads the past length from the cache's first layer (positions, masks). Those
+modules live in ``remote_code/modeling_prunekit_gpt2.py``, which saved folders carry so that they
+load without prunekit.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ from prunekit.core.view import (
     SublayerKind,
     removed_error,
     require_own_kv_heads,
+)
+from prunekit.families.remote_code.configuration_prunekit import SkippedNorm
+from prunekit.families.remote_code.modeling_prunekit_gpt2 import (
+    EmptyGPT2Attention,
+    EmptyGPT2MLP,
+    RemovedGPT2Attention,
+    RemovedGPT2MLP,
 )
 
 ALL_BIASES = frozenset({"query", "key", "value", "out", "up", "down"})
@@ -169,63 +178,6 @@ def to_conv_form(model: nn.Module) -> None:
                 setattr(mlp, name, _as_conv(getattr(mlp, name)))
 
 
-# ---- emptied and removed sublayers -------------------------------------------------------------
-class EmptyGPT2Attention(nn.Module):
-    """An attention sublayer with every head removed: the block computes X + b_out (spec P4). The
-    key/value cache still learns the sequence length (the model reads it from layer 0)."""
-
-    def __init__(self, bias: torch.Tensor | None, layer_idx: int) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states: torch.Tensor, cache=None, *args, **kwargs):
-        if cache is not None:
-            record_length(cache, hidden_states, self.layer_idx)
-        if self.bias is None:
-            return hidden_states.new_zeros(()), None  # X + 0 = X in the block's residual add
-        return self.bias.expand_as(hidden_states), None
-
-
-class RemovedGPT2Attention(EmptyGPT2Attention):
-    """A removed attention sublayer (CoFi): no bias, out = X."""
-
-    def __init__(self, layer_idx: int) -> None:
-        super().__init__(None, layer_idx)
-
-
-def record_length(cache, hidden_states: torch.Tensor, layer_idx: int) -> None:
-    """Give the cache one placeholder key/value head of width 1 for ``hidden_states``' tokens, so
-    that its sequence length (which the model reads for positions and masks) stays right."""
-    placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-    cache.update(placeholder, placeholder, layer_idx)
-
-
-class EmptyGPT2MLP(nn.Module):
-    """An FFN with no neurons: adds b_out (no matmul)."""
-
-    def __init__(self, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return hidden_states.new_zeros(())
-        return self.bias.expand_as(hidden_states)
-
-
-class RemovedGPT2MLP(EmptyGPT2MLP):
-    def __init__(self) -> None:
-        super().__init__(None)
-
-
-class SkippedNorm(nn.Module):
-    """Where an emptied or removed pre-norm sublayer's LayerNorm was: only that sublayer read it."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-
 class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
@@ -235,6 +187,7 @@ class GPT2Adapter(ModelAdapter):
         "base": GPT2Model,
     }
     pooled_token = "last"  # GPT2ForSequenceClassification pools the last non-padding token
+    remote_code = "modeling_prunekit_gpt2.py"
 
     changes_modules = True  # Conv1D -> Linear
 

@@ -33,7 +33,9 @@ it). The state dict is OPT's own; saved folders and reloads use stock modules.
 A pre-norm sublayer emptied or removed takes its LayerNorm with it: X + b_out (emptied) or X
 (removed). Post-norm: LN(X + b_out) (emptied, the norm stays) or X (removed, the norm goes). An
 emptied or removed attention still records the sequence length in the key/value cache (one
-placeholder head of width 1): the model reads the past length from the cache's first layer.
+placeholder head of width 1): the model reads the past length from the cache's first layer. Those
+modules live in ``remote_code/modeling_prunekit_opt.py``, which saved folders carry so that they
+load without prunekit.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ from prunekit.core.view import (
     _narrow_linear_output,
     removed_error,
     require_own_kv_heads,
+)
+from prunekit.families.remote_code.configuration_prunekit import SkippedNorm
+from prunekit.families.remote_code.modeling_prunekit_opt import (
+    EmptyFc1,
+    EmptyFc2,
+    EmptyOPTAttention,
+    RemovedFc2,
+    RemovedOPTAttention,
 )
 
 ALL_BIASES = frozenset({"query", "key", "value", "out", "up", "down"})
@@ -85,68 +95,6 @@ class OPTBlock(OPTDecoderLayer):
         return hidden_states
 
 
-def record_length(cache, hidden_states: torch.Tensor, layer_idx: int) -> None:
-    """Give the cache one placeholder key/value head of width 1 for ``hidden_states``' tokens, so
-    that its sequence length (which the model reads for positions and masks) stays right."""
-    placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-    cache.update(placeholder, placeholder, layer_idx)
-
-
-class EmptyOPTAttention(nn.Module):
-    """An attention sublayer with every head removed: contributes b_out (or 0 without a bias)."""
-
-    def __init__(self, bias: torch.Tensor | None, layer_idx: int) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs):
-        if cache is not None:
-            record_length(cache, hidden_states, self.layer_idx)
-        if self.bias is None:
-            return hidden_states.new_zeros(()), None  # X + 0 = X in the layer's residual add
-        return self.bias.expand_as(hidden_states), None
-
-
-class RemovedOPTAttention(EmptyOPTAttention):
-    """A removed attention sublayer (CoFi): no bias, out = X, its LayerNorm skipped."""
-
-    def __init__(self, layer_idx: int) -> None:
-        super().__init__(None, layer_idx)
-
-
-class EmptyFc1(nn.Module):
-    """fc1 with no neurons: a zero-width view, so nothing is computed."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states[..., :0]
-
-
-class EmptyFc2(nn.Module):
-    """fc2 with no neurons: contributes b_out (or 0), whatever its zero-width input."""
-
-    def __init__(self, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return hidden_states.new_zeros(())
-        return self.bias.expand(*hidden_states.shape[:-1], self.bias.shape[0])
-
-
-class RemovedFc2(EmptyFc2):
-    def __init__(self) -> None:
-        super().__init__(None)
-
-
-class SkippedNorm(nn.Module):
-    """Where a removed sublayer's LayerNorm (or an emptied pre-norm one's) was: the identity."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-
 def to_block_form(model: nn.Module) -> None:
     """Re-class every ``OPTDecoderLayer`` of ``model`` as :class:`OPTBlock`, in place (idempotent)."""
     for layer in model.base_model.decoder.layers:
@@ -163,6 +111,7 @@ class OPTAdapter(ModelAdapter):
         "base": OPTModel,
     }
     pooled_token = "last"  # OPTForSequenceClassification pools the last non-padding token
+    remote_code = "modeling_prunekit_opt.py"
 
     changes_modules = True  # OPTDecoderLayer -> OPTBlock
 

@@ -1,46 +1,58 @@
 """The files that make a saved pruned folder explain and load itself (issue 11, item 4).
 
 - ``README.md``: what was pruned, from what, by which method to which budget, and how to load it.
-- ``configuration_prunekit.py`` and ``modeling_prunekit.py`` (from ``prunekit/remote_code``; for
-  the decoder families their own ``configuration_prunekit_<family>.py`` and
-  ``modeling_prunekit_<family>.py``), named in ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the
-  pruned model with ``trust_remote_code=True``. These files never import prunekit. With prunekit
-  imported its own registered classes are used and no remote code runs.
+- The remote code (from ``prunekit/families/remote_code``): ``configuration_prunekit.py`` (the one
+  factory of the pruned config and model classes, and what the families share) and the family's
+  modeling file (its adapter's ``remote_code``: its placeholder modules and builder), named in
+  ``config.json``'s ``auto_map``: plain transformers without prunekit then rebuilds the pruned
+  model with ``trust_remote_code=True``. These files never import prunekit. prunekit imports the
+  same modules and registers the same classes, so with prunekit imported no remote code runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from prunekit.families import ADAPTERS
 
-# The files live with the model families (prunekit.families.remote_code); they are copied, never imported here.
+# The files live with the model families (prunekit.families.remote_code); copied into folders from here.
 REMOTE_CODE_DIR = Path(__file__).parents[1] / "families" / "remote_code"
-# The encoder families share one pair of files; every other family has its own pair, named by its
-# model_type: configuration_prunekit_<family>.py and modeling_prunekit_<family>.py, defining
-# Prunekit<HF config class> and Pruned<HF model class> for each head of its adapter.
-REMOTE_FILES = ("configuration_prunekit.py", "modeling_prunekit.py")
-_SHARED_FILES_FAMILIES = ("bert", "roberta", "distilbert")
+REMOTE_CODE_PACKAGE = "prunekit.families.remote_code"
+CONFIG_FILE = "configuration_prunekit.py"  # the factory: every family's folders carry it
 README = "README.md"
 _AUTO_FOR_HEAD = {"sequence_classification": "AutoModelForSequenceClassification",
                   "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM",
                   "base": "AutoModel"}
 
 
-def remote_files(family: str) -> tuple[str, ...] | None:
-    """The remote-code files of ``family``: the one file its adapter names (``remote_code``), the
-    encoders' shared (configuration, modeling) pair, or the family's own pair by name; None if it
-    has none."""
-    adapter = _remote_adapter(family)
-    if adapter is not None:
-        return (Path(adapter.remote_code).name,)
-    if family in _SHARED_FILES_FAMILIES:
-        return REMOTE_FILES
-    own = (f"configuration_prunekit_{family}.py", f"modeling_prunekit_{family}.py")
-    return own if all((REMOTE_CODE_DIR / name).is_file() for name in own) else None
+def remote_files(family: str) -> tuple[str, str] | None:
+    """The remote-code files of ``family``: the shared configuration file and the modeling file its
+    adapter names (``remote_code``); None if it has none."""
+    adapter = _adapter(family)
+    if adapter is None or not getattr(adapter, "remote_code", None):
+        return None
+    return CONFIG_FILE, Path(adapter.remote_code).name
+
+
+def remote_module(adapter: Any) -> ModuleType | None:
+    """The modeling module an adapter names (``prunekit.families.remote_code.<file>``), or None."""
+    if not getattr(adapter, "remote_code", None):
+        return None
+    return importlib.import_module(f"{REMOTE_CODE_PACKAGE}.{Path(adapter.remote_code).stem}")
+
+
+def pruned_classes(adapter: Any) -> dict[str, type]:
+    """{task head: Pruned<Model>} of an adapter's model classes, made by its modeling module (the
+    classes remote code defines, the same objects every call); empty without remote code."""
+    module = remote_module(adapter)
+    if module is None:
+        return {}
+    return {head: getattr(module, "Pruned" + cls.__name__) for head, cls in adapter.model_classes.items()}
 
 
 def auto_map(family: str) -> dict[str, str]:
@@ -49,12 +61,12 @@ def auto_map(family: str) -> dict[str, str]:
     files = remote_files(family)
     if files is None:
         raise ValueError(f"no remote code for the {family} family")
-    config_module, model_module = (name.removesuffix(".py") for name in (files[0], files[-1]))
-    classes = ADAPTERS[family].model_classes
+    config_module, model_module = (name.removesuffix(".py") for name in files)
+    classes = pruned_classes(_adapter(family))
     config_class = next(iter(classes.values())).config_class.__name__
-    mapping = {"AutoConfig": f"{config_module}.Prunekit{config_class}"}
+    mapping = {"AutoConfig": f"{config_module}.{config_class}"}
     for head, cls in classes.items():
-        mapping[_AUTO_FOR_HEAD[head]] = f"{model_module}.Pruned{cls.__name__}"
+        mapping[_AUTO_FOR_HEAD[head]] = f"{model_module}.{cls.__name__}"
     return mapping
 
 
@@ -72,18 +84,36 @@ def add_remote_code(folder: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _remote_adapter(family: str | None) -> Any:
-    """The adapter of ``family`` when it names its own remote-code file, else None."""
-    adapter = ADAPTERS.get(family or "")
-    return adapter if getattr(adapter, "remote_code", None) else None
+def _adapter(family: str | None) -> Any:
+    return ADAPTERS.get(family or "")
+
+
+def head_of_architectures(architectures: list[str]) -> str:
+    """The task head of a saved model: by the adapters' own class names and their pruned classes'
+    first (GPT-2's causal LM is ``GPT2LMHeadModel``), then by the usual suffixes."""
+    by_name = {cls.__name__: head for adapter in ADAPTERS.values() for head, cls in adapter.model_classes.items()}
+    by_name |= {"Pruned" + name: head for name, head in by_name.items()}
+    for name in architectures:
+        if name in by_name:
+            return by_name[name]
+    head = "base"
+    for name in architectures:
+        if "QuestionAnswering" in name:
+            head = "question_answering"
+        elif "SequenceClassification" in name:
+            head = "sequence_classification"
+        elif "CausalLM" in name:
+            head = "causal_lm"
+    return head
 
 
 def _head(config: dict[str, Any]) -> str:
     return head_of_architectures(config.get("architectures") or [])
 
 
-def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None) -> str:
-    """A short README.md for a saved folder called ``name``: what, from what, how to load."""
+def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None, tokenizer: bool = False) -> str:
+    """A short README.md for a saved folder called ``name`` (``tokenizer``: it holds one): what,
+    from what, how to load."""
     report = report or {}
     family = config.get("prunekit_base_model_type", config.get("model_type", "?"))
     auto = _AUTO_FOR_HEAD[_head(config)]
@@ -129,6 +159,10 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
                   f"({', '.join(f'`{file}`' for file in files)}, which do not import prunekit):", "",
                   "```python", f"from transformers import {auto}",
                   f'model = {auto}.from_pretrained("PATH", trust_remote_code=True)', "```", ""]
+        if tokenizer:  # AutoTokenizer reads config.json first, which names this code: say not to run it
+            lines += ["The tokenizer alone loads with `AutoTokenizer.from_pretrained(\"PATH\", "
+                      "trust_remote_code=False)` (without the argument transformers asks whether to run "
+                      "the code above).", ""]
     lines += ["The per-layer widths are `prunekit_layers` in `config.json` (a layer may keep zero "
               "heads or neurons; a removed sublayer is the identity).", ""]
     return "\n".join(lines).replace("PATH", name)
@@ -137,23 +171,5 @@ def readme_text(name: str, config: dict[str, Any], report: dict[str, Any] | None
 def write_readme(folder: Path, report: dict[str, Any] | None, name: str) -> None:
     """Write README.md into ``folder`` (a temporary folder that becomes ``name``)."""
     config = json.loads((folder / "config.json").read_text())
-    (folder / README).write_text(readme_text(name, config, report))
-
-
-def head_of_architectures(architectures: list[str]) -> str:
-    """The task head of a saved model: by the adapters' own class names first (GPT-2's causal LM
-    is ``GPT2LMHeadModel``), then by the usual suffixes."""
-    by_name = {cls.__name__: head for adapter in ADAPTERS.values() for head, cls in adapter.model_classes.items()}
-    by_name |= {f"Pruned{name}": head for name, head in by_name.items()}  # prunekit's pruned classes
-    for name in architectures:
-        if name in by_name:
-            return by_name[name]
-    head = "base"
-    for name in architectures:
-        if "QuestionAnswering" in name:
-            head = "question_answering"
-        elif "SequenceClassification" in name:
-            head = "sequence_classification"
-        elif "CausalLM" in name:
-            head = "causal_lm"
-    return head
+    tokenizer = (folder / "tokenizer_config.json").is_file()
+    (folder / README).write_text(readme_text(name, config, report, tokenizer))

@@ -4,10 +4,11 @@ A pruned model is saved with ``save_pretrained`` (config.json + model.safetensor
 prunekit config class whose ``model_type`` is ``prunekit_<family>`` and whose ``prunekit_layers``
 lists every layer's kept head count and FFN width (and, when set, that a sublayer was removed);
 ``prunekit_hidden_size`` is the narrowed residual width, or None. ``hidden_size`` itself stays the
-original width, because Hugging Face derives the head size d_h from it. The matching model
-classes are thin subclasses of the Hugging Face ones that build those shapes before the weights
-are loaded; they are
-registered with the Auto classes here, once, so after ``import prunekit``::
+original width, because Hugging Face derives the head size d_h from it. The config and model
+classes are those of the family's remote code (``prunekit/families/remote_code``: thin subclasses
+of the Hugging Face ones that build those shapes before the weights are loaded), the classes a
+folder loads into without prunekit too; they are registered with the Auto classes here, once, so
+after ``import prunekit``::
 
     AutoModelForSequenceClassification.from_pretrained(folder)
 
@@ -41,8 +42,8 @@ from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
-from prunekit.families import ADAPTERS, LayerShape, base_model_type, get_adapter
-from prunekit.io.files import add_remote_code, head_of_architectures, write_readme
+from prunekit.families import ADAPTERS, base_model_type, get_adapter
+from prunekit.io.files import add_remote_code, head_of_architectures, pruned_classes, write_readme
 from prunekit.io.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -61,56 +62,18 @@ PLAN_TENSORS = "plan.safetensors"  # its tensors (scales, re-fitted weights, gat
 PLAN_FORMAT = 2  # plan.json's "format": 2 is the first with plan files (older folders have none)
 
 
-def _pruned_config_class(base_config: type, family: str) -> type:
-    # Class-body annotations become fields of transformers' (dataclass-based) configs.
-    namespace = {
-        "__module__": __name__,
-        "__doc__": f"{base_config.__name__} plus prunekit's per-layer widths.",
-        "__annotations__": {
-            "prunekit_layers": list | None,
-            "prunekit_base_model_type": str,
-            "prunekit_hidden_size": int | None,
-        },
-        "model_type": f"prunekit_{family}",
-        "prunekit_layers": None,
-        "prunekit_base_model_type": family,
-        # None: the residual stream has the config's full width (hidden_size / dim).
-        "prunekit_hidden_size": None,
-    }
-    return type(f"Pruned{base_config.__name__}", (base_config,), namespace)
-
-
-def _pruned_model_class(base_model: type, config_class: type) -> type:
-    def __init__(self, config, *args, **kwargs):
-        base_model.__init__(self, config, *args, **kwargs)
-        hidden_size = getattr(config, "prunekit_hidden_size", None)
-        if config.prunekit_layers or hidden_size is not None:
-            adapter = get_adapter(self)
-            layers = config.prunekit_layers or [shape.to_dict() for shape in adapter.layer_shapes()]
-            adapter.resize([LayerShape(**shape) for shape in layers], hidden_size=hidden_size)
-
-    namespace = {
-        "__module__": __name__,
-        "__doc__": f"{base_model.__name__} with per-layer head counts and FFN widths (prunekit).",
-        "__init__": __init__,
-        "config_class": config_class,
-    }
-    return type(f"Pruned{base_model.__name__}", (base_model,), namespace)
-
-
 def _register(adapters: dict[str, type] | None = None) -> dict[type, type]:
-    """Create and register the pruned classes of the given adapters ({family: adapter}, default
-    every registered one); returns {HF class: pruned class}."""
+    """Register the pruned classes of the given adapters ({family: adapter}, default every
+    registered one) with the Auto classes; returns {HF class: pruned class}. The classes are the
+    ones the family's remote code defines (:func:`prunekit.io.files.pruned_classes`), the same a
+    folder loads into without prunekit."""
     pruned: dict[type, type] = {}
-    for family, adapter in (ADAPTERS if adapters is None else adapters).items():
-        config_class = None
-        for head, model_class in adapter.model_classes.items():
-            if config_class is None:
-                config_class = _pruned_config_class(model_class.config_class, family)
-                AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-            pruned_class = _pruned_model_class(model_class, config_class)
+    for adapter in (ADAPTERS if adapters is None else adapters).values():
+        for head, pruned_class in pruned_classes(adapter).items():
+            config_class = pruned_class.config_class
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             AUTO_CLASSES[head].register(config_class, pruned_class, exist_ok=True)
-            pruned[model_class] = pruned_class
+            pruned[adapter.model_classes[head]] = pruned_class
     return pruned
 
 
@@ -118,8 +81,9 @@ PRUNED_CLASSES: dict[type, type] = _register()
 
 
 def register_pruned_classes(family: str, adapter: type) -> None:
-    """Make the pruned classes of a family whose adapter was added to ``ADAPTERS`` after prunekit
-    was imported (a test family, a plugin), so its pruned models save and reload."""
+    """Register the pruned classes of a family whose adapter was added to ``ADAPTERS`` after
+    prunekit was imported (a test family, a plugin), so its pruned models save and reload; they
+    are the classes of the modeling file its adapter names (``remote_code``)."""
     PRUNED_CLASSES.update(_register({family: adapter}))
 
 

@@ -1,7 +1,8 @@
 """Decoders of the Llama layout pruned by prunekit (Llama, Mistral, Qwen2, Qwen3), rebuilt by
 plain transformers without prunekit (remote code), and the modules prunekit itself puts in place
-of pruned attention and FFN sublayers (``prunekit.adapters.decoder`` imports them from here, so a
-folder's weights land in the same modules on both paths).
+of pruned attention and FFN sublayers (``prunekit.families.decoder`` imports them from here, and
+``import prunekit`` registers these same classes, so a folder's weights land in the same modules on
+every path).
 
 This file is copied into every folder prunekit writes for these families, and ``config.json``
 maps the Auto classes to names in it (``auto_map``), so that in a process without prunekit::
@@ -10,12 +11,13 @@ maps the Auto classes to names in it (``auto_map``), so that in a process withou
 
 builds the pruned architecture from ``prunekit_layers`` (query heads, key/value heads and which
 key/value head each query head reads, FFN width per layer, removed sublayers) and
-``prunekit_hidden_size`` before the weights load. It imports only torch and transformers.
+``prunekit_hidden_size`` before the weights load. It imports only torch, transformers and
+``configuration_prunekit``.
 
-The classes are made on first use from the family's own transformers classes (module-level
-``__getattr__``): ``PrunedLlamaForCausalLM`` is ``LlamaForCausalLM`` at the pruned widths and
-``PrunekitLlamaConfig`` is ``LlamaConfig`` plus the per-layer widths, and so for every family with
-the Llama layout::
+The classes are made on first use from the family's own transformers classes by the factory
+in ``configuration_prunekit`` (module-level ``__getattr__``): ``PrunedLlamaForCausalLM`` is
+``LlamaForCausalLM`` at the pruned widths and ``PrunekitLlamaConfig`` is ``LlamaConfig`` plus the
+per-layer widths, and so for every family in ``BUILDERS`` (the Llama layout)::
 
     model.layers[l].input_layernorm            RMSNorm(X), the attention's input
     model.layers[l].self_attn.{q,k,v,o}_proj   (Qwen3: also q_norm, k_norm over d_h, per head)
@@ -32,12 +34,20 @@ cache would restart positions when layer 0's attention is gone.
 from __future__ import annotations
 
 import torch
-import transformers
 from torch import nn
-from transformers import AutoModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from .configuration_prunekit import (
+    SkippedNorm,
+    layer_shapes,
+    linear_like,
+    model_class_named,
+    narrow_embedding,
+    narrow_norm,
+    record_length,
+    zero_bias,
+)
 
 
 # ---- the modules in place of pruned sublayers -----------------------------------------------------
@@ -106,10 +116,8 @@ class EmptyAttention(EmptySublayer):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs):
-        if cache is not None:
-            # One number per token (B, 1, T, 1): the cache counts tokens from its layers' keys.
-            placeholder = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
-            cache.update(placeholder, placeholder, self.layer_idx)
+        if cache is not None:  # one number per token: the cache counts tokens from its layers' keys
+            record_length(cache, hidden_states, self.layer_idx)
         return super().forward(hidden_states), None  # (output, no attention weights)
 
 
@@ -123,14 +131,6 @@ class RemovedAttention(EmptyAttention):
 class RemovedMLP(EmptySublayer):
     def __init__(self) -> None:
         super().__init__(None)
-
-
-class SkippedNorm(nn.Module):
-    """Where an emptied or removed sublayer's norm was: nothing reads its output but the sublayer,
-    which ignores it."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
 
 
 # ---- putting narrower sublayers in place (shared with prunekit's adapter) --------------------------
@@ -184,37 +184,18 @@ def remove_mlp(block: nn.Module) -> None:
 
 
 # ---- rebuilding a pruned model from its config (placeholders: the saved weights load over them) ----
-def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
-                     dtype=old.weight.dtype)
-
-
-def _zeros(linear: nn.Linear, width: int) -> torch.Tensor | None:
-    if linear.bias is None:
-        return None
-    return torch.zeros(width, device=linear.weight.device, dtype=linear.weight.dtype)
-
-
-def _narrow_weight(module: nn.Module, shape: tuple[int, ...]) -> None:
-    old = module.weight
-    module.weight = nn.Parameter(torch.empty(shape, device=old.device, dtype=old.dtype))
-
-
-def _narrow_hidden(model: nn.Module, width: int) -> None:
+def _narrow_hidden(base: nn.Module, width: int) -> None:
     """The residual stream at ``width`` dimensions everywhere the base model reads or writes it."""
-    base = model.base_model
-    embed = base.embed_tokens
-    _narrow_weight(embed, (embed.num_embeddings, width))
-    embed.embedding_dim = width
+    narrow_embedding(base.embed_tokens, width)
     for norm in [base.norm, *(n for b in base.layers for n in (b.input_layernorm, b.post_attention_layernorm))]:
-        _narrow_weight(norm, (width,))
+        narrow_norm(norm, width)
     for block in base.layers:
         sa, mlp = block.self_attn, block.mlp
         for parent, name, is_input in ((sa, "q_proj", 1), (sa, "k_proj", 1), (sa, "v_proj", 1), (sa, "o_proj", 0),
                                        (mlp, "gate_proj", 1), (mlp, "up_proj", 1), (mlp, "down_proj", 0)):
             old = getattr(parent, name)
-            setattr(parent, name, _linear(old, width, old.out_features) if is_input else
-                    _linear(old, old.in_features, width))
+            setattr(parent, name, linear_like(old, width, old.out_features) if is_input else
+                    linear_like(old, old.in_features, width))
 
 
 def _narrow_heads(model: nn.Module, width: int) -> None:
@@ -227,13 +208,13 @@ def _narrow_heads(model: nn.Module, width: int) -> None:
         if name == "lm_head" and getattr(model.config, "tie_word_embeddings", False):
             head.weight, head.in_features = embed.weight, width
         else:
-            setattr(model, name, _linear(head, width, head.out_features))
+            setattr(model, name, linear_like(head, width, head.out_features))
 
 
 def build_pruned(model: nn.Module, config) -> None:
     """Allocate every layer of ``model`` (built at the config's full widths) at its pruned widths.
     A base model built already (the generic task heads build theirs through AutoModel, whose
-    pruned class is registered below) is left as it is; only the head then follows."""
+    pruned class the factory registers) is left as it is; only the head then follows."""
     width = getattr(config, "prunekit_hidden_size", None)
     if not getattr(model.base_model, "_prunekit_built", False):
         _build_base(model.base_model, config)
@@ -242,85 +223,40 @@ def build_pruned(model: nn.Module, config) -> None:
 
 
 def _build_base(base: nn.Module, config) -> None:
-    layers = getattr(config, "prunekit_layers", None) or []
-    if not isinstance(layers, list):
-        raise ValueError("prunekit_layers in config.json must be a list with one entry per layer")
     blocks = base.layers
-    if layers and len(layers) != len(blocks):
-        raise ValueError(f"prunekit_layers lists {len(layers)} layers but the model has {len(blocks)}")
+    shapes = layer_shapes(config, len(blocks))
     width = getattr(config, "prunekit_hidden_size", None)
     if width is not None and width != config.hidden_size:
         _narrow_hidden(base, width)
-    for block, shape in zip(blocks, layers, strict=False):
+    for block, shape in zip(blocks, shapes, strict=True):
+        if shape is None:  # no prunekit_layers: every layer at the config's widths
+            continue
         sa, mlp = block.self_attn, block.mlp
         d, d_h = sa.q_proj.in_features, sa.head_dim
         if shape.get("attention_removed"):
             remove_attention(block)
         elif shape["num_heads"] == 0:
-            empty_attention(block, _zeros(sa.o_proj, d))
+            empty_attention(block, zero_bias(sa.o_proj, d))
         else:
             heads, kv_heads = shape["num_heads"], shape.get("num_kv_heads", shape["num_heads"])
             kv_map = tuple(shape.get("kv_map") or range(heads))
-            install_attention(block, _linear(sa.q_proj, d, heads * d_h), _linear(sa.k_proj, d, kv_heads * d_h),
-                              _linear(sa.v_proj, d, kv_heads * d_h), _linear(sa.o_proj, heads * d_h, d), kv_map)
+            install_attention(block, linear_like(sa.q_proj, d, heads * d_h), linear_like(sa.k_proj, d, kv_heads * d_h),
+                              linear_like(sa.v_proj, d, kv_heads * d_h), linear_like(sa.o_proj, heads * d_h, d),
+                              kv_map)
         n = shape["intermediate_size"]
         if shape.get("ffn_removed"):
             remove_mlp(block)
         elif n == 0:
-            empty_mlp(block, _zeros(mlp.down_proj, d))
+            empty_mlp(block, zero_bias(mlp.down_proj, d))
         else:
-            install_mlp(block, _linear(mlp.gate_proj, d, n), _linear(mlp.up_proj, d, n), _linear(mlp.down_proj, n, d))
+            install_mlp(block, linear_like(mlp.gate_proj, d, n), linear_like(mlp.up_proj, d, n),
+                        linear_like(mlp.down_proj, n, d))
     base._prunekit_built = True
 
 
-# ---- the classes named in auto_map, made from the family's transformers classes ------------------
-def pruned_config_class(base: type) -> type:
-    """``base`` (e.g. LlamaConfig) plus the per-layer widths, as model_type ``prunekit_<family>``."""
-    name = "Prunekit" + base.__name__
-    if name not in _CLASSES:
-        family = base.model_type
-        _CLASSES[name] = type(name, (base,), {
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} plus prunekit's per-layer widths.",
-            "__annotations__": {"prunekit_layers": list | None, "prunekit_base_model_type": str,
-                                "prunekit_hidden_size": int | None},
-            "model_type": f"prunekit_{family}",
-            "prunekit_layers": None,
-            "prunekit_base_model_type": family,
-            "prunekit_hidden_size": None,
-        })
-    return _CLASSES[name]
-
-
-def pruned_model_class(base: type) -> type:
-    """``base`` (e.g. LlamaForCausalLM) built at the widths of its config's ``prunekit_layers``."""
-    name = "Pruned" + base.__name__
-    if name not in _CLASSES:
-        def __init__(self, config, *args, **kwargs):
-            # The generic heads (LlamaForSequenceClassification, ...) build their base model with
-            # AutoModel.from_config: it must find the pruned base class here, not ask for remote code.
-            base_model = MODEL_MAPPING[base.config_class]
-            if base_model is not base:
-                AutoModel.register(type(config), pruned_model_class(base_model), exist_ok=True)
-            base.__init__(self, config, *args, **kwargs)
-            build_pruned(self, config)
-
-        _CLASSES[name] = type(name, (base,), {
-            "__init__": __init__, "__module__": __name__,
-            "config_class": pruned_config_class(base.config_class),
-            "__doc__": f"{base.__name__} at the widths prunekit pruned it to.",
-        })
-    return _CLASSES[name]
-
-
-_CLASSES: dict[str, type] = {}
+BUILDERS = {family: build_pruned for family in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 def __getattr__(name: str) -> type:
-    # auto_map names PrunedLlamaForCausalLM, PrunekitQwen3Config, ...: made here on first use.
-    if name.startswith("Prunekit") and name.endswith("Config") and hasattr(transformers, name[len("Prunekit"):]):
-        return pruned_config_class(getattr(transformers, name[len("Prunekit"):]))
-    if name.startswith("Pruned") and hasattr(transformers, name[len("Pruned"):]):
-        return pruned_model_class(getattr(transformers, name[len("Pruned"):]))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+    # auto_map names PrunedLlamaForCausalLM, PrunedQwen3Model, ...: made on first use.
+    return model_class_named(name, __name__, BUILDERS)

@@ -1,15 +1,16 @@
-"""OPT models pruned by prunekit, rebuilt by plain transformers without prunekit (remote code).
+"""OPT pruned by prunekit: the modules in place of pruned sublayers and the builder of the pruned
+classes (remote code, copied into every pruned OPT folder).
 
-Copied into every pruned OPT folder; ``config.json`` maps the Auto classes to the classes here
-(``auto_map``), so that in a process without prunekit::
+``config.json`` maps the Auto classes to ``Pruned<Model>`` here (``auto_map``), so that in a
+process without prunekit::
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 builds the pruned architecture from ``prunekit_layers`` (heads and FFN width per layer, removed
 sublayers) and ``prunekit_hidden_size`` (the narrowed residual width) before the weights load,
-with OPT's own module names, so every weight lands where it was. It must not import prunekit;
-with prunekit installed, ``import prunekit`` (no remote code runs then) and
-``prunekit.load_pruned(folder)`` are preferred.
+with OPT's own module names, so every weight lands where it was. prunekit's adapter
+(``prunekit.families.opt``) imports the modules below from here and ``import prunekit`` registers
+these same classes. It imports only torch, transformers and ``configuration_prunekit``.
 
 Per layer, pre-norm (``do_layer_norm_before``, X + f(LN(X))): a sublayer with zero heads
 (neurons) adds its output bias b (X + b) and its LayerNorm is gone. Post-norm (LN(X + f(X)),
@@ -20,143 +21,135 @@ reads that length from the cache. With ``project_in`` / ``project_out`` (word_em
 hidden_size) a narrowed residual stream narrows their rows / columns, not the token table.
 """
 
+from __future__ import annotations
+
 import torch
 from torch import nn
-from transformers import OPTForCausalLM, OPTForSequenceClassification, OPTModel
 
-from .configuration_prunekit_opt import PrunekitOPTConfig
+from .configuration_prunekit import (
+    SkippedNorm,
+    layer_shapes,
+    linear_like,
+    model_class_named,
+    narrow_embedding,
+    narrow_input,
+    narrow_norm,
+    new_param,
+    record_length,
+    zero_bias,
+)
 
 
-# ---- the modules prunekit puts in place of pruned sublayers ----------------------------------------
-def _record_length(cache, hidden_states, layer_idx):
-    placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-    cache.update(placeholder, placeholder, layer_idx)
-
-
+# ---- the modules in place of pruned sublayers -----------------------------------------------------
 class EmptyOPTAttention(nn.Module):
-    def __init__(self, width: int | None, layer_idx: int) -> None:
+    """An attention sublayer with every head removed: contributes b_out (or 0 without a bias)."""
+
+    def __init__(self, bias: torch.Tensor | None, layer_idx: int) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(width)) if width else None  # None: removed, or no biases
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, *args, cache=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs):
         if cache is not None:
-            _record_length(cache, hidden_states, self.layer_idx)
+            record_length(cache, hidden_states, self.layer_idx)
         if self.bias is None:
-            return hidden_states.new_zeros(()), None
+            return hidden_states.new_zeros(()), None  # X + 0 = X in the layer's residual add
         return self.bias.expand_as(hidden_states), None
 
 
+class RemovedOPTAttention(EmptyOPTAttention):
+    """A removed attention sublayer (CoFi): no bias, out = X, its LayerNorm skipped."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__(None, layer_idx)
+
+
 class EmptyFc1(nn.Module):
-    def forward(self, hidden_states):
+    """fc1 with no neurons: a zero-width view, so nothing is computed."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states[..., :0]
 
 
 class EmptyFc2(nn.Module):
-    def __init__(self, width: int | None) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(width)) if width else None  # None: removed, or no biases
+    """fc2 with no neurons: contributes b_out (or 0), whatever its zero-width input."""
 
-    def forward(self, hidden_states):
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
             return hidden_states.new_zeros(())
         return self.bias.expand(*hidden_states.shape[:-1], self.bias.shape[0])
 
 
-# ---- reshaping (placeholders: the saved weights are loaded over them) ------------------------------
-def _param(module: nn.Module, name: str, shape: tuple) -> None:
-    old = getattr(module, name, None)
-    if old is not None:
-        setattr(module, name, nn.Parameter(torch.empty(shape, device=old.device, dtype=old.dtype)))
+class RemovedFc2(EmptyFc2):
+    def __init__(self) -> None:
+        super().__init__(None)
 
 
-def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias)
-
-
-def _narrow_norm(norm, width: int) -> None:
-    if norm is None:
-        return
-    _param(norm, "weight", (width,))
-    _param(norm, "bias", (width,))
-    norm.normalized_shape = (width,)
-
-
-def _narrow_stream(model, decoder, h: int) -> None:
+# ---- rebuilding a pruned model from its config (placeholders: the saved weights load over them) ----
+def _narrow_stream(model: nn.Module, decoder: nn.Module, h: int) -> None:
     """The residual stream at width h: the tables (or project_in's rows), the final norm, and what
     reads the stream (project_out's columns, or the head)."""
-    positions = decoder.embed_positions
-    _param(positions, "weight", (positions.num_embeddings, h))
-    positions.embedding_dim = h
-    _narrow_norm(decoder.final_layer_norm, h)
+    narrow_embedding(decoder.embed_positions, h)
+    if decoder.final_layer_norm is not None:
+        narrow_norm(decoder.final_layer_norm, h)
     if decoder.project_in is not None:
-        _param(decoder.project_in, "weight", (h, decoder.project_in.in_features))
+        new_param(decoder.project_in, "weight", (h, decoder.project_in.in_features))
         decoder.project_in.out_features = h
-        _param(decoder.project_out, "weight", (decoder.project_out.out_features, h))
-        decoder.project_out.in_features = h
+        narrow_input(decoder.project_out, h)
         return
-    tokens = decoder.embed_tokens
-    _param(tokens, "weight", (tokens.num_embeddings, h))
-    tokens.embedding_dim = h
+    narrow_embedding(decoder.embed_tokens, h)
     for name in ("lm_head", "score"):
         linear = getattr(model, name, None)
         if isinstance(linear, nn.Linear):
-            _param(linear, "weight", (linear.out_features, h))
-            linear.in_features = h
+            narrow_input(linear, h)
 
 
-def _build(model, config) -> None:
-    layers = getattr(config, "prunekit_layers", None) or []
-    if not isinstance(layers, list):
-        raise ValueError("prunekit_layers in config.json must be a list with one entry per layer")
+def build_opt(model: nn.Module, config) -> None:
+    """Allocate every layer at its pruned widths, in OPT's own modules."""
     decoder = model.base_model.decoder
     d_h = config.hidden_size // config.num_attention_heads
     h = getattr(config, "prunekit_hidden_size", None) or config.hidden_size
-    bias, pre = config.enable_bias, config.do_layer_norm_before
+    pre = config.do_layer_norm_before
     if h != config.hidden_size:
         _narrow_stream(model, decoder, h)
-    if layers and len(layers) != len(decoder.layers):
-        raise ValueError(f"prunekit_layers lists {len(layers)} layers but the model has {len(decoder.layers)}")
-    for index, (block, shape) in enumerate(zip(decoder.layers, layers or [None] * len(decoder.layers), strict=True)):
+    for index, (block, shape) in enumerate(zip(decoder.layers, layer_shapes(config, len(decoder.layers)),
+                                               strict=True)):
         heads = shape["num_heads"] if shape else config.num_attention_heads
         width = shape["intermediate_size"] if shape else config.ffn_dim
+        sa = block.self_attn
         if shape and shape.get("attention_removed"):
-            block.self_attn, block.self_attn_layer_norm = EmptyOPTAttention(None, index), nn.Identity()
+            block.self_attn, block.self_attn_layer_norm = RemovedOPTAttention(index), SkippedNorm()
         elif heads == 0:
-            block.self_attn = EmptyOPTAttention(h if bias else None, index)
+            block.self_attn = EmptyOPTAttention(zero_bias(sa.out_proj, h), index)
             if pre:
-                block.self_attn_layer_norm = nn.Identity()
+                block.self_attn_layer_norm = SkippedNorm()
             else:
-                _narrow_norm(block.self_attn_layer_norm, h)
+                narrow_norm(block.self_attn_layer_norm, h)
         else:
-            sa = block.self_attn
-            sa.q_proj, sa.k_proj, sa.v_proj = (_linear(h, heads * d_h, bias) for _ in range(3))
-            sa.out_proj = _linear(heads * d_h, h, bias)
+            sa.q_proj, sa.k_proj, sa.v_proj = (linear_like(sa.q_proj, h, heads * d_h) for _ in range(3))
+            sa.out_proj = linear_like(sa.out_proj, heads * d_h, h)
             sa.num_heads = heads
-            _narrow_norm(block.self_attn_layer_norm, h)
+            narrow_norm(block.self_attn_layer_norm, h)
         if shape and shape.get("ffn_removed"):
-            block.fc1, block.fc2, block.final_layer_norm = EmptyFc1(), EmptyFc2(None), nn.Identity()
+            block.fc1, block.fc2, block.final_layer_norm = EmptyFc1(), RemovedFc2(), SkippedNorm()
         elif width == 0:
-            block.fc1, block.fc2 = EmptyFc1(), EmptyFc2(h if bias else None)
+            block.fc1, block.fc2 = EmptyFc1(), EmptyFc2(zero_bias(block.fc2, h))
             if pre:
-                block.final_layer_norm = nn.Identity()
+                block.final_layer_norm = SkippedNorm()
             else:
-                _narrow_norm(block.final_layer_norm, h)
+                narrow_norm(block.final_layer_norm, h)
         else:
-            block.fc1, block.fc2 = _linear(h, width, bias), _linear(width, h, bias)
-            _narrow_norm(block.final_layer_norm, h)
+            block.fc1, block.fc2 = linear_like(block.fc1, h, width), linear_like(block.fc2, width, h)
+            narrow_norm(block.final_layer_norm, h)
 
 
-def _pruned(base_class):
-    def __init__(self, config, *args, **kwargs):
-        base_class.__init__(self, config, *args, **kwargs)
-        _build(self, config)
-
-    return type(f"Pruned{base_class.__name__}", (base_class,),
-                {"__init__": __init__, "config_class": PrunekitOPTConfig, "__module__": __name__,
-                 "__doc__": f"{base_class.__name__} at the widths prunekit pruned it to."})
+BUILDERS = {"opt": build_opt}
 
 
-PrunedOPTForCausalLM = _pruned(OPTForCausalLM)
-PrunedOPTForSequenceClassification = _pruned(OPTForSequenceClassification)
-PrunedOPTModel = _pruned(OPTModel)
+def __getattr__(name: str) -> type:
+    # auto_map names PrunedOPTForCausalLM, PrunedOPTModel, ...: made on first use.
+    return model_class_named(name, __name__, BUILDERS)
