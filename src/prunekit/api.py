@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -258,6 +259,14 @@ def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task:
         teacher = pruning_view(model if on_device else copy.deepcopy(model))
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
+    if tokenizer is not None:
+        preflight.check_vocabulary(teacher.model, tokenizer)
+    if teacher.model is model and preflight.needs_pad_token_id(model, task):
+        # The caller's model is not changed: a shallow copy (the same modules) with its own config.
+        shallow = copy.copy(model)
+        shallow.config = copy.deepcopy(model.config)
+        teacher = teacher.of(shallow)
+    tokenizer = preflight.settle_pad_token(teacher.model, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
     teacher.model.to(device)
     return teacher, tokenizer
@@ -385,6 +394,8 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
     teacher.model.eval()
     try:
         task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets, teacher)
+        if options.uniform:
+            _check_uniform_budgets(teacher, budgets, configs, task_data, task)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         prepare_seconds = 0.0
@@ -409,8 +420,11 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
                 from prunekit.core.uniform import uniform_plan
 
                 # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
-                plan, log["uniform"] = uniform_plan(teacher, plan,
-                                                    None if budget[0] == "params" else seq_len)
+                plan, log["uniform"] = uniform_plan(teacher, plan, None if budget[0] == "params" else seq_len,
+                                                    keep=None if budget[0] == "latency" else budget[1])
+                if log["uniform"]["over_budget"] and budget[0] != "latency":
+                    raise ConfigError(f"--uniform cannot meet keep_{budget[0]} {budget[1]:g}: its smallest "
+                                      "shape costs more; give a larger budget or prune without --uniform")
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -428,6 +442,25 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
         return results
     finally:
         teacher.model.train(was_training)
+
+
+def _check_uniform_budgets(teacher: ModelAdapter, budgets: list[Budget], configs: list[Any], data: TaskData,
+                           task: TaskSpec) -> None:
+    """--uniform keeps one group, one query head and one neuron in every layer at the least: a
+    budget under that is refused before the method runs (its FLOPs length is known by now)."""
+    from prunekit.core.uniform import smallest_uniform_keep
+
+    for (kind, keep), config in zip(budgets, configs, strict=True):
+        if kind == "latency":
+            continue
+        seq_len = None if kind == "params" else _flops_seq_len(config, data, task)
+        least, shape = smallest_uniform_keep(teacher, seq_len)
+        if keep < least:
+            what = "non-embedding parameters" if kind == "params" else f"FLOPs at {seq_len:g} tokens"
+            raise ConfigError(
+                f"--uniform keeps at least {shape['kv_groups']} key/value group, {shape['query_heads']} query "
+                f"head(s) and 1 FFN neuron in every layer, {least:.4f} of the {what}; keep_{kind} {keep:g} is "
+                f"below that: give keep_{kind} {math.ceil(least * 1e4) / 1e4:g} or more, or prune without --uniform")
 
 
 def count_flops(model: nn.Module, seq_len: float = 128.0) -> float:
@@ -543,7 +576,10 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     preflight.check_device(options.device)
     teacher = load_model(model_dir, head=task.head)
     tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_vocabulary(teacher, tokenizer)
+    tokenizer = preflight.settle_pad_token(teacher, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
+    preflight.check_seq_len(teacher.config, options.eval_window, "window (--window)")
     if options.run_eval:
         check_split(task, data, "dev")  # before pruning, not after it
     if options.run_bench:

@@ -301,7 +301,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.core.preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
+    from prunekit.core.preflight import (
+        check_head_fits_task,
+        check_seq_len,
+        check_vocabulary,
+        check_writable_file,
+        settle_pad_token,
+        write_json,
+    )
     from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.tasks.evaluate import evaluate
     from prunekit.tasks.spec import get_task
@@ -313,8 +320,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, head=task.head, device=_device(args))
         tokenizer = load_tokenizer(args.tokenizer or args.model)
+        check_vocabulary(model, tokenizer)
+        tokenizer = settle_pad_token(model, tokenizer, task)
         check_head_fits_task(model.config, task)
         check_seq_len(model.config, args.max_length, "--max-length")
+        check_seq_len(model.config, args.window, "--window")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
                        doc_stride=args.doc_stride, window=args.window, stride=args.stride)

@@ -138,7 +138,10 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     teacher = load_model(model_dir, head=task_spec.head).to(device)
     view = get_adapter(teacher)  # the one view of the teacher, handed to every method's run
     tokenizer = load_tokenizer(tokenizer or model_dir)
+    preflight.check_vocabulary(teacher, tokenizer)
+    tokenizer = preflight.settle_pad_token(teacher, tokenizer, task_spec)
     preflight.check_head_fits_task(teacher.config, task_spec)
+    preflight.check_seq_len(teacher.config, o.eval_window, "window (--window)")
     if run_bench:
         preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
     family = family_of(task_spec)

@@ -153,6 +153,57 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
                          "word would become [UNK]; pass a real tokenizer with --tokenizer PATH")
 
 
+def check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model's embedding table gives ids the model cannot embed."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if rows is None or size is None or size <= rows:
+        return
+    raise ModelError(f"the tokenizer has {size} tokens but the model's embedding table has {rows} (vocab_size), so "
+                     f"token ids {rows} and up cannot be embedded; pass the tokenizer the model was trained with "
+                     "(--tokenizer PATH)")
+
+
+def settle_pad_token(model: torch.nn.Module, tokenizer: Any, task: Any) -> Any:
+    """Decoders (GPT-2, OPT, Llama) often have no pad token. A task that pads its batches (every task
+    but causal_lm's fixed windows) pads with the tokenizer's eos token then, and a decoder classifier,
+    which pools the last real token, gets the tokenizer's pad id as its config's ``pad_token_id``
+    (saved in config.json with the pruned model). Both are logged. Returns the tokenizer: a copy
+    with its pad token set where it had none (the caller's is not changed); the config is the
+    model's own (the caller copies a model it does not own)."""
+    from prunekit.tasks.family import family_of
+
+    if tokenizer is None or family_of(task).generates:
+        return tokenizer
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is None:
+            raise ModelError("the tokenizer has neither a pad token nor an eos token to pad batches with; pass a "
+                             "tokenizer that has one (--tokenizer PATH)")
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = eos
+        logger.info("the tokenizer has no pad token: padding with its eos token %r (id %d); the saved tokenizer "
+                    "keeps it as its pad token", eos, tokenizer.pad_token_id)
+    config = getattr(model, "config", None)
+    if task.head == "sequence_classification" and config is not None and getattr(config, "pad_token_id", 1) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+        logger.info("the model's config has no pad_token_id: set to the tokenizer's pad id %d, so the classifier "
+                    "finds the last real token of padded batches (saved in config.json)", tokenizer.pad_token_id)
+    return tokenizer
+
+
+def needs_pad_token_id(model: torch.nn.Module, task: Any) -> bool:
+    """Whether :func:`settle_pad_token` would set the model config's pad_token_id."""
+    from prunekit.tasks.family import family_of
+
+    config = getattr(model, "config", None)
+    return (not family_of(task).generates and task.head == "sequence_classification" and config is not None
+            and getattr(config, "pad_token_id", 1) is None)
+
+
 def check_head_fits_task(config: Any, task: Any) -> None:
     """The head's label count and problem type must be the task's, also when nothing is evaluated."""
     if task.head != "sequence_classification":
