@@ -41,6 +41,7 @@ from prunekit.families import get_adapter, pruning_view
 from prunekit.io.folders import (
     as_pruned_model,
     check_output_dir,
+    folder_dtype,
     load_model,
     load_plan,
     load_tokenizer,
@@ -388,6 +389,8 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
+    if not spec.any_dtype:
+        preflight.check_float32(teacher.model, spec.name)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.model.training
@@ -575,6 +578,11 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     task = get_task(options.task)
     preflight.check_device(options.device)
     teacher = load_model(model_dir, head=task.head)
+    stored_dtype = folder_dtype(model_dir)
+    if stored_dtype is not None:
+        logger.warning("%s holds %s weights: prunekit loads, prunes and saves them in float32 (the pruned folder "
+                       "is float32, recorded in prune_report.json); cast it back with .to(torch.%s) if needed",
+                       model_dir, stored_dtype, stored_dtype)
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_vocabulary(teacher, tokenizer)
     tokenizer = preflight.settle_pad_token(teacher, tokenizer, task)
@@ -612,6 +620,9 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
                     result.model, baseline=teacher, prompt_len=options.bench_seq_len,
                     new_tokens=options.bench_new_tokens, device=device)
         result.report.setdefault("teacher", str(model_dir))
+        if stored_dtype is not None:
+            result.report["dtype"] = {"teacher_folder": stored_dtype, "pruned": "float32",
+                                      "note": "loaded, pruned and saved in float32"}
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = None  # free the pruned model before the next budget's evaluation

@@ -18,7 +18,6 @@ The folder is checked before any work and written atomically at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -211,7 +210,7 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
                             metric, row["metrics"][metric], teacher_metrics[metric], row["flops_kept"],
                             f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
             del results
-        (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / "compare.json").write_text(preflight.json_text(result) + "\n")
         (folder / "compare.md").write_text(compare_markdown(result))
         plot_compare([result], folder / "compare.png")
     return result

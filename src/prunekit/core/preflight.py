@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ def check_positive(name: str, value: float | None, minimum: float = 1, integer: 
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and float(value) != int(value)):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if minimum == 0 and value < 0:
         raise ConfigError(f"{name} must be 0 or more, got {value}")
     if minimum > 0 and (value < minimum or value <= 0):
@@ -221,6 +224,17 @@ def check_head_fits_task(config: Any, task: Any) -> None:
                          f"fine-tuned on {task.name} (prunekit finetune)")
 
 
+def check_float32(model: torch.nn.Module, method: str) -> None:
+    """Kprune, Kwon et al. and CoFi compute in float32 from the model's activations: a bfloat16 or
+    float16 model would fail inside torch (mixed dtypes) or lose the re-fit's precision."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        raise ModelError(f"the model is in {name}; {method} computes in float32 and does not prune {name} weights: "
+                         f"prune a float32 copy (model.float(), or from_pretrained(..., dtype=torch.float32)), "
+                         f"then cast the pruned model back with .to(torch.{name}) if you need {name}")
+
+
 def check_not_meta(model: torch.nn.Module) -> None:
     """A model on the meta device has shapes but no weights; pruning it would compute nothing."""
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
@@ -339,5 +353,92 @@ def write_json(path: str | Path, content: Any) -> None:
     """Write a JSON result file (its folder made when missing), as checked by check_writable_file."""
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(content, indent=2) + "\n")
+    target.write_text(json_text(content) + "\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON null): JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def json_text(content: Any, indent: int | None = 2, default: Any = None) -> str:
+    """Strict JSON of ``content`` (``default`` converts other objects first, as json.dumps' does):
+    a NaN or infinite number is written as null, never as the bare ``NaN`` that JSON readers refuse."""
+    if default is not None:
+        content = json.loads(json.dumps(content, default=default))
+    return json.dumps(finite_json(content), indent=indent, allow_nan=False)
+
+
+# ---- method options --------------------------------------------------------------------------------
+def check_config_values(config: Any) -> None:
+    """Every field of a method config (a dataclass) holds a value of its declared type: numbers are
+    finite (NaN or infinity would make a degenerate plan or fail inside torch), a number given as
+    text (``--set ridge=1e-5`` from a shell) is read as one, and anything else is a ConfigError that
+    names the option. Called first by each method config's ``__post_init__``."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        coerced = _coerce_option(type(config).__name__, item.name, value, hints.get(item.name, Any))
+        if coerced is not value:
+            object.__setattr__(config, item.name, coerced)
+
+
+def _coerce_option(owner: str, name: str, value: Any, hint: Any) -> Any:
+    import types
+    import typing
+
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in args or Any in args:
+            return value
+        raise ConfigError(f"option {name} of {owner} needs a value, got None")
+    kinds = [a for a in args if a is not type(None)]
+    if Any in kinds:
+        return value
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"option {name} must be a finite number, got {value}")
+            return value
+        if kind is str and isinstance(value, str | os.PathLike):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    if isinstance(value, str):  # text from a command line: read it as the number or flag it names
+        text = value.strip()
+        for kind in kinds:
+            if kind is bool and text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            try:
+                number = int(text) if kind is int else float(text) if kind is float else None
+            except ValueError:
+                continue
+            if number is not None and not math.isfinite(number):
+                raise ConfigError(f"option {name} must be a finite number, got {value}")
+            if number is not None:
+                return number
+    names = " or ".join(_type_name(kind) for kind in kinds) + (" or null" if type(None) in args else "")
+    raise ConfigError(f"option {name} must be {names}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    import typing
+
+    if typing.get_origin(kind) is tuple:
+        return "a list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(kind, str(kind))
 

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files
+from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files, json_text
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, LayerShape, base_model_type, get_adapter
@@ -219,7 +219,7 @@ def save_pruned(
         if plan is not None:
             save_plan(plan, tmp)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            (tmp / REPORT_FILE).write_text(json_text(report, default=_json_default) + "\n")  # NaN: null
         add_remote_code(tmp)  # loads in plain transformers with trust_remote_code=True
         write_readme(tmp, report, Path(out_dir).name)
         if extra is not None:
@@ -320,6 +320,18 @@ def check_model_dir(path: str | Path) -> Path:
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep not in name.replace("/", "")
+
+
+def folder_dtype(path: str | Path) -> str | None:
+    """The dtype a local model folder's config.json records when it is not float32 (``bfloat16``,
+    ``float16``), else None; prunekit loads every model in float32."""
+    config_file = Path(path).expanduser() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype", config.get("torch_dtype")) if isinstance(config, dict) else None
+    return dtype if isinstance(dtype, str) and dtype not in ("float32", "auto") else None
 
 
 def load_model(
