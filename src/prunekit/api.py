@@ -333,6 +333,16 @@ def _flops_seq_len(config: Any, data: TaskData, task: TaskSpec) -> float:
     return task.flops_seq_len or task.avg_seq_len
 
 
+def _hyperparameters(config: Any, budget_kind: str) -> dict[str, Any]:
+    """The config's fields; the budget fields of the other budget kinds are null (a keep_params run
+    does not keep 0.5 of the FLOPs because its config has that default)."""
+    values = asdict(config)
+    for kind in ("flops", "latency", "params"):
+        if kind != budget_kind and f"keep_{kind}" in values:
+            values[f"keep_{kind}"] = None
+    return values
+
+
 def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, options: PruneOptions, data: TaskData,
             seq_len: float, before: dict, student: ModelAdapter, log: dict, seconds: dict[str, float],
             device: torch.device) -> dict[str, Any]:
@@ -347,7 +357,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
         "keep_flops": keep if budget_kind == "flops" else None,
         "keep_latency": keep if budget_kind == "latency" else None,
         "seed": options.seed,
-        "hyperparameters": asdict(config),
+        "hyperparameters": _hyperparameters(config, budget_kind),
         "flops_seq_len": seq_len,
         "sample": data.sample.summary() if data.sample is not None else None,
         "before": before,

@@ -36,7 +36,14 @@ def _fraction(text: str) -> float:
 
 def _fractions(text: str) -> list[float]:
     """A comma-separated list of fractions in (0, 1), e.g. ``0.7,0.5,0.3``."""
-    values = [_fraction(part.strip()) for part in text.split(",") if part.strip()]
+    try:
+        values = [_fraction(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError as err:
+        if "," not in text:
+            raise
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {err}; commas separate several budgets (0.7,0.5), so write decimals with a dot "
+            f"({text.replace(',', '.', 1)!r} for one budget)") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one fraction in (0, 1), e.g. 0.5 or 0.7,0.5")
     return values
@@ -303,6 +310,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.core.preflight import (
         check_head_fits_task,
+        check_onnx_fits_task,
         check_seq_len,
         check_vocabulary,
         check_writable_file,
@@ -317,6 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable_file(args.json)  # before the evaluation, not after it
     if args.onnx:
         model, tokenizer = _onnx_model(args)
+        check_onnx_fits_task(model.record, task, args.max_length, args.onnx)
     else:
         model = load_model(args.model, head=task.head, device=_device(args))
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -383,6 +392,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_seq_len(model.config, seq_len, "--seq-lens")
         baseline = load_pruned(args.baseline) if args.baseline else None
         if args.generate:
+            for flag, loaded in (("--model", model), ("--baseline", baseline)):
+                if loaded is not None and not loaded.can_generate():
+                    raise PrunekitError(f"bench --generate times the decoding of a causal LM, but {flag} "
+                                        f"{getattr(args, flag[2:])} is a {type(loaded).__name__}; drop --generate "
+                                        "to time its forward pass")
             return _bench_generation(args, model, baseline)
         result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
                                  seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,

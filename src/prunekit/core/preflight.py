@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -233,6 +234,23 @@ def check_float32(model: torch.nn.Module, method: str) -> None:
         raise ModelError(f"the model is in {name}; {method} computes in float32 and does not prune {name} weights: "
                          f"prune a float32 copy (model.float(), or from_pretrained(..., dtype=torch.float32)), "
                          f"then cast the pruned model back with .to(torch.{name}) if you need {name}")
+
+
+def check_onnx_fits_task(record: Mapping[str, Any], task: Any, max_length: int | None, folder: Any) -> None:
+    """An ONNX export (its export.json ``record``) serves one head, with the labels and positions it
+    was exported with: a task that needs another head, other labels or longer inputs is refused
+    before any data is read."""
+    head = record.get("head")
+    if head != task.head:
+        have = str(head).replace("_", " ")
+        raise ConfigError(f"the ONNX export in {folder} is a {have} model but task {task.name!r} needs a "
+                          f"{task.head.replace('_', ' ')} head; export a model fine-tuned on {task.name}")
+    config = record.get("config", {})
+    check_head_fits_task(SimpleNamespace(num_labels=config.get("num_labels"), problem_type=None), task)
+    limit, length = config.get("max_length"), max_length or task.max_length
+    if task.head == "question_answering" and limit and length and length > limit:
+        raise ConfigError(f"task {task.name!r} builds features of {length} tokens but the ONNX export in {folder} "
+                          f"takes at most {limit} (its model's positions); pass --max-length {limit} or less")
 
 
 def check_not_meta(model: torch.nn.Module) -> None:

@@ -372,14 +372,24 @@ def _check_architecture(folder: Path, head: str) -> None:
     with a randomly initialised task head; refuse it with the classes that would do."""
     if not (folder / "config.json").is_file():
         return  # a hub id: transformers checks it
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    accepted = {cls.__name__ for adapter in ADAPTERS.values() for name, cls in adapter.model_classes.items()
-                if name == head}
-    accepted |= {PRUNED_CLASSES[cls].__name__ for cls in PRUNED_CLASSES if cls.__name__ in accepted}
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    stock = {cls.__name__ for adapter in ADAPTERS.values() for name, cls in adapter.model_classes.items()
+             if name == head}
+    accepted = stock | {PRUNED_CLASSES[cls].__name__ for cls in PRUNED_CLASSES if cls.__name__ in stock}
     if architectures and not accepted & set(architectures):
+        model_type = config.get("prunekit_base_model_type") or config.get("model_type")
+        if model_type not in ADAPTERS and not any(name.startswith("Pruned") for name in architectures):
+            from prunekit.families import supported_models
+
+            raise ModelError(
+                f"{folder} holds a {', '.join(architectures)} (model_type {model_type!r}), an architecture prunekit "
+                f"does not support; supported model classes: {', '.join(supported_models())}")
+        fix = ("fine-tune it first with `prunekit finetune`" if head != "causal_lm" else
+               "pass the folder of the model with its language-modelling head")
         raise ModelError(
             f"{folder} holds a {', '.join(architectures)}, not a model with a {head.replace('_', ' ')} head; "
-            f"prunekit needs one of {', '.join(sorted(accepted))} (fine-tune it first with `prunekit finetune`)"
+            f"prunekit needs one of {', '.join(sorted(stock))} ({fix})"
         )
 
 

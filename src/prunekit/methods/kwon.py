@@ -182,7 +182,7 @@ def _budget(adapter: ModelAdapter, seq_len: float, config: KwonConfig):
     if config.keep_params is not None:
         # Non-embedding parameters: everything outside the searched units stays, so the units
         # must shed (1 - keep) of the model's parameters (accounting.params_unit_budget).
-        full = float(count_non_embedding_params(adapter.model))
+        full = float(count_non_embedding_params(adapter))
         return params_costs(adapter), lambda keep: params_unit_budget(adapter, keep)[1], full
     costs = sublayer_costs(adapter, seq_len, config.lut if config.keep_latency is not None else None)
     kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
