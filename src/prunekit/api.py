@@ -435,7 +435,7 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
                 # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
                 plan, log["uniform"] = uniform_plan(teacher, plan, None if budget[0] == "params" else seq_len,
                                                     keep=None if budget[0] == "latency" else budget[1])
-                if log["uniform"]["over_budget"] and budget[0] != "latency":
+                if log["uniform"].get("within_budget") is False:
                     raise ConfigError(f"--uniform cannot meet keep_{budget[0]} {budget[1]:g}: its smallest "
                                       "shape costs more; give a larger budget or prune without --uniform")
             run_seconds = time.perf_counter() - start

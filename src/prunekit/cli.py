@@ -284,6 +284,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {}
     else:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
+    for key, _ in args.set:
+        if key in ("task", "method", "seed", "device", "uniform", "overwrite", "num_tokens", "num_sequences",
+                   "run_eval", "run_bench", "sort_by_length", "keep_flops", "keep_params", "keep_latency"):
+            flag = {"run_eval": "no-eval", "run_bench": "no-bench", "sort_by_length": "batch-order"}.get(
+                key, key.replace("_", "-"))
+            raise PrunekitError(f"--set {key}=...: {key} is not a method option but a flag of prune; use --{flag}")
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
                   run_bench=not args.no_bench, uniform=args.uniform, sort_by_length=args.batch_order == "length",

@@ -90,6 +90,8 @@ def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None
            "neurons": neurons, "measure": "params" if seq_len is None else f"flops at {seq_len:g}",
            "plan_cost": total, "uniform_cost": uniform_cost, "over_budget": uniform_cost > total * (1 + 1e-9),
            "refits_dropped": dropped}
+    if limit is not None:  # the budget itself, in the same measure: what the run must meet
+        log |= {"budget_cost": limit, "within_budget": uniform_cost <= limit * (1 + 1e-9)}
     return PruningPlan(layers=new_layers), log
 
 
