@@ -139,7 +139,7 @@ class PruneOptions:
     run_eval: bool = True
     run_bench: bool = True
     bench_batch_size: int = 32
-    bench_seq_len: int = 128
+    bench_seq_len: int | None = None  # 128, or the model's positions when it has fewer
     # Causal LM: calibration window length L (default the task's 2048, capped at the model's
     # max_position_embeddings; the FLOPs length follows it), the perplexity window and stride
     # (default min(2048, max positions), non-overlapping), and the decode benchmark's new tokens.
@@ -600,9 +600,19 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     preflight.check_seq_len(teacher.config, options.eval_window, "window (--window)")
     if options.run_eval:
         check_split(task, data, "dev")  # before pruning, not after it
+    bench_seq_len, prompt_len = options.bench_seq_len, options.bench_seq_len
     if options.run_bench:
         preflight.check_positive("bench_batch_size", options.bench_batch_size)
-        preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
+        preflight.check_positive("bench_seq_len", bench_seq_len)
+        positions = preflight.max_positions(teacher.config)
+        if bench_seq_len is None:  # 128 tokens, or the model's positions when it has fewer
+            bench_seq_len = prompt_len = min(128, positions) if positions else 128
+            if family_of(task).generates and positions:  # the prompt and the decoded tokens fit the positions
+                prompt_len = max(1, min(bench_seq_len, positions - options.bench_new_tokens))
+        preflight.check_seq_len(teacher.config, bench_seq_len, "bench_seq_len")
+        if family_of(task).generates:
+            preflight.check_seq_len(teacher.config, prompt_len + options.bench_new_tokens,
+                                    "the decode benchmark's prompt plus --new-tokens,")
     results = _pipeline(get_adapter(teacher), tokenizer, data, options)  # the one view of this run
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
@@ -623,11 +633,11 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
             }
         if options.run_bench:
             latency = measure_latency(result.model, baseline=teacher, batch_sizes=[options.bench_batch_size],
-                                      seq_lens=[options.bench_seq_len], device=device)
+                                      seq_lens=[bench_seq_len], device=device)
             result.report["latency"] = latency
             if family_of(task).generates:
                 result.report["generation"] = measure_generation(
-                    result.model, baseline=teacher, prompt_len=options.bench_seq_len,
+                    result.model, baseline=teacher, prompt_len=prompt_len,
                     new_tokens=options.bench_new_tokens, device=device)
         result.report.setdefault("teacher", str(model_dir))
         if stored_dtype is not None:

@@ -398,6 +398,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_seq_len(model.config, seq_len, "--seq-lens")
         baseline = load_pruned(args.baseline) if args.baseline else None
         if args.generate:
+            for seq_len in _int_list(args.seq_lens):
+                check_seq_len(model.config, seq_len + args.new_tokens, f"--seq-lens {seq_len} plus --new-tokens")
             for flag, loaded in (("--model", model), ("--baseline", baseline)):
                 if loaded is not None and not loaded.can_generate():
                     raise PrunekitError(f"bench --generate times the decoding of a causal LM, but {flag} "

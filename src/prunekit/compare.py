@@ -113,6 +113,8 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     out_dir = check_output_dir(out_dir, overwrite, inputs)
     preflight.check_distinct_budgets("flops", list(o.keep_flops))
+    if o.keep_params is not None:
+        preflight.check_distinct_budgets("params", list(o.keep_params))
     preflight.check_sample_size(num_tokens, num_sequences)
     task_spec = get_task(task)
     metric = metric or task_spec.main_metric
@@ -124,7 +126,17 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
     if not methods:
         raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
+    twice = sorted({name for name in methods if list(methods).count(name) > 1})
+    if twice:
+        raise ConfigError(f"methods lists {', '.join(twice)} more than once; give each method once")
     specs = [get_method(name) for name in methods]
+    training = [spec.name for spec in specs if spec.training]
+    if training:
+        raise ConfigError(f"compare runs retraining-free methods on one shared calibration sample; "
+                          f"{', '.join(training)} trains on the task's data: prune with it on its own "
+                          f"(prunekit prune --method {training[0]})")
+    for spec in specs:  # the options of every method, checked before any work
+        spec.make_config(**method_options.get(spec.name, {}))
     budget_kind = "params" if o.keep_params is not None else "flops"
     budgets = sorted({float(keep) for keep in (o.keep_params if o.keep_params is not None else o.keep_flops)},
                      reverse=True)

@@ -65,6 +65,10 @@ def check_cli_sizes(args: argparse.Namespace) -> None:
     """Every size flag of a parsed command line: zero or below is refused, never replaced by a default."""
     for attr, minimum, integer in _CLI_SIZES:
         check_positive("--" + attr.replace("_", "-"), getattr(args, attr, None), minimum, integer)
+    new_tokens = getattr(args, "new_tokens", None)
+    if new_tokens is not None and (isinstance(new_tokens, bool) or new_tokens < 2):
+        raise ConfigError(f"--new-tokens must be 2 or more (the decode benchmark times the tokens after the "
+                          f"first), got {new_tokens}")
     for attr in ("batch_sizes", "seq_lens"):
         text = getattr(args, attr, None)
         if text is None:

@@ -121,6 +121,15 @@ class ExportOptions:
             raise ConfigError("the check needs lengths >= 2 and a batch of >= 2 sequences")
         if not self.atol > 0:
             raise ConfigError(f"atol must be positive, got {self.atol}")
+        if self.opset is not None:
+            from torch.onnx import _constants
+
+            top = (_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET if self.exporter == "torchscript"
+                   else _constants.ONNX_MAX_OPSET)
+            if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not (
+                    _constants.ONNX_MIN_OPSET <= self.opset <= top):
+                raise ConfigError(f"opset {self.opset!r} is out of the {self.exporter} exporter's range "
+                                  f"{_constants.ONNX_MIN_OPSET} to {top}; give one in it, or leave --opset out")
 
 
 @dataclass
