@@ -401,7 +401,154 @@ def test_kwon_prunes_to_a_parameter_budget(teacher_dir, sst2_dir, tmp_path, caps
     assert strict_json(tmp_path / "out" / "prune_report.json")["non_embedding_params_kept"] <= 0.5
 
 
-def test_write_sst2_helper_is_deterministic(tmp_path):
-    """(guard for the probes below: the data they edit is the conftest folder)"""
-    a, b = write_sst2(tmp_path / "a"), write_sst2(tmp_path / "b")
-    assert (a / "train.tsv").read_text() == (b / "train.tsv").read_text()
+
+# ---- probes: what a new user tries (each was run with the CLI first) ----------------------------------------
+def _data_variant(root: Path, name: str) -> Path:
+    """SST-2 folders and files with odd contents."""
+    base = write_sst2(root / "base")
+    folder = root / name
+    folder.mkdir()
+    train = (base / "train.tsv").read_text()
+    if name == "empty":
+        (folder / "train.tsv").write_text("")
+    elif name == "header-only":
+        (folder / "train.tsv").write_text("sentence\tlabel\n")
+    elif name == "utf16":
+        (folder / "train.tsv").write_bytes(train.encode("utf-16"))
+    elif name == "label-out-of-range":
+        (folder / "train.tsv").write_text(train.replace("\t1\n", "\t2\n"))
+    elif name == "other-columns":
+        for split in ("train", "dev"):
+            rows = (base / f"{split}.tsv").read_text().splitlines()[1:]
+            (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(r.replace("\t", ",") for r in rows) + "\n")
+        return folder
+    elif name == "null-label.jsonl":
+        folder.rmdir()
+        folder.write_text('{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": null}\n')
+        return folder
+    (folder / "dev.tsv").write_text((base / "dev.tsv").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("name, words", [
+    ("empty", ["train.tsv is empty"]),
+    ("header-only", ["no train examples"]),
+    ("utf16", ["not UTF-8", "iconv"]),
+    ("label-out-of-range", ["unknown label '2'", "line"]),
+    ("other-columns", ["lacks the column", "'sentence'", "'text'"]),
+    ("null-label.jsonl", ["unknown label None", "line 2"]),
+])
+def test_odd_data_files_are_one_clear_error(name, words, teacher_dir, tmp_path, capsys, monkeypatch):
+    """Probes that were already refused cleanly, kept as tests: empty, header-only, UTF-16, out-of-range
+    labels, other column names, a null label."""
+    forbid_method(monkeypatch, "kprune")
+    status, _, err = run(capsys, prune_args(teacher_dir, _data_variant(tmp_path, name), tmp_path / "out"))
+    assert_clean_error(status, err, "prune", *words)
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--set", "ridge="], ["ridge", "must be a number", "''"]),  # was a TypeError from '' < 0
+    (["--set", "temperature=1e400"], ["temperature", "finite", "inf"]),  # JSON reads 1e400 as inf
+    (["--new-tokens", "1"], ["--new-tokens", "2 or more"]),
+    (["--device", "tpu"], ["unknown device 'tpu'"]),
+    (["--keep-flops", "0.5,0.5"], ["0.5 twice"]),
+    (["--stride", "8"], ["causal_lm only"]),
+])
+def test_prune_option_probes(extra, words, teacher_dir, sst2_dir, tmp_path, capsys, monkeypatch):
+    forbid_method(monkeypatch, "kprune")
+    argv = prune_args(teacher_dir, sst2_dir, tmp_path / "out", *extra)
+    if "--keep-flops" in extra:
+        index = argv.index("--keep-flops")
+        del argv[index:index + 2]
+    status, _, err = run(capsys, argv)
+    assert_clean_error(status, err, "prune", *words)
+    assert_no_output(tmp_path / "out")
+
+
+def test_another_models_tokenizer_is_refused_before_work(teacher_dir, sst2_dir, tmp_path, capsys, monkeypatch):
+    """--tokenizer of a model with a 30522-token vocabulary for a 99-token model: was an IndexError."""
+    forbid_method(monkeypatch, "kprune")
+    big = build_tokenizer()
+    big.add_tokens([f"extra{i}" for i in range(20)])
+    big.save_pretrained(tmp_path / "big-tokenizer")
+    status, _, err = run(capsys, prune_args(teacher_dir, sst2_dir, tmp_path / "out", "--tokenizer",
+                                            tmp_path / "big-tokenizer"))
+    assert_clean_error(status, err, "prune", "119 tokens", "99")
+
+
+def test_causal_lm_prune_option_probes(lm_folder, tmp_path, capsys, monkeypatch):
+    """--new-tokens 0 failed after the whole prune with measure_generation's wording; --stride
+    larger than the window is refused before work."""
+    forbid_method(monkeypatch, "kprune")
+    text = write_text(tmp_path / "text")
+    status, _, err = run(capsys, lm_args(lm_folder, text, tmp_path / "out", "--keep-flops", "0.5", "--new-tokens", "0"))
+    assert_clean_error(status, err, "prune", "--new-tokens", "2 or more")
+    status, _, err = run(capsys, lm_args(lm_folder, text, tmp_path / "out", "--keep-flops", "0.5", "--stride", "100",
+                                         "--window", "32"))
+    assert_clean_error(status, err, "prune", "stride <= window")
+    for flag in ("--window", "--stride"):  # 0 was read as "not given" (the default window)
+        status, _, err = run(capsys, lm_args(lm_folder, text, tmp_path / "out", "--keep-flops", "0.5", flag, "0"))
+        assert_clean_error(status, err, "prune", flag, "positive integer, got 0")
+    assert_no_output(tmp_path / "out")
+
+
+def test_a_decoder_with_fewer_positions_than_the_benchmark_length_is_benchmarked(lm_folder, tmp_path):
+    """prune's benchmark ran 128 tokens and refused a 64-position model with 'bench_seq_len 128'
+    (a name the CLI has no flag for); it now times min(128, positions), the decode prompt leaving
+    room for the new tokens."""
+    from prunekit.api import prune_and_save
+
+    report = prune_and_save(lm_folder, tmp_path / "out", write_text(tmp_path / "text"), task="causal_lm",
+                            keep_flops=0.5, num_sequences=4, calibration_length=16, run_eval=False,
+                            bench_batch_size=1, bench_new_tokens=4, device="cpu")
+    assert report["latency"]["results"][0]["seq_len"] == 64
+    assert report["generation"]["results"][0]["prompt_len"] == 60
+
+
+def test_bench_generate_past_the_positions_is_refused(lm_folder, capsys):
+    status, _, err = run(capsys, ["bench", "--model", lm_folder, "--generate", "--batch-sizes", "1", "--seq-lens",
+                                  "60", "--new-tokens", "10", "--rounds", "1"])
+    assert_clean_error(status, err, "bench", "--seq-lens 60 plus --new-tokens", "64 positions")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--opset", "99"], ["opset 99", "7 to 23"]),  # was an ONNX Runtime traceback after a long log
+    (["--opset", "5", "--exporter", "torchscript"], ["opset 5", "torchscript", "7 to 20"]),
+    (["--atol", "nan"], ["atol must be positive"]),
+    (["--quantize", "int4"], ["int4", "int8"]),
+])
+def test_export_option_probes(extra, words, teacher_dir, tmp_path, capsys):
+    status, _, err = run(capsys, ["export", "--model", teacher_dir, "--out", tmp_path / "onnx", *extra])
+    assert_clean_error(status, err, "export", *words)
+    assert_no_output(tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--methods", "kprune,,kprune"], ["kprune more than once"]),  # ran kprune twice
+    (["--methods", "kprune,cofi"], ["cofi trains", "prunekit prune --method cofi"]),  # failed after kprune's work
+    (["--methods", "kprune", "--set", "kprune.temperature=nan"], ["temperature", "finite"]),  # after the teacher's eval
+    (["--methods", "kprune", "--keep-params", "0.5,0.5"], ["keep_params lists 0.5 twice"]),  # silently one budget
+    (["--methods", "kprun"], ["did you mean 'kprune'".capitalize()]),
+])
+def test_compare_option_probes(extra, words, teacher_dir, sst2_dir, tmp_path, capsys, monkeypatch):
+    import prunekit.compare
+
+    monkeypatch.setattr(prunekit.compare, "build_calibration_sample", lambda *a, **k: pytest.fail("work started"))
+    argv = ["compare", "--model", teacher_dir, "--task", "sst2", "--data", sst2_dir, "--out", tmp_path / "cmp",
+            "--num-tokens", "200", "--no-bench", "--device", "cpu", *extra]
+    if "--keep-params" not in extra:
+        argv += ["--keep-flops", "0.5"]
+    status, _, err = run(capsys, argv)
+    assert_clean_error(status, err, "compare", *words)
+    assert_no_output(tmp_path / "cmp")
+
+
+def test_more_sequences_than_training_rows_warns(caplog):
+    from prunekit.tasks.calibration import draw_indices
+    from prunekit.tasks.spec import get_task
+
+    with caplog.at_level(logging.WARNING, logger="prunekit"):
+        _, drawn = draw_indices(get_task("sst2"), 48, 100_000, 500, seed=0, replace=True, unit="sequence")
+    assert len(drawn) == 500
+    assert "more than the 48 sequences" in caplog.text and "with replacement" in caplog.text

@@ -598,6 +598,14 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     tokenizer = preflight.settle_pad_token(teacher, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
     preflight.check_seq_len(teacher.config, options.eval_window, "window (--window)")
+    if options.run_eval and family_of(task).generates:  # perplexity's window and stride, before pruning
+        from prunekit.tasks.causal_lm.family import default_window
+
+        window = options.eval_window if options.eval_window is not None else default_window(teacher, task)
+        stride = options.eval_stride if options.eval_stride is not None else window
+        if window < 2 or not 1 <= stride <= window:
+            raise ConfigError(f"perplexity needs window >= 2 and 1 <= stride <= window; got window {window}, "
+                              f"stride {stride} (--window, --stride)")
     if options.run_eval:
         check_split(task, data, "dev")  # before pruning, not after it
     bench_seq_len, prompt_len = options.bench_seq_len, options.bench_seq_len

@@ -58,6 +58,7 @@ _CLI_SIZES: tuple[tuple[str, float, bool], ...] = (
     ("rounds", 1, True), ("repeats", 1, True), ("warmup", 0, True), ("neuron_step", 1, True), ("threads", 1, True),
     ("max_examples", 1, True), ("max_eval_examples", 1, True), ("max_train_samples", 1, True),
     ("train_samples", 0, True), ("epochs", 1e-9, False), ("finetune_epochs", 0, False), ("seed", 0, True),
+    ("window", 1, True), ("stride", 1, True), ("calibration_length", 1, True),
 )
 
 
