@@ -181,9 +181,7 @@ def settle_pad_token(model: torch.nn.Module, tokenizer: Any, task: Any) -> Any:
     (saved in config.json with the pruned model). Both are logged. Returns the tokenizer: a copy
     with its pad token set where it had none (the caller's is not changed); the config is the
     model's own (the caller copies a model it does not own)."""
-    from prunekit.tasks.family import family_of
-
-    if tokenizer is None or family_of(task).generates:
+    if tokenizer is None or task.head == "causal_lm":  # fixed windows of a token stream: no padding
         return tokenizer
     if getattr(tokenizer, "pad_token_id", None) is None:
         eos = getattr(tokenizer, "eos_token", None)
@@ -206,10 +204,8 @@ def settle_pad_token(model: torch.nn.Module, tokenizer: Any, task: Any) -> Any:
 
 def needs_pad_token_id(model: torch.nn.Module, task: Any) -> bool:
     """Whether :func:`settle_pad_token` would set the model config's pad_token_id."""
-    from prunekit.tasks.family import family_of
-
     config = getattr(model, "config", None)
-    return (not family_of(task).generates and task.head == "sequence_classification" and config is not None
+    return (task.head == "sequence_classification" and config is not None
             and getattr(config, "pad_token_id", 1) is None)
 
 
