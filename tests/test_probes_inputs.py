@@ -324,6 +324,19 @@ def test_eval_onnx_refuses_a_task_the_export_does_not_serve(task, words, classif
     assert_clean_error(status, err, "eval", *words)
 
 
+def test_eval_onnx_refuses_squad_features_longer_than_the_export(tmp_path, capsys, monkeypatch):
+    """SQuAD builds 384-token features; a QA export of a 128-position model cannot take them (it failed
+    inside ONNX Runtime after building every feature)."""
+    import prunekit.tasks.evaluate
+    from prunekit.deploy.export import export_onnx
+
+    teacher = save_teacher(tmp_path / "qa", head="qa")
+    export = export_onnx(teacher, tmp_path / "export", exporter="torchscript")
+    monkeypatch.setattr(prunekit.tasks.evaluate, "evaluate", lambda *a, **k: pytest.fail("data was read"))
+    status, _, err = run(capsys, ["eval", "--onnx", export, "--task", "squad", "--data", tmp_path])
+    assert_clean_error(status, err, "eval", "384 tokens", "--max-length")
+
+
 def test_bench_generate_refuses_an_encoder(teacher_dir, capsys):
     status, _, err = run(capsys, ["bench", "--model", teacher_dir, "--generate", "--batch-sizes", "1",
                                   "--seq-lens", "8", "--rounds", "1"])

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -426,9 +427,9 @@ def _coerce_option(owner: str, name: str, value: Any, hint: Any) -> Any:
     for kind in kinds:
         if kind is bool and isinstance(value, bool):
             return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return value
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"option {name} must be a finite number, got {value}")
             return value
