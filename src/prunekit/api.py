@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from prunekit.families import get_adapter, pruning_view
 from prunekit.io.folders import (
     as_pruned_model,
     check_output_dir,
+    folder_dtype,
     load_model,
     load_plan,
     load_tokenizer,
@@ -138,7 +140,7 @@ class PruneOptions:
     run_eval: bool = True
     run_bench: bool = True
     bench_batch_size: int = 32
-    bench_seq_len: int = 128
+    bench_seq_len: int | None = None  # 128, or the model's positions when it has fewer
     # Causal LM: calibration window length L (default the task's 2048, capped at the model's
     # max_position_embeddings; the FLOPs length follows it), the perplexity window and stride
     # (default min(2048, max positions), non-overlapping), and the decode benchmark's new tokens.
@@ -263,6 +265,14 @@ def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task:
         teacher = pruning_view(model, copied=not on_device)
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
+    if tokenizer is not None:
+        preflight.check_vocabulary(teacher.model, tokenizer)
+    if teacher.model is model and preflight.needs_pad_token_id(model, task):
+        # The caller's model is not changed: a shallow copy (the same modules) with its own config.
+        shallow = copy.copy(model)
+        shallow.config = copy.deepcopy(model.config)
+        teacher = teacher.of(shallow)
+    tokenizer = preflight.settle_pad_token(teacher.model, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
     teacher.model.to(device)
     return teacher, tokenizer
@@ -328,6 +338,16 @@ def _flops_seq_len(config: Any, data: TaskData, task: TaskSpec) -> float:
     return task.flops_seq_len or task.avg_seq_len
 
 
+def _hyperparameters(config: Any, budget_kind: str) -> dict[str, Any]:
+    """The config's fields; the budget fields of the other budget kinds are null (a keep_params run
+    does not keep 0.5 of the FLOPs because its config has that default)."""
+    values = asdict(config)
+    for kind in ("flops", "latency", "params"):
+        if kind != budget_kind and f"keep_{kind}" in values:
+            values[f"keep_{kind}"] = None
+    return values
+
+
 def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, options: PruneOptions, data: TaskData,
             seq_len: float, before: dict, student: ModelAdapter, log: dict, seconds: dict[str, float],
             device: torch.device) -> dict[str, Any]:
@@ -342,7 +362,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
         "keep_flops": keep if budget_kind == "flops" else None,
         "keep_latency": keep if budget_kind == "latency" else None,
         "seed": options.seed,
-        "hyperparameters": asdict(config),
+        "hyperparameters": _hyperparameters(config, budget_kind),
         "flops_seq_len": seq_len,
         "sample": data.sample.summary() if data.sample is not None else None,
         "before": before,
@@ -384,12 +404,16 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
     teacher, tokenizer = _teacher(model, tokenizer, task, device)
+    if not spec.any_dtype:
+        preflight.check_float32(teacher.model, spec.name)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.model.training
     teacher.model.eval()
     try:
         task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets, teacher)
+        if options.uniform:
+            _check_uniform_budgets(teacher, budgets, configs, task_data, task)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         prepare_seconds = 0.0
@@ -414,8 +438,11 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
                 from prunekit.core.uniform import uniform_plan
 
                 # Priced in the budget's own measure: parameters for keep_params, else FLOPs.
-                plan, log["uniform"] = uniform_plan(teacher, plan,
-                                                    None if budget[0] == "params" else seq_len)
+                plan, log["uniform"] = uniform_plan(teacher, plan, None if budget[0] == "params" else seq_len,
+                                                    keep=None if budget[0] == "latency" else budget[1])
+                if log["uniform"].get("within_budget") is False:
+                    raise ConfigError(f"--uniform cannot meet keep_{budget[0]} {budget[1]:g}: its smallest "
+                                      "shape costs more; give a larger budget or prune without --uniform")
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -433,6 +460,25 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
         return results
     finally:
         teacher.model.train(was_training)
+
+
+def _check_uniform_budgets(teacher: ModelAdapter, budgets: list[Budget], configs: list[Any], data: TaskData,
+                           task: TaskSpec) -> None:
+    """--uniform keeps one group, one query head and one neuron in every layer at the least: a
+    budget under that is refused before the method runs (its FLOPs length is known by now)."""
+    from prunekit.core.uniform import smallest_uniform_keep
+
+    for (kind, keep), config in zip(budgets, configs, strict=True):
+        if kind == "latency":
+            continue
+        seq_len = None if kind == "params" else _flops_seq_len(config, data, task)
+        least, shape = smallest_uniform_keep(teacher, seq_len)
+        if keep < least:
+            what = "non-embedding parameters" if kind == "params" else f"FLOPs at {seq_len:g} tokens"
+            raise ConfigError(
+                f"--uniform keeps at least {shape['kv_groups']} key/value group, {shape['query_heads']} query "
+                f"head(s) and 1 FFN neuron in every layer, {least:.4f} of the {what}; keep_{kind} {keep:g} is "
+                f"below that: give keep_{kind} {math.ceil(least * 1e4) / 1e4:g} or more, or prune without --uniform")
 
 
 def count_flops(model: nn.Module | ModelAdapter, seq_len: float = 128.0) -> float:
@@ -556,9 +602,13 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
         return [result.report for result in results]
     teacher_eval = None
     reports = []
+    stored_dtype = folder_dtype(model_dir)
     for result, out in zip(results, out_dirs, strict=True):
         teacher_eval = evaluate_and_time(result, teacher.model, tokenizer, data, options, teacher_eval)
         result.report.setdefault("teacher", str(model_dir))
+        if stored_dtype is not None:
+            result.report["dtype"] = {"teacher_folder": stored_dtype, "pruned": "float32",
+                                      "note": "loaded, pruned and saved in float32"}
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = result.view = None  # free the pruned model before the next budget's evaluation
@@ -568,19 +618,55 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
 def load_teacher(model_dir: str | Path, tokenizer: str | Path | None, data: Any, options: PruneOptions
                  ) -> tuple[ModelAdapter, Any, TaskSpec]:
     """The teacher folder loaded with the task's head, viewed once, with its tokenizer (or the one
-    given), after every check that can run before any work (device, head, dev split, benchmark
-    shape). For the commands that prune and save (``prune``, ``compare``)."""
+    given), after every check that can run before any work (device, vocabulary, pad token, head,
+    perplexity window, dev split, benchmark shape). For the commands that prune and save
+    (``prune``, ``compare``)."""
     task = get_task(options.task)
     preflight.check_device(options.device)
-    teacher = get_adapter(load_model(model_dir, head=task.head))
+    model = load_model(model_dir, head=task.head)
+    stored_dtype = folder_dtype(model_dir)
+    if stored_dtype is not None:
+        logger.warning("%s holds %s weights: prunekit loads, prunes and saves them in float32 (the pruned folder "
+                       "is float32, recorded in prune_report.json); cast it back with .to(torch.%s) if needed",
+                       model_dir, stored_dtype, stored_dtype)
     tokenizer = load_tokenizer(tokenizer or model_dir)
-    preflight.check_head_fits_task(teacher.config, task)
+    preflight.check_vocabulary(model, tokenizer)
+    tokenizer = preflight.settle_pad_token(model, tokenizer, task)
+    preflight.check_head_fits_task(model.config, task)
+    preflight.check_seq_len(model.config, options.eval_window, "window (--window)")
+    if options.run_eval and family_of(task).generates:  # perplexity's window and stride, before pruning
+        from prunekit.tasks.causal_lm.family import default_window
+
+        window = options.eval_window if options.eval_window is not None else default_window(model, task)
+        stride = options.eval_stride if options.eval_stride is not None else window
+        if window < 2 or not 1 <= stride <= window:
+            raise ConfigError(f"perplexity needs window >= 2 and 1 <= stride <= window; got window {window}, "
+                              f"stride {stride} (--window, --stride)")
     if options.run_eval:
         check_split(task, data, "dev")  # before pruning, not after it
     if options.run_bench:
         preflight.check_positive("bench_batch_size", options.bench_batch_size)
-        preflight.check_seq_len(teacher.config, options.bench_seq_len, "bench_seq_len")
-    return teacher, tokenizer, task
+        preflight.check_positive("bench_seq_len", options.bench_seq_len)
+        bench_seq_len, prompt_len = _bench_lengths(model, task, options)
+        preflight.check_seq_len(model.config, bench_seq_len, "bench_seq_len")
+        if family_of(task).generates:
+            preflight.check_seq_len(model.config, prompt_len + options.bench_new_tokens,
+                                    "the decode benchmark's prompt plus --new-tokens,")
+    return get_adapter(model), tokenizer, task  # the one view of this run
+
+
+def _bench_lengths(teacher: nn.Module, task: TaskSpec, options: PruneOptions) -> tuple[int, int]:
+    """The benchmark's sequence length and a causal LM's prompt length: ``bench_seq_len``, else 128
+    tokens or the model's positions when it has fewer, the prompt then leaving room for the decoded
+    tokens."""
+    if options.bench_seq_len is not None:
+        return options.bench_seq_len, options.bench_seq_len
+    positions = preflight.max_positions(teacher.config)
+    length = min(128, positions) if positions else 128
+    prompt = length
+    if family_of(task).generates and positions:
+        prompt = max(1, min(length, positions - options.bench_new_tokens))
+    return length, prompt
 
 
 def evaluate_and_time(result: PruneResult, teacher: nn.Module, tokenizer: Any, data: Any, options: PruneOptions,
@@ -602,11 +688,12 @@ def evaluate_and_time(result: PruneResult, teacher: nn.Module, tokenizer: Any, d
         result.report["eval"] = {"teacher": teacher_eval,
                                  "pruned": evaluate(result.model, tokenizer, task, data, device=device, **scoring)}
     if options.run_bench:
+        bench_seq_len, prompt_len = _bench_lengths(teacher, task, options)
         result.report["latency"] = measure_latency(
-            result.model, baseline=teacher, batch_sizes=[options.bench_batch_size], seq_lens=[options.bench_seq_len],
+            result.model, baseline=teacher, batch_sizes=[options.bench_batch_size], seq_lens=[bench_seq_len],
             device=device, rounds=options.bench_rounds)
         if family_of(task).generates:
             result.report["generation"] = measure_generation(
-                result.model, baseline=teacher, prompt_len=options.bench_seq_len,
-                new_tokens=options.bench_new_tokens, device=device, repeats=options.bench_rounds)
+                result.model, baseline=teacher, prompt_len=prompt_len, new_tokens=options.bench_new_tokens,
+                device=device, repeats=options.bench_rounds)
     return teacher_eval

@@ -36,7 +36,14 @@ def _fraction(text: str) -> float:
 
 def _fractions(text: str) -> list[float]:
     """A comma-separated list of fractions in (0, 1), e.g. ``0.7,0.5,0.3``."""
-    values = [_fraction(part.strip()) for part in text.split(",") if part.strip()]
+    try:
+        values = [_fraction(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError as err:
+        if "," not in text:
+            raise
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {err}; commas separate several budgets (0.7,0.5), so write decimals with a dot "
+            f"({text.replace(',', '.', 1)!r} for one budget)") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one fraction in (0, 1), e.g. 0.5 or 0.7,0.5")
     return values
@@ -277,6 +284,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {}
     else:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
+    for key, _ in args.set:
+        if key in ("task", "method", "seed", "device", "uniform", "overwrite", "num_tokens", "num_sequences",
+                   "run_eval", "run_bench", "sort_by_length", "keep_flops", "keep_params", "keep_latency"):
+            flag = {"run_eval": "no-eval", "run_bench": "no-bench", "sort_by_length": "batch-order"}.get(
+                key, key.replace("_", "-"))
+            raise PrunekitError(f"--set {key}=...: {key} is not a method option but a flag of prune; use --{flag}")
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
                   run_bench=not args.no_bench, uniform=args.uniform, sort_by_length=args.batch_order == "length",
@@ -301,7 +314,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.core.preflight import check_head_fits_task, check_seq_len, check_writable_file, write_json
+    from prunekit.core.preflight import (
+        check_head_fits_task,
+        check_onnx_fits_task,
+        check_seq_len,
+        check_vocabulary,
+        check_writable_file,
+        settle_pad_token,
+        write_json,
+    )
     from prunekit.io.folders import load_model, load_tokenizer
     from prunekit.tasks.evaluate import evaluate
     from prunekit.tasks.spec import get_task
@@ -310,11 +331,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable_file(args.json)  # before the evaluation, not after it
     if args.onnx:
         model, tokenizer = _onnx_model(args)
+        check_onnx_fits_task(model.record, task, args.max_length, args.onnx)
     else:
         model = load_model(args.model, head=task.head, device=_device(args))
         tokenizer = load_tokenizer(args.tokenizer or args.model)
+        check_vocabulary(model, tokenizer)
+        tokenizer = settle_pad_token(model, tokenizer, task)
         check_head_fits_task(model.config, task)
         check_seq_len(model.config, args.max_length, "--max-length")
+        check_seq_len(model.config, args.window, "--window")
     metrics = evaluate(model, tokenizer, task, args.data, split=args.split, batch_size=args.batch_size,
                        device=_device(args), max_examples=args.max_examples, max_length=args.max_length,
                        doc_stride=args.doc_stride, window=args.window, stride=args.stride)
@@ -373,6 +398,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_seq_len(model.config, seq_len, "--seq-lens")
         baseline = load_pruned(args.baseline) if args.baseline else None
         if args.generate:
+            for seq_len in _int_list(args.seq_lens):
+                check_seq_len(model.config, seq_len + args.new_tokens, f"--seq-lens {seq_len} plus --new-tokens")
+            for flag, loaded in (("--model", model), ("--baseline", baseline)):
+                if loaded is not None and not loaded.can_generate():
+                    raise PrunekitError(f"bench --generate times the decoding of a causal LM, but {flag} "
+                                        f"{getattr(args, flag[2:])} is a {type(loaded).__name__}; drop --generate "
+                                        "to time its forward pass")
             return _bench_generation(args, model, baseline)
         result = measure_latency(model, baseline=baseline, batch_sizes=_int_list(args.batch_sizes),
                                  seq_lens=_int_list(args.seq_lens), device=_device(args), threads=args.threads,

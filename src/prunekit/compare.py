@@ -18,7 +18,6 @@ The folder is checked before any work and written atomically at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -109,6 +108,8 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
     inputs = (model_dir, data if isinstance(data, str | Path) else None, o.tokenizer)
     out_dir = check_output_dir(out_dir, o.overwrite, inputs)
     preflight.check_distinct_budgets("flops", list(o.keep_flops))
+    if o.keep_params is not None:
+        preflight.check_distinct_budgets("params", list(o.keep_params))
     preflight.check_sample_size(o.num_tokens, o.num_sequences)
     task_spec = get_task(task)
     metric = o.metric or task_spec.main_metric
@@ -120,7 +121,17 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
         raise ConfigError(f"options given for method(s) not compared: {', '.join(unknown)}")
     if not o.methods:
         raise ConfigError("no methods given: pass at least one, e.g. --methods kprune,kwon")
+    twice = sorted({name for name in o.methods if list(o.methods).count(name) > 1})
+    if twice:
+        raise ConfigError(f"methods lists {', '.join(twice)} more than once; give each method once")
     specs = [get_method(name) for name in o.methods]
+    training = [spec.name for spec in specs if spec.training]
+    if training:
+        raise ConfigError(f"compare runs retraining-free methods on one shared calibration sample; "
+                          f"{', '.join(training)} trains on the task's data: prune with it on its own "
+                          f"(prunekit prune --method {training[0]})")
+    for spec in specs:  # the options of every method, checked before any work
+        spec.make_config(**method_options.get(spec.name, {}))
     budget_kind = "params" if o.keep_params is not None else "flops"
     budgets = sorted({float(keep) for keep in (o.keep_params if o.keep_params is not None else o.keep_flops)},
                      reverse=True)
@@ -158,7 +169,7 @@ def compare(model_dir: str | Path, task: str, data: str | Path, out_dir: str | P
                             row["flops_kept"], f", speedup {row['speedup']:.2f}" if "speedup" in row else "")
             del results
         result["teacher"]["metrics"] = teacher_eval
-        (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / "compare.json").write_text(preflight.json_text(result) + "\n")
         (folder / "compare.md").write_text(compare_markdown(result))
         plot_compare([result], folder / "compare.png")
     return result

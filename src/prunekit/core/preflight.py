@@ -13,9 +13,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,6 +42,8 @@ def check_positive(name: str, value: float | None, minimum: float = 1, integer: 
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and float(value) != int(value)):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if minimum == 0 and value < 0:
         raise ConfigError(f"{name} must be 0 or more, got {value}")
     if minimum > 0 and (value < minimum or value <= 0):
@@ -54,6 +59,7 @@ _CLI_SIZES: tuple[tuple[str, float, bool], ...] = (
     ("rounds", 1, True), ("repeats", 1, True), ("warmup", 0, True), ("neuron_step", 1, True), ("threads", 1, True),
     ("max_examples", 1, True), ("max_eval_examples", 1, True), ("max_train_samples", 1, True),
     ("train_samples", 0, True), ("epochs", 1e-9, False), ("finetune_epochs", 0, False), ("seed", 0, True),
+    ("window", 1, True), ("stride", 1, True), ("calibration_length", 1, True),
 )
 
 
@@ -61,6 +67,10 @@ def check_cli_sizes(args: argparse.Namespace) -> None:
     """Every size flag of a parsed command line: zero or below is refused, never replaced by a default."""
     for attr, minimum, integer in _CLI_SIZES:
         check_positive("--" + attr.replace("_", "-"), getattr(args, attr, None), minimum, integer)
+    new_tokens = getattr(args, "new_tokens", None)
+    if new_tokens is not None and (isinstance(new_tokens, bool) or new_tokens < 2):
+        raise ConfigError(f"--new-tokens must be 2 or more (the decode benchmark times the tokens after the "
+                          f"first), got {new_tokens}")
     for attr in ("batch_sizes", "seq_lens"):
         text = getattr(args, attr, None)
         if text is None:
@@ -153,6 +163,53 @@ def check_tokenizer(tokenizer: Any, where: str) -> None:
                          "word would become [UNK]; pass a real tokenizer with --tokenizer PATH")
 
 
+def check_vocabulary(model: torch.nn.Module, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model's embedding table gives ids the model cannot embed."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if rows is None or size is None or size <= rows:
+        return
+    raise ModelError(f"the tokenizer has {size} tokens but the model's embedding table has {rows} (vocab_size), so "
+                     f"token ids {rows} and up cannot be embedded; pass the tokenizer the model was trained with "
+                     "(--tokenizer PATH)")
+
+
+def settle_pad_token(model: torch.nn.Module, tokenizer: Any, task: Any) -> Any:
+    """Decoders (GPT-2, OPT, Llama) often have no pad token. A task that pads its batches (every task
+    but causal_lm's fixed windows) pads with the tokenizer's eos token then, and a decoder classifier,
+    which pools the last real token, gets the tokenizer's pad id as its config's ``pad_token_id``
+    (saved in config.json with the pruned model). Both are logged. Returns the tokenizer: a copy
+    with its pad token set where it had none (the caller's is not changed); the config is the
+    model's own (the caller copies a model it does not own)."""
+    if tokenizer is None or task.head == "causal_lm":  # fixed windows of a token stream: no padding
+        return tokenizer
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is None:
+            raise ModelError("the tokenizer has neither a pad token nor an eos token to pad batches with; pass a "
+                             "tokenizer that has one (--tokenizer PATH)")
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = eos
+        logger.info("the tokenizer has no pad token: padding with its eos token %r (id %d); the saved tokenizer "
+                    "keeps it as its pad token", eos, tokenizer.pad_token_id)
+    config = getattr(model, "config", None)
+    if task.head == "sequence_classification" and config is not None and getattr(config, "pad_token_id", 1) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+        logger.info("the model's config has no pad_token_id: set to the tokenizer's pad id %d, so the classifier "
+                    "finds the last real token of padded batches (saved in config.json)", tokenizer.pad_token_id)
+    return tokenizer
+
+
+def needs_pad_token_id(model: torch.nn.Module, task: Any) -> bool:
+    """Whether :func:`settle_pad_token` would set the model config's pad_token_id."""
+    config = getattr(model, "config", None)
+    return (task.head == "sequence_classification" and config is not None
+            and getattr(config, "pad_token_id", 1) is None)
+
+
 def check_head_fits_task(config: Any, task: Any) -> None:
     """The head's label count and problem type must be the task's, also when nothing is evaluated."""
     if task.head != "sequence_classification":
@@ -168,6 +225,34 @@ def check_head_fits_task(config: Any, task: Any) -> None:
         raise ModelError(f"the model's head is for {problem.replace('_', ' ')} but task {task.name!r} is "
                          f"{'regression' if task.is_regression else 'classification'}; prune a model "
                          f"fine-tuned on {task.name} (prunekit finetune)")
+
+
+def check_float32(model: torch.nn.Module, method: str) -> None:
+    """Kprune, Kwon et al. and CoFi compute in float32 from the model's activations: a bfloat16 or
+    float16 model would fail inside torch (mixed dtypes) or lose the re-fit's precision."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        raise ModelError(f"the model is in {name}; {method} computes in float32 and does not prune {name} weights: "
+                         f"prune a float32 copy (model.float(), or from_pretrained(..., dtype=torch.float32)), "
+                         f"then cast the pruned model back with .to(torch.{name}) if you need {name}")
+
+
+def check_onnx_fits_task(record: Mapping[str, Any], task: Any, max_length: int | None, folder: Any) -> None:
+    """An ONNX export (its export.json ``record``) serves one head, with the labels and positions it
+    was exported with: a task that needs another head, other labels or longer inputs is refused
+    before any data is read."""
+    head = record.get("head")
+    if head != task.head:
+        have = str(head).replace("_", " ")
+        raise ConfigError(f"the ONNX export in {folder} is a {have} model but task {task.name!r} needs a "
+                          f"{task.head.replace('_', ' ')} head; export a model fine-tuned on {task.name}")
+    config = record.get("config", {})
+    check_head_fits_task(SimpleNamespace(num_labels=config.get("num_labels"), problem_type=None), task)
+    limit, length = config.get("max_length"), max_length or task.max_length
+    if task.head == "question_answering" and limit and length and length > limit:
+        raise ConfigError(f"task {task.name!r} builds features of {length} tokens but the ONNX export in {folder} "
+                          f"takes at most {limit} (its model's positions); pass --max-length {limit} or less")
 
 
 def check_not_meta(model: torch.nn.Module) -> None:
@@ -288,5 +373,92 @@ def write_json(path: str | Path, content: Any) -> None:
     """Write a JSON result file (its folder made when missing), as checked by check_writable_file."""
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(content, indent=2) + "\n")
+    target.write_text(json_text(content) + "\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON null): JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def json_text(content: Any, indent: int | None = 2, default: Any = None) -> str:
+    """Strict JSON of ``content`` (``default`` converts other objects first, as json.dumps' does):
+    a NaN or infinite number is written as null, never as the bare ``NaN`` that JSON readers refuse."""
+    if default is not None:
+        content = json.loads(json.dumps(content, default=default))
+    return json.dumps(finite_json(content), indent=indent, allow_nan=False)
+
+
+# ---- method options --------------------------------------------------------------------------------
+def check_config_values(config: Any) -> None:
+    """Every field of a method config (a dataclass) holds a value of its declared type: numbers are
+    finite (NaN or infinity would make a degenerate plan or fail inside torch), a number given as
+    text (``--set ridge=1e-5`` from a shell) is read as one, and anything else is a ConfigError that
+    names the option. Called first by each method config's ``__post_init__``."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        coerced = _coerce_option(type(config).__name__, item.name, value, hints.get(item.name, Any))
+        if coerced is not value:
+            object.__setattr__(config, item.name, coerced)
+
+
+def _coerce_option(owner: str, name: str, value: Any, hint: Any) -> Any:
+    import types
+    import typing
+
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in args or Any in args:
+            return value
+        raise ConfigError(f"option {name} of {owner} needs a value, got None")
+    kinds = [a for a in args if a is not type(None)]
+    if Any in kinds:
+        return value
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"option {name} must be a finite number, got {value}")
+            return value
+        if kind is str and isinstance(value, str | os.PathLike):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    if isinstance(value, str):  # text from a command line: read it as the number or flag it names
+        text = value.strip()
+        for kind in kinds:
+            if kind is bool and text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            try:
+                number = int(text) if kind is int else float(text) if kind is float else None
+            except ValueError:
+                continue
+            if number is not None and not math.isfinite(number):
+                raise ConfigError(f"option {name} must be a finite number, got {value}")
+            if number is not None:
+                return number
+    names = " or ".join(_type_name(kind) for kind in kinds) + (" or null" if type(None) in args else "")
+    raise ConfigError(f"option {name} must be {names}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    import typing
+
+    if typing.get_origin(kind) is tuple:
+        return "a list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(kind, str(kind))
 

@@ -30,19 +30,21 @@ from typing import Any
 
 import torch
 
-from prunekit.core.accounting import UnitCosts, unit_costs
+from prunekit.core.accounting import UnitCosts, count_non_embedding_params, full_flops, unit_costs
 from prunekit.core.errors import ConfigError
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter
 
 
-def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None = None
-                 ) -> tuple[PruningPlan, dict[str, Any]]:
+def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None = None,
+                 keep: float | None = None) -> tuple[PruningPlan, dict[str, Any]]:
     """The uniform form of ``plan`` for the (unpruned) model of ``adapter``; ``seq_len`` None
-    prices units by parameters, else by FLOPs at that length. Returns the plan and a log."""
-    if not hasattr(adapter, "uniform_config_updates") or not adapter.grouped_kv:
-        raise ConfigError(f"--uniform is not available for {type(adapter.model).__name__}: its family has no "
-                          "stock form of pruned widths; prune without --uniform")
+    prices units by parameters, else by FLOPs at that length. ``keep`` (the budget, in the same
+    measure) caps the uniform widths when the plan's cost would not: fewer neurons, then the
+    smallest attention shape, so the uniform model meets the budget itself (the method's plan
+    may have removed whole sublayers, with their norms, which no uniform shape can). Returns the
+    plan and a log."""
+    _check_uniform_family(adapter)
     if plan.hidden is not None or plan.weights is not None:
         raise ConfigError("--uniform keeps the full hidden size and the method's own weights; this plan narrows "
                           "the residual stream or trains weights (CoFi): prune without --uniform")
@@ -60,6 +62,18 @@ def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None
     left = total / layers - groups * per_group * cost.head - groups * cost.kv_head
     neurons = min(adapter.full_intermediate_size, max(1, math.floor(left / cost.neuron + 1e-9)))
     uniform_cost = layers * (groups * per_group * cost.head + groups * cost.kv_head + neurons * cost.neuron)
+    limit = None if keep is None else _units_limit(adapter, keep, seq_len, cost)
+    if limit is not None and uniform_cost > limit * (1 + 1e-9):
+        # Over the budget itself (not only over the plan's cost): shrink to meet it where a shape can.
+        shapes = [(groups, per_group), _smallest_shape(adapter, cost)]
+        for shape in shapes:
+            attention_price = shape[0] * shape[1] * cost.head + shape[0] * cost.kv_head
+            fit = math.floor((limit / layers - attention_price) / cost.neuron + 1e-9)
+            if fit >= 1:
+                break
+        groups, per_group = shape
+        neurons = min(neurons, max(1, fit))
+        uniform_cost = layers * (groups * per_group * cost.head + groups * cost.kv_head + neurons * cost.neuron)
 
     new_layers, dropped = [], 0
     for layer, step in enumerate(steps):
@@ -76,7 +90,49 @@ def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None
            "neurons": neurons, "measure": "params" if seq_len is None else f"flops at {seq_len:g}",
            "plan_cost": total, "uniform_cost": uniform_cost, "over_budget": uniform_cost > total * (1 + 1e-9),
            "refits_dropped": dropped}
+    if limit is not None:  # the budget itself, in the same measure: what the run must meet
+        log |= {"budget_cost": limit, "within_budget": uniform_cost <= limit * (1 + 1e-9)}
     return PruningPlan(layers=new_layers), log
+
+
+def _check_uniform_family(adapter: ModelAdapter) -> None:
+    if not hasattr(adapter, "uniform_config_updates") or not adapter.grouped_kv:
+        raise ConfigError(f"--uniform is not available for {type(adapter.model).__name__}: its family has no "
+                          "stock form of pruned widths; prune without --uniform")
+
+
+def _units_limit(adapter: ModelAdapter, keep: float, seq_len: float | None, cost: UnitCosts) -> float:
+    """What the units of every layer may cost, in ``cost``'s measure, for the model to keep
+    ``keep``: of its FLOPs at ``seq_len`` (units are all its FLOPs), or of its non-embedding
+    parameters (everything but the units stays)."""
+    if seq_len is not None:
+        return keep * full_flops(adapter, seq_len)
+    full = adapter.full_layer_shape()
+    full_units = adapter.num_layers * (full.num_heads * cost.head + adapter.full_num_kv_heads * cost.kv_head
+                                       + full.intermediate_size * cost.neuron)
+    total = count_non_embedding_params(adapter)
+    return keep * total - (total - full_units)
+
+
+def _smallest_shape(adapter: ModelAdapter, cost: UnitCosts) -> tuple[int, int]:
+    return _attention_shape(adapter, 0.0, cost)
+
+
+def smallest_uniform_keep(adapter: ModelAdapter, seq_len: float | None) -> tuple[float, dict[str, int]]:
+    """The least a uniform model of ``adapter``'s (unpruned) model can keep, in the budget's measure
+    (non-embedding parameters with ``seq_len`` None, else FLOPs at ``seq_len``): one key/value
+    group, the fewest query heads the stock config accepts and one neuron in every layer. Known
+    before any work, so a budget under it is refused up front."""
+    _check_uniform_family(adapter)
+    cost = _unit_cost(adapter, seq_len)
+    groups, per_group = _smallest_shape(adapter, cost)
+    units = adapter.num_layers * (groups * per_group * cost.head + groups * cost.kv_head + cost.neuron)
+    if seq_len is not None:
+        kept = units / full_flops(adapter, seq_len)
+    else:
+        fixed = -_units_limit(adapter, 0.0, None, cost)  # the parameters no pruning touches
+        kept = (fixed + units) / count_non_embedding_params(adapter)
+    return kept, {"kv_groups": groups, "query_heads": groups * per_group, "neurons": 1}
 
 
 def _unit_cost(adapter: ModelAdapter, seq_len: float | None) -> UnitCosts:

@@ -121,6 +121,15 @@ class ExportOptions:
             raise ConfigError("the check needs lengths >= 2 and a batch of >= 2 sequences")
         if not self.atol > 0:
             raise ConfigError(f"atol must be positive, got {self.atol}")
+        if self.opset is not None:
+            from torch.onnx import _constants
+
+            top = (_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET if self.exporter == "torchscript"
+                   else _constants.ONNX_MAX_OPSET)
+            if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not (
+                    _constants.ONNX_MIN_OPSET <= self.opset <= top):
+                raise ConfigError(f"opset {self.opset!r} is out of the {self.exporter} exporter's range "
+                                  f"{_constants.ONNX_MIN_OPSET} to {top}; give one in it, or leave --opset out")
 
 
 @dataclass
@@ -142,10 +151,13 @@ def graph_spec(model: nn.Module) -> GraphSpec:
     adapter = adapter_class(model)  # unsupported architectures fail here, with the supported list
     head = next((name for name, cls in adapter.model_classes.items() if isinstance(model, cls)), "base")
     if head not in GRAPH_SPECS:
-        raise ModelError(
-            f"cannot export a {type(model).__name__}: prunekit exports models with a task head "
-            f"({', '.join(GRAPH_SPECS).replace('_', ' ')}); a bare encoder has no outputs to serve or check"
-        )
+        kinds = " and ".join(GRAPH_SPECS).replace("_", " ")
+        if head == "base":
+            raise ModelError(f"cannot export a {type(model).__name__}: prunekit exports models with a task head "
+                             f"({kinds}); a bare encoder has no outputs to serve or check")
+        raise ModelError(f"cannot export a {type(model).__name__}: prunekit exports {kinds} models, not "
+                         f"{head.replace('_', ' ')} ones; time and serve it in PyTorch (prunekit bench --generate "
+                         "for a causal LM)")
     return GRAPH_SPECS[head]
 
 
@@ -446,6 +458,15 @@ def export_onnx(
     options = replace(options or ExportOptions(), **overrides)
     options.validate()
     source = Path(model) if isinstance(model, (str, Path)) else None
+    if source is not None and is_export_dir(source):  # an export folder has no PyTorch weights to export
+        record = read_export(source)
+        if record.get("quantize"):
+            raise ConfigError(f"{source} is an ONNX export that is already quantized ({record['quantize']}); "
+                              "quantize its float32 export, or export the model folder it came from")
+        if options.quantize == "int8":
+            return quantize_onnx(source, out_dir, overwrite=overwrite)
+        raise ConfigError(f"{source} is already an ONNX export (float32); pass the model folder it was exported "
+                          "from, or add --quantize int8 to quantize it")
     check_output_dir(out_dir, overwrite, inputs=[source])  # before loading anything
     model, tokenizer, source = _load(model, tokenizer)
     spec = graph_spec(model)

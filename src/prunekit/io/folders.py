@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from prunekit.core.errors import ConfigError, ModelError
-from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files
+from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files, json_text
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, base_model_type, get_adapter
@@ -183,7 +183,7 @@ def save_pruned(
         if plan is not None:
             save_plan(plan, tmp)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            (tmp / REPORT_FILE).write_text(json_text(report, default=_json_default) + "\n")  # NaN: null
         add_remote_code(tmp)  # loads in plain transformers with trust_remote_code=True
         write_readme(tmp, report, Path(out_dir).name)
         if extra is not None:
@@ -286,6 +286,18 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep not in name.replace("/", "")
 
 
+def folder_dtype(path: str | Path) -> str | None:
+    """The dtype a local model folder's config.json records when it is not float32 (``bfloat16``,
+    ``float16``), else None; prunekit loads every model in float32."""
+    config_file = Path(path).expanduser() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype", config.get("torch_dtype")) if isinstance(config, dict) else None
+    return dtype if isinstance(dtype, str) and dtype not in ("float32", "auto") else None
+
+
 def load_model(
     path: str | Path,
     head: str = "sequence_classification",
@@ -324,14 +336,24 @@ def _check_architecture(folder: Path, head: str) -> None:
     with a randomly initialised task head; refuse it with the classes that would do."""
     if not (folder / "config.json").is_file():
         return  # a hub id: transformers checks it
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    accepted = {cls.__name__ for adapter in ADAPTERS.values() for name, cls in adapter.model_classes.items()
-                if name == head}
-    accepted |= {PRUNED_CLASSES[cls].__name__ for cls in PRUNED_CLASSES if cls.__name__ in accepted}
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    stock = {cls.__name__ for adapter in ADAPTERS.values() for name, cls in adapter.model_classes.items()
+             if name == head}
+    accepted = stock | {PRUNED_CLASSES[cls].__name__ for cls in PRUNED_CLASSES if cls.__name__ in stock}
     if architectures and not accepted & set(architectures):
+        model_type = config.get("prunekit_base_model_type") or config.get("model_type")
+        if model_type not in ADAPTERS and not any(name.startswith("Pruned") for name in architectures):
+            from prunekit.families import supported_models
+
+            raise ModelError(
+                f"{folder} holds a {', '.join(architectures)} (model_type {model_type!r}), an architecture prunekit "
+                f"does not support; supported model classes: {', '.join(supported_models())}")
+        fix = ("fine-tune it first with `prunekit finetune`" if head != "causal_lm" else
+               "pass the folder of the model with its language-modelling head")
         raise ModelError(
             f"{folder} holds a {', '.join(architectures)}, not a model with a {head.replace('_', ' ')} head; "
-            f"prunekit needs one of {', '.join(sorted(accepted))} (fine-tune it first with `prunekit finetune`)"
+            f"prunekit needs one of {', '.join(sorted(stock))} ({fix})"
         )
 
 

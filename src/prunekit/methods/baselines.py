@@ -32,6 +32,7 @@ from prunekit.core.accounting import (
     query_and_neuron_budget,
 )
 from prunekit.core.errors import ConfigError
+from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
@@ -58,6 +59,7 @@ class _BudgetConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
 
     def __post_init__(self) -> None:
+        check_config_values(self)  # types, and finite numbers
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
 
     @property

@@ -62,6 +62,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks
+from prunekit.core.preflight import check_config_values
 from prunekit.core.runtime import (
     HEAP_MMAP_THRESHOLD,
     HEAP_POLICY_MMAP_THRESHOLD,
@@ -106,6 +107,7 @@ class KpruneConfig:
     low_memory: bool = False
 
     def __post_init__(self) -> None:
+        check_config_values(self)  # types, and finite numbers
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")

@@ -56,6 +56,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
+from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter, unit_columns
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
@@ -86,6 +87,7 @@ class KwonConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
 
     def __post_init__(self) -> None:
+        check_config_values(self)  # types, and finite numbers
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
         if self.teacher_keep is not None and not 0.0 < self.teacher_keep <= 1.0:
             raise ConfigError(f"teacher_keep must be in (0, 1] or None (√ of the budget), got {self.teacher_keep}")

@@ -114,6 +114,10 @@ def draw_indices(
                 f"cannot draw {count} distinct {unit}s from {available} available; "
                 "lower num_sequences or pass replace=True"
             )
+    if num_sequences is not None and count > available:
+        logger.warning("num_sequences %d is more than the %d %ss of %s: each is drawn about %.0f times (with "
+                       "replacement); pass at most %d for distinct ones", count, available, unit, spec.name,
+                       count / max(available, 1), available)
     rng = np.random.default_rng(seed)
     return rng, rng.choice(available, size=count, replace=replace)
 

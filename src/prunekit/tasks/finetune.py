@@ -22,7 +22,6 @@ caller's generators afterwards (style.md §10).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.core.errors import ConfigError
-from prunekit.core.preflight import check_seq_len
+from prunekit.core.preflight import check_seq_len, json_text
 from prunekit.core.runtime import library_versions, resolve_device
 from prunekit.io.folders import atomic_output_dir, check_output_dir, load_tokenizer
 from prunekit.tasks.family import Collate, TaskFamily
@@ -193,7 +192,7 @@ def finetune(
     with atomic_output_dir(out, overwrite, inputs) as staging:
         model.save_pretrained(staging)  # safetensors is the default format
         tokenizer.save_pretrained(staging)
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / REPORT_NAME).write_text(json_text(report) + "\n")  # strict JSON: a NaN metric is null
     logger.info("saved the fine-tuned %s model to %s", spec.name, out)
     return out
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from prunekit.core.errors import ConfigError
-from prunekit.core.preflight import check_positive
+from prunekit.core.preflight import check_config_values, check_positive
 
 
 @dataclass
@@ -50,6 +50,7 @@ class CofiConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_config_values(self)  # types, and finite numbers
         if (self.keep_params is None) == (self.keep_flops is None):
             raise ConfigError("CoFi needs one budget: keep_params (e.g. 0.1 for 90% sparsity) or keep_flops")
         for name in ("keep_params", "keep_flops"):

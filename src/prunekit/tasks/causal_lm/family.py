@@ -123,6 +123,10 @@ def evaluate_lm(
     scores only the first N windows (quick checks). The result states window and stride."""
     spec = get_task(task)
     split = "test" if split == "dev" else split
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if window is not None and positions and window > positions:
+        raise ConfigError(f"window {window} exceeds the model's {positions} positions (max_position_embeddings); "
+                          f"use {positions} or less")
     window = window or default_window(model, spec)
     tokens = tokenize_text(tokenizer, read_text(source, split))
     if max_windows is not None:
