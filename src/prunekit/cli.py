@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plan", required=True, help="a pruned folder (plan.json + plan.safetensors), or a plan.json")
     ap.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace a folder prunekit wrote")
+    ap.add_argument("--force", action="store_true",
+                    help="apply the plan although --model is not the teacher it records (family, class, config "
+                         "or weights differ)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on SST-2, prune it with Kprune, compare")
@@ -456,12 +459,12 @@ def cmd_apply_plan(args: argparse.Namespace) -> int:
     inputs = (args.model, args.plan)
     check_output_dir(args.out, args.overwrite, inputs)
     plan = load_plan(args.plan)
-    model = apply_plan(args.model, plan)
+    model = apply_plan(args.model, plan, force=args.force)
     plan_dir = Path(args.plan) if Path(args.plan).is_dir() else Path(args.plan).parent
     report = json.loads((plan_dir / REPORT_FILE).read_text()) if (plan_dir / REPORT_FILE).is_file() else {}
     report["rebuilt_from"] = {"teacher": str(args.model), "plan": str(args.plan)}
     save_pruned(model, args.out, tokenizer=load_tokenizer(args.model), report=report, overwrite=args.overwrite,
-                inputs=inputs, plan=plan)
+                inputs=inputs, plan=plan, uniform=plan.uniform)
     print(f"pruned model rebuilt from {args.model} and the plan in {args.plan}, written to {args.out}")
     return 0
 
