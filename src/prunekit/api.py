@@ -42,6 +42,7 @@ from prunekit.io.folders import (
     as_pruned_model,
     as_stock_model,
     check_output_dir,
+    check_work_dir,
     load_model,
     load_plan,
     load_tokenizer,
@@ -534,6 +535,8 @@ def _check_plan_teacher(plan: PruningPlan, view: ModelAdapter, force: bool) -> N
     if not differences:
         return
     what = "; ".join(differences)
+    if "prunekit_layers" in view.model.config.to_dict() and "prunekit_layers" not in (plan.teacher.get("config") or {}):
+        what = "the model is itself a pruned model (its config lists prunekit_layers), not the teacher: " + what
     if force:
         logger.warning("applying the plan to a model that is not its teacher (forced): %s", what)
         return
@@ -573,6 +576,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
+    check_work_dir(method_options.get("checkpoint_dir"), "--checkpoint-dir", out_dirs, inputs)
     task = get_task(options.task)
     preflight.check_device(options.device)
     teacher = load_model(model_dir, head=task.head)

@@ -43,7 +43,7 @@ from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, LayerShape, base_model_type, get_adapter
 from prunekit.io.files import add_remote_code, write_readme
-from prunekit.io.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
+from prunekit.io.outdir import atomic_output_dir, check_output_dir, check_work_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -124,6 +124,30 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Itera
     return out
 
 
+def check_work_dir(folder: str | Path | None, flag: str, outputs: Iterable[str | Path] = (),
+                   inputs: Iterable[str | Path | None] = ()) -> None:
+    """A folder a run writes as it goes (CoFi's checkpoints) must lie apart from the run's output
+    folders, which are written only at the end and must then be new (or prunekit's), and from
+    its inputs. Checked before any work."""
+    if folder is None:
+        return
+    where = Path(folder).expanduser().resolve()
+    for out in outputs:
+        target = Path(out).expanduser().resolve()
+        if _same_or_inside(where, target) or _same_or_inside(target, where):
+            how = "is" if where == target else ("is inside" if _same_or_inside(where, target) else "holds")
+            raise ConfigError(f"{flag} {folder} {how} the output folder {out}, which is written only at the end; "
+                              f"choose a {flag} folder apart from it")
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if _same_or_inside(where, source) or _same_or_inside(source, where):
+            how = "is" if where == source else ("is inside" if _same_or_inside(where, source) else "holds")
+            raise ConfigError(f"{flag} {folder} {how} the input {given}; prunekit never writes into its inputs: "
+                              f"choose a {flag} folder apart from it")
+
+
 def _check_creatable(out: Path) -> None:
     """The nearest existing ancestor must be a writable folder, so the write at the end succeeds
     (an existing folder may instead be writable itself: it is then filled in place)."""
@@ -285,6 +309,8 @@ def check_output_file(path: str | Path | None, overwrite: bool = False, inputs: 
     replaced. Returns ``path`` as a Path (None stays None)."""
     if path is None:
         return None
+    if not str(path).strip():
+        raise ConfigError(f"{flag} is empty; give a file name, e.g. {'lut.json' if flag == '--out' else 'metrics.json'}")
     given = Path(path).expanduser()
     target = given.resolve()
     example = given / ("lut.json" if flag == "--out" else "metrics.json")
@@ -303,6 +329,8 @@ def check_output_file(path: str | Path | None, overwrite: bool = False, inputs: 
             target.name in _LEGACY_FILES or target.suffix in _MODEL_FILE_SUFFIXES):
         raise ConfigError(f"{flag} {path} is a file of the model folder {folder}; prunekit never writes over a "
                           "model's files: choose another file")
+    if target.name == MARKER:
+        raise ConfigError(f"{flag} {path} is the marker file prunekit keeps in its output folders; choose another file")
     owner = next((p for p in [folder, *folder.parents] if (p / MARKER).is_file()), None)
     if owner is not None and target.exists() and target.relative_to(owner).as_posix() in _marker_files(owner):
         raise ConfigError(f"{flag} {path} is a file of the folder {owner} that prunekit wrote; choose a file "
