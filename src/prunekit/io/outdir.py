@@ -196,18 +196,26 @@ def clean_leftovers(out: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256, this process's
+
+
 def _digest(path: Path, size: int | None = None) -> dict[str, object]:
-    """A file's size and sha256 (read in chunks); a file whose size is not ``size`` is not read."""
+    """A file's size and sha256 (read in chunks); a file whose size is not ``size`` is not read.
+    A file read before and unchanged since (same inode, size and mtime) is not read again, so the
+    check before a run and the one after it hash a large model once."""
     if path.is_symlink() or not path.is_file():
         return {"size": None, "sha256": None}
-    actual = path.stat().st_size
-    if size is not None and actual != size:
-        return {"size": actual, "sha256": None}
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            sha.update(chunk)
-    return {"size": actual, "sha256": sha.hexdigest()}
+    info = path.stat()
+    if size is not None and info.st_size != size:
+        return {"size": info.st_size, "sha256": None}
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _DIGESTS:
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                sha.update(chunk)
+        _DIGESTS[key] = sha.hexdigest()
+    return {"size": info.st_size, "sha256": _DIGESTS[key]}
 
 
 def _finish(folder: Path) -> None:
