@@ -255,3 +255,13 @@ def test_checkpoint_dir_beside_the_output_or_in_the_model_is_refused_before_work
                                   checkpoint, "--no-bench", "--no-eval", "--device", "cpu"])
     assert_clean_error(status, err, "prune", "--checkpoint-dir", "output folder" if where != "model" else "input")
     assert not out.exists() and snapshot(w["teacher"]) == before
+
+
+def test_overwrite_of_a_folder_whose_marker_digests_were_edited_is_refused(w, capsys):
+    out = w["work"] / "o3"
+    assert run(capsys, apply_args(w, out))[0] == 0
+    marker = json.loads((out / MARKER).read_text())
+    marker["digests"]["config.json"] = "edited"
+    (out / MARKER).write_text(json.dumps(marker))
+    status, _, err = run(capsys, apply_args(w, out, "--overwrite"))
+    assert_clean_error(status, err, "apply-plan", "marker", "unreadable")

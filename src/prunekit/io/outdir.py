@@ -76,6 +76,8 @@ def _owned_by_prunekit(folder: Path) -> tuple[bool, str]:
             record = json.loads(marker.read_text())
             written = set(record.get("files", []))
             digests = record.get("digests") or {}
+            if not isinstance(digests, dict) or not all(isinstance(v, dict) for v in digests.values()):
+                raise TypeError("digests")
         except (json.JSONDecodeError, AttributeError, TypeError, UnicodeDecodeError):
             return False, f"its marker {MARKER} is unreadable"
         foreign = sorted(files - written - {MARKER})
