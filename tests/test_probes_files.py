@@ -265,3 +265,16 @@ def test_overwrite_of_a_folder_whose_marker_digests_were_edited_is_refused(w, ca
     (out / MARKER).write_text(json.dumps(marker))
     status, _, err = run(capsys, apply_args(w, out, "--overwrite"))
     assert_clean_error(status, err, "apply-plan", "marker", "unreadable")
+
+
+def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
+    from test_output_safety import dead_pid
+
+    from prunekit.io.outdir import write_output_file
+
+    stale = tmp_path / f".m.json.tmp-{dead_pid()}-abc.json"
+    stale.write_text("{half")
+    live = tmp_path / f".m.json.tmp-{os.getppid()}-abc.json"  # a running process's: left alone
+    live.write_text("{")
+    write_output_file(tmp_path / "m.json", "{}\n")
+    assert not stale.exists() and live.exists() and (tmp_path / "m.json").read_text() == "{}\n"
