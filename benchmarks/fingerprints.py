@@ -13,14 +13,15 @@ so the same script runs unchanged on the code before and after the refactor, and
   llama-wiki-gqa with kprune at keep_params 0.8 (4 windows of 128 calibration tokens from
   wiki.valid.tokens; perplexity on the first 200 lines of wiki.test.raw, window 256).
 
-Per case: sha256 of the saved folder's plan.json, plan.safetensors, model.safetensors, of config.json
-with its volatile keys removed (``transformers_version``, ``_name_or_path``; the per-layer shapes
-stay), and of the weights tensor by tensor (name, dtype, shape, raw bytes; so that a change of the
+Per case: sha256 of the saved folder's plan.json (its JSON, without the teacher's identity a plan
+records for replay checks: ``teacher``, ``uniform``), plan.safetensors, model.safetensors, of
+config.json with its volatile keys removed (``transformers_version``, ``_name_or_path``) and the
+remote code's class names (``auto_map``) kept apart (the per-layer shapes stay), and of the weights tensor by tensor (name, dtype, shape, raw bytes; so that a change of the
 safetensors header alone shows as such); the report's flops/params kept and dev metrics (exact
 ``repr`` of every float); the plan's kept units per layer; and the state dict of ``apply_plan``
 (teacher, saved folder), with whether it equals the saved folder's reloaded state dict. Other files of
 the folder (tokenizer files, remote code, README.md with this run's temporary paths replaced by
-placeholders) are digested as information only: compare lists them but does not fail on them.
+placeholders) and the identity keys set apart above are digested as information only: compare lists them but does not fail on them.
 prune_report.json (timings, versions) and structure.png are not digested. A case that raises is
 recorded with its error (and then differs from a case that ran).
 
@@ -66,6 +67,12 @@ METHODS = ("kprune", "kwon", "magnitude", "random")
 ENCODERS = ("bert", "roberta", "distilbert")
 DECODERS = ("llama-gqa", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path")
+# What a saved folder says about where its code and its teacher are, not what it computes: the remote
+# code's class names (config.json's auto_map) and the teacher's identity a plan records for replay
+# checks (plan.json's "teacher", "uniform"). Recorded and compared for information only, so that a
+# change to them shows without hiding a change to the units, weights or shapes.
+IDENTITY_CONFIG_KEYS = ("auto_map",)
+IDENTITY_PLAN_KEYS = ("teacher", "uniform")
 # Files of a saved folder that are not fingerprinted: timings and versions; a rendered figure.
 NOT_DIGESTED = ("prune_report.json", "structure.png")
 STRICT_FILES = ("plan.json", "plan.safetensors", "model.safetensors", "config.json")
@@ -132,8 +139,11 @@ def folder_fingerprint(folder: Path, paths: dict[str, Path]) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     for key in VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
+    identity = {f"config.{key}": config.pop(key, None) for key in IDENTITY_CONFIG_KEYS}
+    plan = json.loads((folder / "plan.json").read_text())
+    identity |= {f"plan.{key}": plan.pop(key, None) for key in IDENTITY_PLAN_KEYS}
     files = {
-        "plan.json": sha256_file(folder / "plan.json"),
+        "plan.json": sha256_bytes(json.dumps(plan, sort_keys=True).encode()),
         "plan.safetensors": sha256_file(folder / "plan.safetensors"),
         "model.safetensors": sha256_file(folder / "model.safetensors"),
         "config.json": sha256_bytes(json.dumps(config, sort_keys=True).encode()),
@@ -143,7 +153,7 @@ def folder_fingerprint(folder: Path, paths: dict[str, Path]) -> dict[str, Any]:
     other = {p.relative_to(folder).as_posix(): sha256_bytes(normalized(p.read_bytes(), paths))
              for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name not in NOT_DIGESTED and p.name not in STRICT_FILES}
-    plan = json.loads((folder / "plan.json").read_text())
+    other |= {key: sha256_bytes(json.dumps(value, sort_keys=True).encode()) for key, value in identity.items()}
     return {"files": files, "other_files": other, "plan": plan,
             "layer_shapes": config.get("prunekit_layers")}
 

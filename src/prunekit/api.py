@@ -32,6 +32,7 @@ from torch import nn
 
 from prunekit.core import accounting, preflight
 from prunekit.core.errors import ConfigError, ModelError
+from prunekit.core.fingerprint import teacher_differences, teacher_fingerprint
 from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.surgery import apply_plan as _surgery
@@ -40,7 +41,9 @@ from prunekit.deploy.bench import measure_generation, measure_latency
 from prunekit.families import get_adapter, pruning_view
 from prunekit.io.folders import (
     as_pruned_model,
+    as_stock_model,
     check_output_dir,
+    check_work_dir,
     folder_dtype,
     load_model,
     load_plan,
@@ -410,6 +413,7 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.model.training
     teacher.model.eval()
+    fingerprint = teacher_fingerprint(teacher)  # recorded in every plan, checked by apply_plan
     try:
         task_data = _task_data(spec, task, tokenizer, data, options, configs[0], device, budgets, teacher)
         if options.uniform:
@@ -443,6 +447,7 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
                 if log["uniform"].get("within_budget") is False:
                     raise ConfigError(f"--uniform cannot meet keep_{budget[0]} {budget[1]:g}: its smallest "
                                       "shape costs more; give a larger budget or prune without --uniform")
+            plan.teacher, plan.uniform = dict(fingerprint), options.uniform
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -547,20 +552,52 @@ def prune_many(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any = No
     return _pipeline(model, tokenizer, data, PruneOptions.of(options, **kwargs))
 
 
-def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path) -> nn.Module:
+def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path, force: bool = False) -> nn.Module:
     """Rebuild a pruned model from its teacher: ``plan`` is a :class:`PruningPlan` or a pruned
     folder (its plan.json + plan.safetensors). A teacher folder is loaded with the head the plan's
     folder was saved with; a given teacher model is copied, never changed. Returns the pruned
-    model, ready for ``save_pruned``."""
+    model, ready for ``save_pruned`` (with ``uniform=plan.uniform``: a uniform plan's model is
+    the family's stock class).
+
+    The plan records the teacher it was made on (family, class, architecture, weights digest); a
+    model that differs is refused with a ModelError naming what differs, unless ``force``. A plan
+    made before prunekit recorded its teacher is applied with a logged warning. A plan that lists
+    another number of layers than the teacher has is refused."""
     from prunekit.io.folders import load_pruned
 
     plan = load_plan(plan)
     model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
     view = get_adapter(model)  # the copy's, or the loaded model's: the caller's model is never changed
+    _check_plan_teacher(plan, view, force)
+    if not view.grouped_kv and any(step.kv_groups is not None for step in plan.layers):
+        raise ModelError("the plan does not fit this teacher: it keeps key/value groups, but this model family has "
+                         "none; pass the model the plan was made from")
+    if len(plan.layers) != view.num_layers:
+        raise ModelError(f"the plan does not fit this teacher: it lists {len(plan.layers)} layers, the teacher has "
+                         f"{view.num_layers}; pass the model the plan was made from (a plan names every layer)")
     try:
-        return as_pruned_model(_surgery(view, plan), view)
+        model = _surgery(view, plan)
+        return as_stock_model(model, view) if plan.uniform else as_pruned_model(model, view)
     except (ValueError, IndexError, RuntimeError) as err:
         raise ModelError(f"the plan does not fit this teacher: {err}; pass the model the plan was made from") from err
+
+
+def _check_plan_teacher(plan: PruningPlan, view: ModelAdapter, force: bool) -> None:
+    if plan.teacher is None:
+        logger.warning("the plan records no teacher (it was made before prunekit recorded one), so it is applied "
+                       "without checking that this is the model it was made on")
+        return
+    differences = teacher_differences(plan.teacher, teacher_fingerprint(view))
+    if not differences:
+        return
+    what = "; ".join(differences)
+    if "prunekit_layers" in view.model.config.to_dict() and "prunekit_layers" not in (plan.teacher.get("config") or {}):
+        what = "the model is itself a pruned model (its config lists prunekit_layers), not the teacher: " + what
+    if force:
+        logger.warning("applying the plan to a model that is not its teacher (forced): %s", what)
+        return
+    raise ModelError(f"the plan was made on another teacher: {what}; pass the model the plan was made from, "
+                     "or --force (force=True in Python) to apply it anyway")
 
 
 def prune_and_save(model_dir: str | Path, out_dir: str | Path, data: str | Path,
@@ -595,6 +632,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     inputs = (model_dir, data if isinstance(data, str | Path) else None, tokenizer)
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
+    check_work_dir(method_options.get("checkpoint_dir"), "--checkpoint-dir", out_dirs, inputs)
     teacher, tokenizer, task = load_teacher(model_dir, tokenizer, data, options)
     results = _pipeline(teacher, tokenizer, data, options)
     if int(os.environ.get("RANK", "0")) != 0:

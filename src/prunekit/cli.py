@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.core.errors import PrunekitError
+from prunekit.core.preflight import json_text
 
 logger = logging.getLogger("prunekit")
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=None,
                    help="causal_lm: perplexity window (default 2048 capped at the model's max positions)")
     e.add_argument("--stride", type=int, default=None, help="causal_lm: perplexity stride (default: the window)")
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file (a new file, never "
+                   "inside the model or data, unless --overwrite replaces it)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_common(e)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained encoder into a task teacher")
@@ -168,13 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--generate", action="store_true",
                    help="causal LMs: prefill latency and greedy decode tokens/s with the KV cache instead")
     b.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens decoded per repeat")
-    b.add_argument("--json", default=None)
+    b.add_argument("--json", default=None, help="also write the results to this JSON file (a new file, never "
+                   "inside the model folders, unless --overwrite replaces it)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_common(b)
     _add_deploy_options(sub, b)
 
     t = sub.add_parser("lut", help="measure per-sublayer latency tables on this device (for --keep-latency)")
     t.add_argument("--model", required=True, help="unpruned model folder")
-    t.add_argument("--out", required=True, help="JSON file to write")
+    t.add_argument("--out", required=True, help="JSON file to write (new, outside the model folder)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--neuron-step", type=int, default=64, help="FFN widths measured: 0, step, 2*step, ..., d_ff")
@@ -213,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="draw structure.png (kept heads and neurons per layer) for a model folder")
     r.add_argument("model", help="model folder (pruned by prunekit, or not)")
     r.add_argument("--out", default=None, help="image path (default: structure.png in the folder)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     ap = sub.add_parser("apply-plan", help="rebuild a pruned model from its teacher and the plan saved beside it")
@@ -220,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plan", required=True, help="a pruned folder (plan.json + plan.safetensors), or a plan.json")
     ap.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace a folder prunekit wrote")
+    ap.add_argument("--force", action="store_true",
+                    help="apply the plan although --model is not the teacher it records (family, class, config "
+                         "or weights differ)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     d = sub.add_parser("demo", help="fine-tune the packaged MiniLM on SST-2, prune it with Kprune, compare")
@@ -319,16 +329,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_onnx_fits_task,
         check_seq_len,
         check_vocabulary,
-        check_writable_file,
         settle_pad_token,
-        write_json,
     )
     from prunekit.io.folders import load_model, load_tokenizer
+    from prunekit.io.outdir import check_output_file, write_output_file
     from prunekit.tasks.evaluate import evaluate
     from prunekit.tasks.spec import get_task
 
     task = get_task(args.task)
-    check_writable_file(args.json)  # before the evaluation, not after it
+    inputs = (args.model, args.onnx, args.data, args.tokenizer)
+    check_output_file(args.json, args.overwrite, inputs)  # before the evaluation, not after it
     if args.onnx:
         model, tokenizer = _onnx_model(args)
         check_onnx_fits_task(model.record, task, args.max_length, args.onnx)
@@ -345,8 +355,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        doc_stride=args.doc_stride, window=args.window, stride=args.stride)
     print(json.dumps(metrics, indent=2))
     if args.json:
-        write_json(args.json, {"model": args.model or args.onnx, "task": task.name, "split": args.split,
-                               "metrics": metrics})
+        record = {"model": args.model or args.onnx, "task": task.name, "split": args.split, "metrics": metrics}
+        write_output_file(args.json, json_text(record) + "\n", args.overwrite, inputs)
     return 0
 
 
@@ -371,7 +381,6 @@ def _int_list(text: str) -> list[int]:
 
 def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> int:
     """``bench --generate``: prefill latency and greedy decode tokens/s of a causal LM."""
-    from prunekit.core.preflight import write_json
     from prunekit.deploy.bench import measure_generation
 
     runs = [measure_generation(model, baseline=baseline, batch_size=b, prompt_len=s, new_tokens=args.new_tokens,
@@ -379,17 +388,24 @@ def _bench_generation(args: argparse.Namespace, model: Any, baseline: Any) -> in
             for b in _int_list(args.batch_sizes) for s in _int_list(args.seq_lens)]
     result = runs[0] | {"results": [row for run in runs for row in run["results"]]}
     _print_table([{k: v for k, v in row.items() if not k.endswith("_repeats")} for row in result["results"]])
-    if args.json:
-        write_json(args.json, result)
+    _write_bench_json(args, result)
     return 0
 
 
+def _write_bench_json(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    from prunekit.io.outdir import write_output_file
+
+    if args.json:
+        write_output_file(args.json, json_text(result) + "\n", args.overwrite, (args.model, args.baseline))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from prunekit.core.preflight import check_seq_len, check_writable_file, write_json
+    from prunekit.core.preflight import check_seq_len
     from prunekit.deploy.bench import measure_latency
     from prunekit.io.folders import load_pruned
+    from prunekit.io.outdir import check_output_file
 
-    check_writable_file(args.json)
+    check_output_file(args.json, args.overwrite, (args.model, args.baseline))
     if args.runtime == "onnxruntime":
         result = _bench_onnx(args)
     else:
@@ -411,23 +427,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  rounds=args.rounds)
     rows = [{k: v for k, v in row.items() if not k.endswith("_rounds")} for row in result["results"]]
     _print_table(rows)
-    if args.json:
-        write_json(args.json, result)
+    _write_bench_json(args, result)
     return 0
 
 
 def cmd_lut(args: argparse.Namespace) -> int:
-    from prunekit.core.preflight import check_seq_len, check_writable_file
+    from prunekit.core.preflight import check_seq_len
     from prunekit.io.folders import load_pruned
+    from prunekit.io.outdir import check_output_file
     from prunekit.methods.lut import measure_latency_table
 
-    check_writable_file(args.out, "--out")
+    check_output_file(args.out, args.overwrite, (args.model,), "--out")
     model = load_pruned(args.model)
     check_seq_len(model.config, args.seq_len, "--seq-len")
     table = measure_latency_table(model, batch_size=args.batch_size, seq_len=args.seq_len,
                                   device=_device(args), neuron_step=args.neuron_step, warmup=args.warmup,
                                   repeats=args.repeats, threads=args.threads, seed=args.seed)
-    table.save(args.out)
+    table.save(args.out, overwrite=args.overwrite, inputs=(args.model,))
     fits = table.fits()
     _print_table([{"sublayer": kind, "full ms": ms[-1], "const ms": fits[kind].const, "free units": fits[kind].free,
                    "ms per further unit": fits[kind].slope}
@@ -462,7 +478,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from prunekit.io.reports import structure_report
 
-    path = structure_report(args.model, args.out)
+    path = structure_report(args.model, args.out, overwrite=args.overwrite)
     print(f"structure plot written to {path}")
     return 0
 
@@ -474,12 +490,12 @@ def cmd_apply_plan(args: argparse.Namespace) -> int:
     inputs = (args.model, args.plan)
     check_output_dir(args.out, args.overwrite, inputs)
     plan = load_plan(args.plan)
-    model = apply_plan(args.model, plan)
+    model = apply_plan(args.model, plan, force=args.force)
     plan_dir = Path(args.plan) if Path(args.plan).is_dir() else Path(args.plan).parent
     report = json.loads((plan_dir / REPORT_FILE).read_text()) if (plan_dir / REPORT_FILE).is_file() else {}
     report["rebuilt_from"] = {"teacher": str(args.model), "plan": str(args.plan)}
     save_pruned(model, args.out, tokenizer=load_tokenizer(args.model), report=report, overwrite=args.overwrite,
-                inputs=inputs, plan=plan)
+                inputs=inputs, plan=plan, uniform=plan.uniform)
     print(f"pruned model rebuilt from {args.model} and the plan in {args.plan}, written to {args.out}")
     return 0
 

@@ -222,3 +222,166 @@ def test_prune_options_object_equals_keyword_arguments(tmp_path):
 def test_import_prunekit_does_not_import_matplotlib():
     code = "import sys, prunekit; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- issue 20 item 5: a plan knows its teacher; malformed plans are refused whole ---------------------
+def _random_plan_result(model, tmp_path, **options):
+    data = write_sst2(tmp_path / "sst2-plan", n_train=16, n_dev=8)
+    return prunekit.prune(model, build_tokenizer(), str(data), method="random", keep_flops=0.5, num_sequences=8,
+                          **options)
+
+
+def test_a_plan_records_its_teacher_in_its_own_key(tmp_path):
+    from prunekit.core.fingerprint import weights_digest
+
+    teacher = build_tiny_model("bert", num_labels=2)
+    result = _random_plan_result(teacher, tmp_path)
+    folder = result.save(tmp_path / "pruned")
+    data = json.loads((folder / PLAN_FILE).read_text())
+    # The decisions are written as before; the teacher is one more top-level key, last.
+    assert list(data) == ["format", "layers", "tensors", "teacher"]
+    assert {k: v for k, v in data.items() if k != "teacher"} == {"format": 2, **result.plan.to_dict()}
+    recorded = data["teacher"]
+    assert recorded["family"] == "bert" and recorded["class"] == "BertForSequenceClassification"
+    assert recorded["config"]["num_hidden_layers"] == 2 and recorded["config"]["num_labels"] == 2
+    assert recorded["weights_sha256"] == weights_digest(teacher)
+    assert weights_digest(copy.deepcopy(teacher).to(torch.bfloat16).to(torch.float32)) != recorded["weights_sha256"]
+    assert weights_digest(copy.deepcopy(teacher).to(torch.float64)) == recorded["weights_sha256"]  # exact widening
+    assert load_plan(folder).teacher == recorded
+    # The plan in the report is the decisions alone, as before.
+    assert "teacher" not in json.loads((folder / "prune_report.json").read_text())["plan"]
+
+
+@pytest.mark.parametrize("other", ["roberta", "bert-other-weights", "bert-3-labels"])
+def test_a_plan_is_refused_on_another_teacher_unless_forced(other, tmp_path, caplog):
+    teacher = build_tiny_model("bert", num_labels=2)
+    plan = _random_plan_result(teacher, tmp_path).plan
+    model = {"roberta": lambda: build_tiny_model("roberta", num_labels=2),
+             "bert-other-weights": lambda: build_tiny_model("bert", num_labels=2, seed=1),
+             "bert-3-labels": lambda: build_tiny_model("bert", num_labels=3)}[other]()
+    words = {"roberta": "family bert (plan) vs roberta", "bert-other-weights": "weights (sha256",
+             "bert-3-labels": "num_labels 2 vs 3"}[other]
+    with pytest.raises(prunekit.ModelError, match="made on another teacher") as error:
+        apply_plan(model, plan)
+    assert words in str(error.value) and "--force" in str(error.value)
+    with caplog.at_level("WARNING"):
+        forced = apply_plan(model, plan, force=True)
+    assert "forced" in caplog.text
+    assert [s.num_heads for s in prunekit.families.get_adapter(forced).layer_shapes()] == \
+        [len(step.heads) for step in plan.layers]
+    apply_plan(teacher, plan)  # its own teacher: no complaint
+
+
+def test_a_llama_plan_is_refused_on_a_qwen2_of_the_same_shape():
+    from test_decoders_llama import build
+
+    from prunekit.core.fingerprint import teacher_fingerprint
+    from prunekit.families import get_adapter
+
+    llama, qwen2 = build("llama", "sequence_classification"), build("qwen2", "sequence_classification")
+    plan = PruningPlan([LayerPlan(heads=[0, 1, 2], neurons=list(range(20))) for _ in range(3)],
+                       teacher=teacher_fingerprint(get_adapter(copy.deepcopy(llama))))
+    apply_plan(llama, plan)
+    with pytest.raises(prunekit.ModelError, match="family llama .plan. vs qwen2"):
+        apply_plan(qwen2, plan)
+
+
+def test_cli_apply_plan_refuses_another_teacher_and_forces(make_teacher, tmp_path, capsys):
+    teacher_dir = make_teacher()
+    other = make_teacher("other", family="roberta")
+    pruned = _random_plan_result(load_pruned(teacher_dir), tmp_path).save(tmp_path / "pruned")
+    out = tmp_path / "rebuilt"
+    status = main(["apply-plan", "--model", str(other), "--plan", str(pruned), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "prunekit apply-plan: error: the plan was made on another teacher: family bert" in err
+    assert not out.exists()
+    assert main(["apply-plan", "--model", str(other), "--plan", str(pruned), "--out", str(out), "--force"]) == 0
+    assert main(["apply-plan", "--model", str(teacher_dir), "--plan", str(pruned), "--out",
+                 str(tmp_path / "same")]) == 0
+
+
+def test_an_old_plan_without_a_teacher_is_replayed_with_a_warning(tmp_path, caplog):
+    teacher = build_tiny_model("bert", num_labels=2)
+    result = _random_plan_result(teacher, tmp_path)
+    folder = result.save(tmp_path / "pruned")
+    data = json.loads((folder / PLAN_FILE).read_text())
+    del data["teacher"]
+    (folder / PLAN_FILE).write_text(json.dumps(data, indent=1) + "\n")
+    with caplog.at_level("WARNING"):
+        rebuilt = apply_plan(teacher, folder)
+    assert "records no teacher" in caplog.text
+    torch.testing.assert_close(_outputs(rebuilt), _outputs(result.model), atol=1e-6, rtol=0)
+
+
+def _edit_layer0(key, value):
+    def edit(data):
+        data["layers"][0][key] = value
+    return edit
+
+
+MALFORMED_PLANS = {
+    "a-layer-missing": (lambda d: d["layers"].pop(), "lists 1 layers, the teacher has 2"),
+    "float-indices": (_edit_layer0("heads", [0.0, 1.5]), "whole-number indices"),
+    "bool-indices": (_edit_layer0("neurons", [True, False]), "whole-number indices"),
+    "heads-a-string": (_edit_layer0("heads", "all"), "list of indices or null"),
+    "unknown-format": (lambda d: d.update(format=3), "plan format 3"),
+    "format-a-string": (lambda d: d.update(format="2"), "plan format '2'"),
+    "layer-not-an-object": (lambda d: d["layers"].__setitem__(0, [0, 1]), "must be an object"),
+    "removed-not-a-bool": (_edit_layer0("ffn_removed", "yes"), "true or false"),
+    "unknown-layer-key": (_edit_layer0("head", [0]), "head"),
+    "index-out-of-range": (_edit_layer0("heads", [0, 9]), "[0, 4)"),
+    "teacher-not-an-object": (lambda d: d.update(teacher="bert"), "'teacher' must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PLANS))
+def test_a_hand_edited_plan_is_refused_in_one_line_and_nothing_is_written(case, make_teacher, tmp_path, capsys):
+    edit, words = MALFORMED_PLANS[case]
+    teacher_dir = make_teacher()
+    pruned = _random_plan_result(load_pruned(teacher_dir), tmp_path).save(tmp_path / "pruned")
+    data = json.loads((pruned / PLAN_FILE).read_text())
+    edit(data)
+    (pruned / PLAN_FILE).write_text(json.dumps(data))
+    out = tmp_path / "rebuilt"
+    status = main(["apply-plan", "--model", str(teacher_dir), "--plan", str(pruned), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("prunekit apply-plan: error:") and words in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".rebuilt")]
+
+
+def test_heads_emptied_beside_a_refitted_weight_is_refused(tmp_path):
+    plan = PruningPlan([LayerPlan(heads=[0], attention_out_weight=torch.zeros(32, 8)), LayerPlan()])
+    save_plan(plan, tmp_path)
+    data = json.loads((tmp_path / PLAN_FILE).read_text())
+    data["layers"][0]["heads"] = []
+    (tmp_path / PLAN_FILE).write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"keeps no heads \(heads: \[\]\) but holds a re-fitted attention_out_weight"):
+        load_plan(tmp_path)
+
+
+def test_a_uniform_plan_replays_to_the_stock_class(tmp_path, capsys):
+    """--uniform's plan says so, and apply-plan saves the family's stock class, as prune did."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=12, pad_token_id=0, num_labels=2,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    teacher_dir = tmp_path / "teacher"
+    LlamaForSequenceClassification(config).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    teacher = load_pruned(teacher_dir)
+    result = _random_plan_result(teacher, tmp_path, uniform=True)
+    assert result.plan.uniform
+    pruned = result.save(tmp_path / "pruned")
+    assert json.loads((pruned / PLAN_FILE).read_text())["uniform"] is True
+    out = tmp_path / "rebuilt"
+    assert main(["apply-plan", "--model", str(teacher_dir), "--plan", str(pruned), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and "prunekit_layers" not in config
+    assert config == json.loads((pruned / "config.json").read_text())
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert torch.equal(outputs_of(load_pruned(out), batch), outputs_of(load_pruned(pruned), batch))

@@ -16,6 +16,7 @@ import pytest
 from test_cli import assert_clean_error, prune_args, run
 
 from prunekit import ConfigError
+from prunekit.cli import main
 from prunekit.io.outdir import MARKER, atomic_output_dir, check_output_dir, clean_leftovers
 
 
@@ -176,3 +177,146 @@ def test_a_folder_from_an_earlier_release_may_be_overwritten(tmp_path):
     (old / "mine.txt").write_text("y")
     with pytest.raises(ConfigError, match="prunekit did not write it"):
         check_output_dir(old, overwrite=True)
+
+
+# ---- issue 20 item 5: single files, changed files, folders that cannot be renamed ----------------------
+EVAL = ["eval", "--task", "sst2", "--device", "cpu", "--max-examples", "4"]
+
+
+@pytest.mark.parametrize("command", ["eval", "bench", "lut"])
+@pytest.mark.parametrize("victim", ["config.json", "model.safetensors", "data/dev.tsv"])
+def test_a_result_file_onto_an_input_is_refused_before_work(command, victim, project, capsys):
+    """eval --json, bench --json and lut --out over the model's config or weights or the dev data:
+    one line, exit 2, every byte still there, --overwrite or not."""
+    work, teacher, data = project
+    target = work / victim if victim.startswith("data") else teacher / victim
+    if command != "eval" and victim.startswith("data"):
+        pytest.skip("only eval reads the data")
+    before = snapshot(work)
+    argv = {"eval": [*EVAL, "--model", teacher, "--data", data, "--json", target],
+            "bench": ["bench", "--model", teacher, "--json", target, "--rounds", "1", "--batch-sizes", "1",
+                      "--seq-lens", "8"],
+            "lut": ["lut", "--model", teacher, "--out", target, "--repeats", "1", "--warmup", "0"]}[command]
+    status, _, err = run(capsys, [*argv, "--overwrite"])
+    assert_clean_error(status, err, command, "never writes over its inputs")
+    assert snapshot(work) == before
+
+
+def test_a_result_file_is_replaced_only_with_overwrite_and_atomically(project, capsys, monkeypatch):
+    work, teacher, data = project
+    target = work / "results" / "metrics.json"  # its folder is made
+    argv = [*EVAL, "--model", teacher, "--data", data, "--json", target]
+    assert run(capsys, argv)[0] == 0
+    first = json.loads(target.read_text())
+    assert first["task"] == "sst2" and stat.S_IMODE(target.stat().st_mode) & 0o044  # not mkstemp's 0600
+    target.write_text("my edits")
+    status, _, err = run(capsys, argv)
+    assert_clean_error(status, err, "eval", "already exists", "--overwrite")
+    assert target.read_text() == "my edits"
+    # A write that fails half way leaves the old file whole and no temporary file.
+    import prunekit.io.outdir as outdir
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outdir.os, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        main([str(a) for a in [*argv, "--overwrite"]])
+    monkeypatch.undo()
+    assert target.read_text() == "my edits"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    assert run(capsys, [*argv, "--overwrite"])[0] == 0
+    assert json.loads(target.read_text())["metrics"] == first["metrics"]
+
+
+def test_lut_save_in_python_follows_the_same_rules(tmp_path):
+    from conftest import build_tiny_model
+
+    from prunekit.methods.lut import measure_latency_table
+
+    table = measure_latency_table(build_tiny_model("bert"), batch_size=1, seq_len=8, neuron_step=16, warmup=0,
+                                  repeats=1, threads=1)
+    path = table.save(tmp_path / "lut.json")
+    with pytest.raises(ConfigError, match="already exists"):
+        table.save(path)
+    table.save(path, overwrite=True)
+    with pytest.raises(ConfigError, match="is a folder"):
+        table.save(tmp_path)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ConfigError, match="never writes over its inputs"):
+        table.save(tmp_path / "model" / "lut.json", inputs=[tmp_path / "model"])
+
+
+def test_overwrite_refuses_a_pruned_folder_whose_file_was_changed(project, capsys):
+    """A user's re-saved model.safetensors (same name, other bytes) inside a folder prunekit wrote."""
+    work, teacher, data = project
+    out = work / "pruned"
+    assert prune_cli(capsys, teacher, data, out)[0] == 0
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["digests"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
+    weights = bytearray((out / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # same size, other content: the digest tells
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    before = snapshot(out)
+    status, _, err = prune_cli(capsys, teacher, data, out, "--overwrite")
+    assert_clean_error(status, err, "prune", "model.safetensors", "changed since prunekit wrote it")
+    assert snapshot(out) == before
+    (out / "config.json").write_text("{}")  # another size
+    with pytest.raises(ConfigError, match="config.json was changed"):
+        check_output_dir(out, overwrite=True)
+
+
+@pytest.mark.parametrize("errno_", [16, 18])  # EBUSY (a mount point), EXDEV
+def test_an_empty_out_that_cannot_be_renamed_is_filled_in_place(errno_, project, capsys, monkeypatch):
+    work, teacher, data = project
+    out = work / "mounted"
+    out.mkdir()
+    import prunekit.io.outdir as outdir
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == out.resolve():
+            raise OSError(errno_, os.strerror(errno_))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outdir.os, "replace", replace)
+    status, _, err = prune_cli(capsys, teacher, data, out)
+    assert status == 0, err
+    assert (out / "model.safetensors").is_file() and (out / MARKER).is_file()
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".mounted")]
+    # and it can be overwritten the same way
+    status, _, err = prune_cli(capsys, teacher, data, out, "--overwrite", "--seed", "1")
+    assert status == 0, err
+    assert json.loads((out / "prune_report.json").read_text())["seed"] == 1
+
+
+def test_a_mount_point_out_is_written_in_place_from_the_start(project, capsys, monkeypatch):
+    work, teacher, data = project
+    out = work / "mnt"
+    out.mkdir()
+    import prunekit.io.outdir as outdir
+
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(outdir.os.path, "ismount", lambda p: Path(p) == out.resolve() or real_ismount(p))
+    real_mkdtemp = outdir.tempfile.mkdtemp
+    seen = []
+    monkeypatch.setattr(outdir.tempfile, "mkdtemp", lambda **kw: seen.append(kw["dir"]) or real_mkdtemp(**kw))
+    status, _, err = prune_cli(capsys, teacher, data, out)
+    assert status == 0, err
+    assert seen == [out.resolve()]  # the temporary folder was inside the mount, on its file system
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [MARKER]
+
+
+def test_report_draws_into_a_pruned_folder_and_keeps_it_overwritable(project, capsys):
+    work, teacher, data = project
+    out = work / "pruned"
+    assert prune_cli(capsys, teacher, data, out)[0] == 0
+    (out / "structure.png").unlink()
+    status, _, err = run(capsys, ["report", out])
+    assert status == 0, err
+    assert check_output_dir(out, overwrite=True) == out  # the marker knows the new image
+    status, _, err = run(capsys, ["report", out, "--out", out / "config.json"])
+    assert_clean_error(status, err, "report", "never writes over its inputs")

@@ -308,11 +308,19 @@ class PruningPlan:
     ``to_dict`` is the JSON part (plan.json); ``tensors`` / ``from_parts`` the rest
     (plan.safetensors, :func:`prunekit.io.folders.save_plan`). Dicts written before tensors existed load
     too (their scales were lists).
+
+    Two facts for a replay sit beside the decisions, in :meth:`replay_dict` (plan.json's top-level
+    ``teacher`` and ``uniform`` keys, not in ``to_dict``, so the rest of plan.json is as before and
+    equality compares decisions only): ``teacher``, the teacher the plan was made on
+    (:func:`prunekit.core.fingerprint.teacher_fingerprint`; None in plans made before it was
+    recorded), and ``uniform``, that the pruned model is saved as the family's stock class.
     """
 
     layers: list[LayerPlan] = field(default_factory=list)
     hidden: list[int] | None = None
     weights: dict[str, torch.Tensor] | None = None
+    teacher: dict[str, Any] | None = None
+    uniform: bool = False
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PruningPlan) and _same(self, other)
@@ -324,6 +332,15 @@ class PruningPlan:
         data["tensors"] = sorted(self.tensors())
         return data
 
+    def replay_dict(self) -> dict:
+        """The replay facts (``teacher``, ``uniform``), each written only when known or set."""
+        data: dict = {}
+        if self.teacher is not None:
+            data["teacher"] = self.teacher
+        if self.uniform:
+            data["uniform"] = True
+        return data
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the plan by name: ``layers.{i}.{field}`` and ``weights.{state-dict key}``."""
         out = {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers)
@@ -333,17 +350,41 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict, tensors: dict[str, torch.Tensor] | None = None) -> PruningPlan:
+        """The plan of a plan.json dict and its tensors; a ValueError names what is malformed (a
+        layer that is not an object, indices that are not whole numbers, an emptied sublayer beside
+        a re-fitted weight, tensors named but not given)."""
         tensors = dict(tensors or {})
         missing = sorted(set(data.get("tensors", [])) - set(tensors))
         if missing:
             raise ValueError(f"the plan names tensors it was not given: {', '.join(missing[:5])}")
+        if not isinstance(data["layers"], list):
+            raise ValueError(f"'layers' must be a list with one entry per layer, got {type(data['layers']).__name__}")
         layers = []
         for i, layer in enumerate(data["layers"]):
+            if not isinstance(layer, dict):
+                raise ValueError(f"layer {i} must be an object with 'heads' and 'neurons', got {layer!r}")
             fields_ = {k: v for k, v in layer.items() if k != "tensors"}
+            for name in ("heads", "neurons", "kv_groups"):
+                _check_indices(fields_.get(name), f"layer {i} {name}")
+            for flag in ("attention_removed", "ffn_removed"):
+                if not isinstance(fields_.get(flag, False), bool):
+                    raise ValueError(f"layer {i} {flag} must be true or false, got {fields_[flag]!r}")
             fields_ |= {name: tensors[f"layers.{i}.{name}"] for name in TENSOR_FIELDS if f"layers.{i}.{name}" in tensors}
+            for units, weight in (("heads", "attention_out_weight"), ("neurons", "ffn_out_weight")):
+                if fields_.get(units) == [] and fields_.get(weight) is not None:
+                    raise ValueError(f"layer {i} keeps no {units} ({units}: []) but holds a re-fitted {weight} of "
+                                     f"shape {tuple(fields_[weight].shape)}; the two disagree (was plan.json edited?)")
             layers.append(LayerPlan(**fields_))
+        _check_indices(data.get("hidden"), "hidden")
         weights = {key[len("weights."):]: value for key, value in tensors.items() if key.startswith("weights.")}
-        return cls(layers=layers, hidden=data.get("hidden"), weights=weights or None)
+        teacher = data.get("teacher")
+        if teacher is not None and not isinstance(teacher, dict):
+            raise ValueError(f"'teacher' must be an object, got {teacher!r}")
+        uniform = data.get("uniform", False)
+        if not isinstance(uniform, bool):
+            raise ValueError(f"'uniform' must be true or false, got {uniform!r}")
+        return cls(layers=layers, hidden=data.get("hidden"), weights=weights or None, teacher=teacher,
+                   uniform=uniform)
 
     def masks(self, adapter: ModelAdapter) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """The masked-model form of this plan: per-layer head and neuron mask vectors.
@@ -361,6 +402,17 @@ class PruningPlan:
             if step.neurons is not None and ffn is not None:
                 neuron_masks[layer] = _mask_vector(ffn.width, step.neurons, step.neuron_scales, ffn.down.weight)
         return head_masks, neuron_masks
+
+
+def _check_indices(value: Any, what: str) -> None:
+    """Kept indices from JSON: null or a list of whole numbers (not floats, not true/false)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list of indices or null, got {value!r}")
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ValueError(f"{what} must hold whole-number indices, got {bad[0]!r}")
 
 
 def _mask_vector(size: int, keep: list[int], scales: Any, like: torch.Tensor) -> torch.Tensor:

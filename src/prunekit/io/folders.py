@@ -44,7 +44,7 @@ from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
 from prunekit.families import ADAPTERS, base_model_type, get_adapter
 from prunekit.io.files import add_remote_code, head_of_architectures, pruned_classes, write_readme
-from prunekit.io.outdir import atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
+from prunekit.io.outdir import atomic_output_dir, check_output_dir, check_work_dir  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ def save_plan(plan: PruningPlan, folder: str | Path) -> Path:
     # Contiguous CPU copies: safetensors refuses views and tensors that share storage (tied weights).
     tensors = {name: value.detach().to("cpu").contiguous().clone() for name, value in plan.tensors().items()}
     save_file(tensors, str(folder / PLAN_TENSORS), metadata={"format": "prunekit-plan"})
-    data = {"format": PLAN_FORMAT, **plan.to_dict()}
+    # The replay facts (teacher, uniform) come last, beside the decisions: the rest is as before.
+    data = {"format": PLAN_FORMAT, **plan.to_dict(), **plan.replay_dict()}
     (folder / PLAN_FILE).write_text(json.dumps(data, indent=1) + "\n")
     return folder
 
@@ -224,6 +225,11 @@ def load_plan(path: str | Path | PruningPlan) -> PruningPlan:
         raise ConfigError(f"{file} is not valid JSON ({err}); it is not a prunekit plan") from err
     if not isinstance(data, dict) or "layers" not in data:
         raise ConfigError(f"{file} is not a prunekit plan: it has no 'layers'")
+    if "format" in data and (type(data["format"]) is not int or data["format"] != PLAN_FORMAT):
+        raise ConfigError(f"{file} has plan format {data['format']!r}; this prunekit reads format {PLAN_FORMAT} "
+                          "(a plan from another prunekit release: rebuild it with that release or prune again)")
+    if not isinstance(data.get("tensors", []), list):
+        raise ConfigError(f"{file} is not a valid prunekit plan: 'tensors' must be a list of names")
     tensors = {}
     tensor_file = file.with_name(PLAN_TENSORS)
     if data.get("tensors"):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prunekit.core.errors import ConfigError
 from prunekit.families import get_adapter
 from prunekit.io.folders import load_pruned
 
@@ -60,17 +61,34 @@ def plot_structure(
     return path
 
 
-def structure_report(model_dir: str | Path, out: str | Path | None = None) -> Path:
+def structure_report(model_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Draw ``structure.png`` (kept heads and neurons per layer) for a saved model folder, pruned by
-    prunekit or not; written into the folder unless ``out`` says where. Returns the image path."""
+    prunekit or not; written into the folder unless ``out`` says where (a new file outside the
+    folder, or one ``overwrite`` replaces). Returns the image path."""
+    from prunekit.io.outdir import atomic_write, check_output_file, record_written_file, write_output_file
+
     model_dir = Path(model_dir)
+    if out is not None:
+        check_output_file(out, overwrite, (model_dir,), "--out")
+    elif (model_dir / "structure.png").is_dir():
+        raise ConfigError(f"{model_dir / 'structure.png'} is a folder; pass --out with an image file name")
     adapter = get_adapter(load_pruned(model_dir))
     layers = [shape.to_dict() for shape in adapter.layer_shapes()]
     kept = sum(layer["num_heads"] + layer["intermediate_size"] for layer in layers)
     full = len(layers) * (adapter.full_num_heads + adapter.full_intermediate_size)
     title = f"{model_dir.name}: {kept:,} of {full:,} heads and neurons kept"
-    return plot_structure(layers, adapter.full_num_heads, adapter.full_intermediate_size,
-                          out or model_dir / "structure.png", title=title, full_kv_heads=kv_heads_panel(adapter))
+
+    def draw(path: Path) -> None:
+        plot_structure(layers, adapter.full_num_heads, adapter.full_intermediate_size, path, title=title,
+                       full_kv_heads=kv_heads_panel(adapter))
+
+    if out is not None:
+        return write_output_file(out, draw, overwrite, (model_dir,), "--out")
+    # The documented default: structure.png inside the model folder itself, redrawn in place.
+    path = model_dir / "structure.png"
+    atomic_write(path, draw)
+    record_written_file(model_dir, "structure.png")
+    return path
 
 
 def kv_heads_panel(adapter: Any) -> int | None:

@@ -29,6 +29,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,12 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self), "fit": {kind: asdict(fit) for kind, fit in self.fits().items()}}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def save(self, path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Path:
+        """Write the table as JSON, atomically: a new file (``overwrite`` replaces one), never onto
+        or inside ``inputs`` (the model folder) (:func:`prunekit.io.outdir.write_output_file`)."""
+        from prunekit.io.outdir import write_output_file
+
+        return write_output_file(path, json.dumps(self.to_dict(), indent=2) + "\n", overwrite, inputs, "--out")
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
