@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 
 # Lowest first. A module may import its own layer or any layer below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("prunekit.core.errors", "prunekit.core.runtime", "prunekit.core.view")),
+    ("base", ("prunekit.core.errors", "prunekit.core.memory", "prunekit.core.runtime", "prunekit.core.view")),
     ("families", ("prunekit.families",)),
     ("core", ("prunekit.core",)),
     ("tasks", ("prunekit.tasks",)),

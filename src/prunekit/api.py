@@ -41,6 +41,7 @@ from prunekit.core.io import (
     load_tokenizer,
     save_pruned,
 )
+from prunekit.core.memory import host_state_kept
 from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.surgery import apply_plan as _surgery
@@ -361,6 +362,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     return report
 
 
+@host_state_kept()  # the run's seeds, threads, flags, env, warnings and logging stay inside it
 def _pipeline(model: nn.Module | str | Path, tokenizer: Any, data: Any, options: PruneOptions) -> list[PruneResult]:
     """load -> data -> method -> plan -> surgery -> report, once per budget."""
     spec = get_method(options.method)
