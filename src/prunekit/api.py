@@ -33,6 +33,7 @@ from torch import nn
 from prunekit.core import accounting, preflight
 from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.fingerprint import teacher_differences, teacher_fingerprint
+from prunekit.core.memory import host_state_kept
 from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.surgery import apply_plan as _surgery
@@ -394,6 +395,7 @@ def _report(spec: MethodSpec, task: TaskSpec, budget: Budget, config: Any, optio
     return report
 
 
+@host_state_kept()  # the run's seeds, threads, flags, env, warnings and logging stay inside it
 def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data: Any, options: PruneOptions) -> list[PruneResult]:
     """load -> data -> method -> plan -> surgery -> report, once per budget."""
     spec = get_method(options.method)

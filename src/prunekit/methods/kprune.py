@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,15 +62,8 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks
+from prunekit.core.memory import MemoryPolicy, memory_policy
 from prunekit.core.preflight import check_config_values
-from prunekit.core.runtime import (
-    HEAP_MMAP_THRESHOLD,
-    HEAP_POLICY_MMAP_THRESHOLD,
-    heap_returned_only_when_asked,
-    limit_heap_growth,
-    release_free_heap,
-    temporaries_mapped,
-)
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.core.view import ModelAdapter, SublayerKind
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
@@ -184,40 +177,36 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
     steps: list[dict] = []
     out_weights: dict[tuple[int, SublayerKind], torch.Tensor] = {}
     # Both frozen: the student shares the teacher's parameters, and the teacher's flags come back
-    # whole on exit, also those of tensors the student has replaced by then. The heap is trimmed
-    # once, after the calibration (low_memory: after every batch).
-    with _heap_policy(config), frozen_for_masks(teacher), frozen_for_masks(student_model):
+    # whole on exit, also those of tensors the student has replaced by then.
+    with memory_policy(config.low_memory) as memory, frozen_for_masks(teacher), frozen_for_masks(student_model):
+        # Calibrate: the teacher's targets, its layer 0, and the first knowledge pass (MHA_0).
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
-            prepared = _calibrate(t_runner, student, sample, kind, config)
+            prepared = _calibrate(t_runner, student, sample, kind, config, memory)
         elif prepared.loss_settings != _loss_settings(config):
             raise ValueError("the Kprune calibration was made with another temperature, mask_padding or mask_special")
         targets, s_hidden, t_hidden = prepared.targets, prepared.layer_input, prepared.layer_output
-        logger.info(
-            "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g %s (keep %.3f)",
-            sample.num_sequences, sample.num_tokens, seq_len, budget,
-            {"flops": "FLOPs", "latency": "ms of latency", "params": "parameters"}[budget_kind_of(config)],
-            config.keep,
-        )
-        logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
-                    "knowledge is zero there and representational knowledge decides (spec P9)")
         first_stats = prepared.first_stats
         if owned:
             prepared = None
+        _log_start(sample, seq_len, budget, config)
         # The calibration's freed temporaries go back to the system before layer 0's FFN pass, the
         # deepest after it, which sets the run's peak: it then peaks at its own working set, not that
         # plus the heap glibc kept. Later passes reuse the heap and stay below it. Only here, since
         # each return costs the next passes their page faults again: a trim before every layer gave
         # no lower peak (SST-2 teacher, keep 0.5: 1.23-1.24 GB against 1.21-1.23; fifth session of
-        # benchmarks/results/core_v2_plan.md), one after every batch cost 2-7% of the time
-        # (heap_returned_only_when_asked).
-        release_free_heap()
+        # benchmarks/results/core_v2_plan.md), one after every batch cost 2-7% of the time.
+        memory.after_calibration()
+        # For each sublayer, bottom up: measure, score, search, tune, cut (_prune_sublayer).
         for layer in range(adapter.num_layers):
-            teacher_pass = None  # layer 0's ran in the calibration, its attention's knowledge pass beside it
-            if layer > 0:  # the FFN's sums in place, except over a shared calibration's, which stay intact
+            # The teacher's pass over the layer (layer 0's ran in the calibration): the residual sums
+            # each sublayer's re-fit aims at. The FFN's go in place of the last layer's, except over a
+            # shared calibration's, which stay intact.
+            teacher_pass = None
+            if layer > 0:
                 into = None if layer == 1 and not owned else t_hidden.ffn_residual or None
                 teacher_pass = _TeacherLayer(t_runner, layer, t_hidden, batches, masks, into=into,
-                                             trim=_trim(config))
+                                             after_batch=memory.after_batch)
             for sub in ("attn", "ffn"):
                 start = time.perf_counter()
                 if sub == "attn":  # read batch by batch as the attention's pass runs (None: measured already)
@@ -227,39 +216,68 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
                     teacher_residual = t_hidden.ffn_residual
                 step, out_weight = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
-                    teacher_residual, kind, config, sample, costs, budget,
+                    teacher_residual, kind, config, sample, costs, budget, memory,
                     stats=first_stats if (layer, sub) == (0, "attn") else None,
                 )
-                if (layer, sub) == (0, "attn"):
-                    first_stats = None
+                first_stats = None if (layer, sub) == (0, "attn") else first_stats
                 if out_weight is not None:
                     out_weights[(layer, sub)] = out_weight
                 budget -= step["kept_cost"]
                 teacher_residual = None  # spent (the FFN's lives on in t_hidden, for the next layer)
                 step["seconds"] = round(time.perf_counter() - start, 3)
                 steps.append(step)
-                logger.info(
-                    "kprune: layer %d %s kept %d/%d %s in %.1f s%s", layer, sub, step["kept"], step["total"],
-                    "heads" if sub == "attn" else "neurons", step["seconds"],
-                    "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
-                )
+                _log_step(step)
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
-            inputs, trim = _BatchStore(masks, views=None if layer == 0 and not owned else s_hidden), _trim(config)
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    inputs.put(i, student.run_layer(layer, s_hidden[i], batch))
-                    trim()
-            s_hidden = inputs.tensors()
-    plan = PruningPlan(layers=[LayerPlan() for _ in range(adapter.num_layers)])
+            s_hidden = _next_layer_inputs(student, layer, s_hidden, batches, masks, memory,
+                                          in_place=layer > 0 or owned)
+    return _plan(steps, out_weights, adapter.num_layers), {
+        "config": asdict(config), "seq_len": seq_len, "budget_kind": budget_kind_of(config), "budget": budget,
+        "steps": steps}
+
+
+def _log_start(sample: Any, seq_len: float, budget: float, config: KpruneConfig) -> None:
+    logger.info(
+        "kprune: %d sequences, %d tokens, FLOPs at seq_len %.2f, budget %.4g %s (keep %.3f)",
+        sample.num_sequences, sample.num_tokens, seq_len, budget,
+        {"flops": "FLOPs", "latency": "ms of latency", "params": "parameters"}[budget_kind_of(config)],
+        config.keep,
+    )
+    logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
+                "knowledge is zero there and representational knowledge decides (spec P9)")
+
+
+def _log_step(step: dict) -> None:
+    logger.info(
+        "kprune: layer %d %s kept %d/%d %s in %.1f s%s", step["layer"], step["sublayer"], step["kept"],
+        step["total"], "heads" if step["sublayer"] == "attn" else "neurons", step["seconds"],
+        "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
+    )
+
+
+def _next_layer_inputs(student: LayerRunner, layer: int, hidden: list[torch.Tensor], batches: list[dict],
+                       masks: list[torch.Tensor], memory: MemoryPolicy, in_place: bool) -> list[torch.Tensor]:
+    """The student's layer, now cut, run over its inputs: the next layer's inputs (B, T, d) per batch,
+    written over ``hidden`` when ``in_place``."""
+    inputs = _BatchStore(masks, views=hidden if in_place else None)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            inputs.put(i, student.run_layer(layer, hidden[i], batch))
+            memory.after_batch()
+    return inputs.tensors()
+
+
+def _plan(steps: list[dict], out_weights: dict[tuple[int, SublayerKind], torch.Tensor],
+          num_layers: int) -> PruningPlan:
+    """Every step's kept units and re-fitted output-projection weight, by layer."""
+    plan = PruningPlan(layers=[LayerPlan() for _ in range(num_layers)])
     for step in steps:
         layer_plan, key = plan.layers[step["layer"]], (step["layer"], step["sublayer"])
         if step["sublayer"] == "attn":
             layer_plan.heads, layer_plan.attention_out_weight = step["kept_units"], out_weights.get(key)
         else:
             layer_plan.neurons, layer_plan.ffn_out_weight = step["kept_units"], out_weights.get(key)
-    return plan, {"config": asdict(config), "seq_len": seq_len, "budget_kind": budget_kind_of(config),
-                  "budget": budget, "steps": steps}
+    return plan
 
 
 def _budget(adapter: ModelAdapter, seq_len: float, config: KpruneConfig) -> tuple[list[UnitCosts], float]:
@@ -277,24 +295,22 @@ def kprune_prepare(adapter: ModelAdapter, data: TaskData, config: KpruneConfig) 
     """The budget-independent start of Kprune on the unpruned model of ``adapter`` (left unchanged): the teacher
     pass and the first knowledge pass. Pass it as ``data.prepared`` to each budget's ``kprune``."""
     _check_mask_special(data.sample, data.kind, config)
-    if config.low_memory:
-        limit_heap_growth()
     student = _working_copy(adapter.model)  # the knowledge pass's hooks and masks go on its modules
-    with frozen_for_masks(adapter.model), frozen_for_masks(student):
+    with memory_policy(config.low_memory) as memory, frozen_for_masks(adapter.model), frozen_for_masks(student):
         return _calibrate(LayerRunner(adapter.model, adapter), LayerRunner(student, adapter.of(student)),
-                          data.sample, data.kind, config)
+                          data.sample, data.kind, config, memory)
 
 
 def _loss_settings(config: KpruneConfig) -> tuple:
     return config.temperature, config.mask_padding, config.mask_special, config.top_k
 
 
-def _calibrate(t_runner, runner, sample, kind, config) -> KpruneCalibration:
+def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> KpruneCalibration:
     """Teacher outputs and layer 0 of the teacher, then the first pass (MHA_0) on the student, which
     is still the teacher (a copy: its modules carry the pass's hooks while the teacher's run)."""
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
-    _build_kernels(t_runner.adapter, batches, config)
+    _build_kernels(t_runner.adapter, batches, memory)
     with torch.no_grad():
         targets = [
             teacher_targets(kind, t_runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
@@ -305,17 +321,18 @@ def _calibrate(t_runner, runner, sample, kind, config) -> KpruneCalibration:
         for i, b in enumerate(batches):
             inputs.put(i, t_runner.layer_input(0, b))
         layer_input = inputs.tensors()
-    teacher_pass = _TeacherLayer(t_runner, 0, layer_input, batches, masks, trim=_trim(config))
+    teacher_pass = _TeacherLayer(t_runner, 0, layer_input, batches, masks, after_batch=memory.after_batch)
     first_stats = None
     if runner.adapter.attention(0) is not None:
         first_stats = _measure_knowledge(runner.adapter, runner, 0, "attn", layer_input, batches, masks, targets,
-                                         teacher_pass.attention_residuals(), kind, config)
+                                         teacher_pass.attention_residuals(), kind, config, memory)
     return KpruneCalibration(_loss_settings(config), targets, layer_input, teacher_pass.output(), first_stats)
 
 
-def _build_kernels(adapter: ModelAdapter, batches: list[dict], config: KpruneConfig) -> None:
+def _build_kernels(adapter: ModelAdapter, batches: list[dict], memory: MemoryPolicy) -> None:
     """Run each FFN width of the model once per batch shape, without and with autograd, before
-    anything else of the calibration, with the temporaries in mappings of their own (CPU only).
+    anything else of the calibration, with the temporaries in mappings of their own (CPU only;
+    :meth:`MemoryPolicy.build_kernels`, which runs nothing where it cannot map them).
 
     oneDNN, torch's CPU GELU, builds and keeps a kernel for every new input shape, in small
     long-lived blocks. Built in the middle of a pass, they land between its large temporaries and
@@ -328,9 +345,8 @@ def _build_kernels(adapter: ModelAdapter, batches: list[dict], config: KpruneCon
     if probe.device.type != "cpu":
         return
     shapes = sorted({tuple(batch["attention_mask"].shape) for batch in batches})  # (B, T)
-    with temporaries_mapped(_policy_mmap_threshold(config)) as applied:
-        if not applied:  # without mappings of their own the temporaries would fragment the heap here
-            return
+
+    def build() -> None:
         widths = set()
         for layer in range(adapter.num_layers):
             parts = adapter.ffn(layer)
@@ -343,6 +359,8 @@ def _build_kernels(adapter: ModelAdapter, batches: list[dict], config: KpruneCon
                 with torch.no_grad():
                     module(x)
                 torch.autograd.grad(module(x).sum(), x)
+
+    memory.build_kernels(build)
 
 
 def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
@@ -360,27 +378,6 @@ def _check_mask_special(sample: Any, kind: str, config: KpruneConfig) -> None:
 def _p_mask(batch: dict, config: KpruneConfig) -> torch.Tensor | None:
     """The batch's p_mask (B, T) when special positions are masked (spec P13), else None."""
     return batch["p_mask"] if config.mask_special else None
-
-
-def _heap_policy(config: KpruneConfig) -> AbstractContextManager:
-    """When a run's freed heap goes back to the system. ``low_memory``: after every calibration
-    batch (:func:`_trim`), large tensors in mappings of their own. Else only at the trim after the
-    calibration, glibc keeping it before and after."""
-    if config.low_memory:
-        limit_heap_growth()
-        return nullcontext()
-    return heap_returned_only_when_asked()
-
-
-def _policy_mmap_threshold(config: KpruneConfig) -> int:
-    """The malloc mmap threshold :func:`_heap_policy` sets, for code that changes it for a while."""
-    return HEAP_MMAP_THRESHOLD if config.low_memory else HEAP_POLICY_MMAP_THRESHOLD
-
-
-def _trim(config: KpruneConfig) -> Callable[[], None]:
-    """What runs after each calibration batch: with ``low_memory``, the heap's free pages go back to
-    the system; else nothing."""
-    return release_free_heap if config.low_memory else (lambda: None)
 
 
 def _working_copy(teacher: nn.Module) -> nn.Module:
@@ -406,9 +403,10 @@ class _TeacherLayer:
     each batch's input is rebuilt from them, as a copy, before they are overwritten; so one set of
     them is alive during the pass instead of two); None: new ones."""
 
-    def __init__(self, runner, layer, hidden, batches, masks, into=None, trim=lambda: None):
-        self.runner, self.layer, self.hidden, self.batches, self.masks, self.trim = (
-            runner, layer, hidden, batches, masks, trim)
+    def __init__(self, runner, layer, hidden, batches, masks, into=None,
+                 after_batch: Callable[[], None] = lambda: None):
+        self.runner, self.layer, self.hidden, self.batches, self.masks, self.after_batch = (
+            runner, layer, hidden, batches, masks, after_batch)
         adapter = runner.adapter
         # A model that came in pruned may have emptied sublayers: nothing to capture there.
         self.present = [sub for sub in ("attn", "ffn")
@@ -447,7 +445,7 @@ class _TeacherLayer:
             attn = (records["attn"]["input"] + records["attn"]["output"])[m] if "attn" in records else None
         del out, records
         self.done = i + 1
-        self.trim()
+        self.after_batch()
         return attn
 
 
@@ -516,10 +514,12 @@ def _prune_sublayer(
     sample: Any,
     costs: list[UnitCosts],
     budget: float,
+    memory: MemoryPolicy,
     stats: dict | None = None,
 ) -> tuple[dict, torch.Tensor | None]:
-    """Measure, search and cut one sublayer of the student; returns the log step and the
-    re-fitted output-projection weight (None: the sliced weights were kept)."""
+    """One step of Kprune on one sublayer of the student: measure, score, search, tune, cut.
+    Returns the log step and the re-fitted output-projection weight (None: the sliced weights were
+    kept)."""
     parts = adapter.sublayer(layer, sub)
     step: dict[str, Any] = {"layer": layer, "sublayer": sub}
     if parts is None:  # already empty (the model came in pruned)
@@ -527,9 +527,10 @@ def _prune_sublayer(
                        "tuning": None}, None
     if stats is None:  # (the first pass comes measured from the calibration)
         stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual,
-                                   kind, config)
+                                   kind, config, memory)
     candidates = _score(adapter, layer, sub, stats, config, sample, costs)
     keep = _search(candidates, budget, (layer, sub))
+    # Priced before the cut: a unit's FLOPs may depend on the sublayer's width.
     flops = unit_costs(adapter, layer, config.seq_len or sample.mean_length)
     unit_flops = flops.head if sub == "attn" else flops.neuron
     unit_cost = costs[layer].head if sub == "attn" else costs[layer].neuron  # in the budget's unit
@@ -537,10 +538,7 @@ def _prune_sublayer(
     out_weight, tuning = None, None
     if config.sublayer_tuning and keep.numel():
         out_weight, tuning = _tune(adapter, layer, sub, keep, stats, config.ridge)
-    if sub == "attn":
-        prune_heads(adapter, layer, keep, out_weight=out_weight)
-    else:
-        prune_neurons(adapter, layer, keep, out_weight=out_weight)
+    _cut(adapter, layer, sub, keep, out_weight)
     return step | {
         "kept": int(keep.numel()),
         "total": int(total),
@@ -551,7 +549,8 @@ def _prune_sublayer(
     }, out_weight
 
 
-def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config):
+def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual, kind, config,
+                       memory: MemoryPolicy):
     """One forward+backward pass from ``layer`` up (§1.4), accumulating for every masked sublayer
     the summed ½ g² of its mask and Σ_t Z², and for the target the normal equations of KPWT."""
     first_attn = layer if sub == "attn" else layer + 1
@@ -597,7 +596,6 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
         handles.append(adapter.attention(m).out.register_forward_pre_hook(observe(("attn", m))))
     for m in neuron_masks:
         handles.append(adapter.ffn(m).down.register_forward_pre_hook(observe(("ffn", m))))
-    trim = _trim(config)
     try:
         with apply_masks(adapter, head_masks, neuron_masks):
             desc = f"kprune: layer {layer} {sub}"
@@ -623,11 +621,20 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                 cross += torch.mm(z.T, y, out=cross_b)
                 y_sq += (y * y).sum().double()
                 del z, y, outputs, loss
-                trim()
+                memory.after_batch()
     finally:
         for handle in handles:
             handle.remove()
     return {"grad_sq": grad_sq, "z_sq": z_sq, "gram": gram, "cross": cross, "y_sq": y_sq}
+
+
+def _cut(adapter: ModelAdapter, layer: int, sub: SublayerKind, keep: torch.Tensor,
+         out_weight: torch.Tensor | None) -> None:
+    """Remove the sublayer's pruned units physically, with the re-fitted output weight if any (§1.8)."""
+    if sub == "attn":
+        prune_heads(adapter, layer, keep, out_weight=out_weight)
+    else:
+        prune_neurons(adapter, layer, keep, out_weight=out_weight)
 
 
 def _score(adapter, layer, sub, stats, config, sample, costs) -> _Candidates:
