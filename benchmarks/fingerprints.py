@@ -238,7 +238,9 @@ def build_tiny(family: str, seed: int) -> Any:
         elif family == "mistral":
             model_class, config = tf.MistralForCausalLM, tf.MistralConfig(sliding_window=16, **dec)
         elif family == "qwen2":
-            model_class, config = tf.Qwen2ForCausalLM, tf.Qwen2Config(**dec)
+            # transformers reads a qwen2 folder's vocabulary with its Qwen2Tokenizer, which adds
+            # <|endoftext|> as token 128: the embedding table has a row for it.
+            model_class, config = tf.Qwen2ForCausalLM, tf.Qwen2Config(**(dec | {"vocab_size": VOCAB + 1}))
         elif family == "qwen3":
             model_class, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(**dec)
         elif family == "opt":
