@@ -5,6 +5,7 @@ output, and a hand count of multiply-adds. Each test file keeps its own model co
 
 from __future__ import annotations
 
+import subprocess
 from types import SimpleNamespace
 
 import torch
@@ -30,6 +31,13 @@ except ImportError:
 import torch
 import transformers
 """
+
+def dead_pid() -> int:
+    """The id of a process that has ended (what a killed writer leaves in its temporary names)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
 
 def view(model: nn.Module | ModelAdapter) -> ModelAdapter:
     """What core functions and methods take: a test's model viewed (a view is used as it is)."""

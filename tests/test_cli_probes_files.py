@@ -268,7 +268,7 @@ def test_overwrite_of_a_folder_whose_marker_digests_were_edited_is_refused(w, ca
 
 
 def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
-    from test_output_safety import dead_pid
+    from builders import dead_pid
 
     from prunekit.io.outdir import write_output_file
 

@@ -9,21 +9,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
+from builders import dead_pid
 from test_cli import assert_clean_error, prune_args, run
 
 from prunekit import ConfigError
 from prunekit.cli import main
 from prunekit.io.outdir import MARKER, atomic_output_dir, check_output_dir, clean_leftovers
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
