@@ -58,7 +58,10 @@ def run_round(variants: list[tuple[str, str, list[str]]], work: Path, round_: in
             "peak_rss_gb": report["peak_rss_bytes"] / 1e9,
             "prune_seconds": report["prune_seconds"],
             "accuracy": report["eval"]["pruned"]["accuracy"],
-            "plan": (out / "plan.json").read_text(),
+            # The plan without the teacher's identity that plans record since issue 20 (replay checks):
+            # what the run decided, comparable with older code's plans.
+            "plan": json.dumps({key: value for key, value in json.loads((out / "plan.json").read_text()).items()
+                                if key not in ("teacher", "uniform")}, sort_keys=True),
             "plan_tensors": (out / "plan.safetensors").read_bytes(),
         }
     return results
