@@ -347,35 +347,6 @@ def check_device(device: str | torch.device | None) -> None:
     resolve_device(device)
 
 
-def check_writable_file(path: str | Path | None, flag: str = "--json") -> None:
-    """A file to be written at the end (metrics JSON) must be writable before the work starts."""
-    if path is None:
-        return
-    target = Path(path).expanduser()
-    if target.is_dir():
-        example = target / ("lut.json" if flag == "--out" else "metrics.json")
-        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {example}")
-    if target.exists():
-        if not os.access(target, os.W_OK):
-            raise ConfigError(f"{flag} {path} is not writable; choose another file")
-        return
-    parent = target.parent if str(target.parent) else Path(".")
-    ancestor = parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{flag} {path} cannot be written: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} cannot be written: {ancestor} is not writable; choose another file")
-
-
-def write_json(path: str | Path, content: Any) -> None:
-    """Write a JSON result file (its folder made when missing), as checked by check_writable_file."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json_text(content) + "\n")
-
-
 def finite_json(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by None (JSON null): JSON has no NaN."""
     if isinstance(value, float):
