@@ -282,8 +282,9 @@ class ModelAdapter(ABC):
         return None
 
     def of(self, model: nn.Module) -> ModelAdapter:
-        """The view of another model of this family in working form (a copy of this one, a pruned
-        student), without a new registry lookup."""
+        """The view of another model of this family that prunekit owns (a copy of this one, a
+        pruned student, a reloaded checkpoint), put in working form, without a registry lookup."""
+        self.to_working_form(model)  # a no-op for a copy of a model in working form
         return type(self)(model)
 
     # ---- geometry -------------------------------------------------------------------------
