@@ -42,7 +42,7 @@ from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.preflight import check_config_dict, check_tokenizer, check_tokenizer_files, json_text
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
-from prunekit.families import ADAPTERS, adapter_class, base_model_type, get_adapter
+from prunekit.families import ADAPTERS, base_model_type, get_adapter
 from prunekit.io.files import add_remote_code, head_of_architectures, pruned_classes, write_readme
 from prunekit.io.outdir import atomic_output_dir, check_output_dir, check_work_dir  # noqa: F401  (re-exported)
 
@@ -328,7 +328,7 @@ def load_model(
         raise ModelError(f"could not load {folder} as a {head.replace('_', ' ')} model: {_first_line(err)}") from err
     except OSError as err:
         raise ModelError(f"could not load {folder}: {_no_such_model(path, err)}") from err
-    adapter_class(model)  # unsupported architectures fail here, with the list of supported ones
+    get_adapter(model)  # unsupported architectures fail here; a model prunekit loads is in working form
     return model.to(device or "cpu").eval()
 
 
