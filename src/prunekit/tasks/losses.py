@@ -99,15 +99,17 @@ def _sparse_kl(logits: torch.Tensor, targets: Mapping[str, torch.Tensor], temper
 
 def sampled_nll(outputs: Any, targets: Mapping[str, torch.Tensor], temperature: float,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T² times the mean over positions of -log q(y), y the teacher's sampled next tokens.
+    """T² times the sum over positions of -log q(y), y the teacher's sampled next tokens.
 
     Its gradient is the KL's (E_y[-∇ log q(y)] = ∇ KL(p ‖ q)) plus noise whose second moment is
     the Fisher information of the teacher's own distribution: so, unlike the KL's, its squared
     gradient is not zero where the student still equals the teacher, and estimates the curvature
-    of the KL there (the first sublayer's blind spot, spec P9)."""
+    of the KL there (the first sublayer's blind spot, spec P9). Summed, not averaged: the squared
+    gradient of a sum over N positions divided by N estimates the Fisher information per position,
+    whatever the batch size."""
     scaled = _lm_logits(outputs, attention_mask).float() / temperature  # (N, V)
     log_q = scaled.gather(-1, targets["sampled"].long()[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
-    return -temperature * temperature * log_q.mean()
+    return -temperature * temperature * log_q.sum()
 
 
 def distill_loss(kind: str, outputs: Any, targets: Mapping[str, torch.Tensor], temperature: float,

@@ -42,7 +42,7 @@ class CausalLmFamily(TaskFamily):
     options = ("window", "stride")
     generates = True
     # Predictive knowledge of a causal LM is the KL of its own next-token distribution (T = 1).
-    method_defaults = {"temperature": 1.0, "predictive": "fisher"}
+    method_defaults = {"temperature": 1.0, "predictive": "fisher", "refit_check": "holdout"}
 
     def load_examples(self, spec: TaskSpec, source: Source, split: str) -> list[dict[str, Any]]:
         raise ConfigError(f"task {spec.name!r} reads text, not examples: use prunekit.tasks.causal_lm.data.read_text")
