@@ -178,3 +178,37 @@ def test_the_model_keeps_taking_inputs_after_pruning(make_model):
     with torch.no_grad():
         out = model(**model_inputs_for(model, sample.batches[0]))
     assert torch.isfinite(out.start_logits).all()
+
+
+def test_fisher_rows_takes_one_gradient_per_chunk_of_sequences():
+    """fisher_rows=1: one Fisher gradient per sequence, the same as a sample batched one sequence
+    at a time; the plan still meets the budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunekit.methods.kwon import _fisher
+    from prunekit.tasks.causal_lm.data import build_lm_calibration_sample
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                                         max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    tokens = torch.randint(1, 61, (400,), generator=torch.Generator().manual_seed(1))
+
+    def sample(batch_size):
+        return build_lm_calibration_sample(None, tokens, num_sequences=6, seq_len=16, batch_size=batch_size)
+
+    chunked = _fisher(view(model), sample(4), rows=1)
+    single = _fisher(view(model), sample(1))
+    assert chunked.num_batches == single.num_batches == 6
+    for layer in chunked.neurons:
+        assert torch.allclose(chunked.neurons[layer], single.neurons[layer], atol=1e-6)
+        assert torch.allclose(chunked.heads[layer], single.heads[layer], atol=1e-6)
+    plan, _ = run_method(kwon, copy.deepcopy(model), sample(4), "lm", KwonConfig(keep_params=0.7, fisher_rows=1))
+    assert plan.layers
+
+
+def test_fisher_rows_must_be_positive():
+
+
+    with pytest.raises(ConfigError):
+        KwonConfig(fisher_rows=0)

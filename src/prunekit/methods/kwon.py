@@ -85,9 +85,15 @@ class KwonConfig:
     max_scale: float = 10.0  # a tuned |scale| above this rejects that sublayer's solution
     tune_first_attention: bool = False  # the reference never tunes layer 0's attention
     keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
+    # Sequences per Fisher gradient: None, one per calibration batch (the reference, spec P8); 1,
+    # one per sequence (the paper's per-example Fisher; a causal LM's windows: many more
+    # gradients from the same tokens and passes).
+    fisher_rows: int | None = None
 
     def __post_init__(self) -> None:
         check_config_values(self)  # types, and finite numbers
+        if self.fisher_rows is not None and (not isinstance(self.fisher_rows, int) or self.fisher_rows < 1):
+            raise ConfigError(f"fisher_rows must be a positive integer or None, got {self.fisher_rows!r}")
         check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
         if self.teacher_keep is not None and not 0.0 < self.teacher_keep <= 1.0:
             raise ConfigError(f"teacher_keep must be in (0, 1] or None (√ of the budget), got {self.teacher_keep}")
@@ -143,8 +149,8 @@ def kwon(adapter: ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[Pru
     model = adapter.model
     seq_len = config.seq_len or sample.mean_length
     costs, budget_of, full = _budget(adapter, seq_len, config)
-    fisher = prepared if prepared is not None else _fisher(adapter, sample)
-    _check_fisher(fisher, adapter, sample)
+    fisher = prepared if prepared is not None else _fisher(adapter, sample, config.fisher_rows)
+    _check_fisher(fisher, adapter, sample, config.fisher_rows)
     scores = fisher.scores()
 
     start = time.perf_counter()
@@ -207,10 +213,18 @@ def kwon_fisher(adapter: ModelAdapter, data: TaskData, config: KwonConfig | None
                 ) -> FisherGradients:
     """Step 1, reusable across budgets (``data.prepared``): per-batch gradients of the task loss
     with respect to an all-ones mask on every head (H,) and FFN neuron (d_ff,) of every layer."""
-    return _fisher(adapter, data.sample)
+    return _fisher(adapter, data.sample, config.fisher_rows if config is not None else None)
 
 
-def _fisher(adapter: ModelAdapter, sample: Any) -> FisherGradients:
+def _row_chunks(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
+    """The batch itself (rows None), or its sequences ``rows`` at a time."""
+    size = batch["input_ids"].shape[0]
+    if rows is None or rows >= size:
+        return [batch]
+    return [{key: value[start : start + rows] for key, value in batch.items()} for start in range(0, size, rows)]
+
+
+def _fisher(adapter: ModelAdapter, sample: Any, rows: int | None = None) -> FisherGradients:
     model = adapter.model
     start = time.perf_counter()
     head_masks, neuron_masks = full_masks(adapter, requires_grad=True)
@@ -218,24 +232,27 @@ def _fisher(adapter: ModelAdapter, sample: Any) -> FisherGradients:
     neurons: dict[int, list[torch.Tensor]] = {layer: [] for layer in neuron_masks}
     with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks):
         for batch in tqdm(sample.batches, desc="kwon: Fisher information", leave=False):
-            _task_loss(model, batch).backward()  # a batch-mean loss: one gradient per batch (P8)
-            for store, masks in ((heads, head_masks), (neurons, neuron_masks)):
-                for layer, mask in masks.items():
-                    store[layer].append(mask.grad.detach().float().cpu())
-                    mask.grad = None
+            for chunk in _row_chunks(batch, rows):
+                _task_loss(model, chunk).backward()  # a mean loss: one gradient per batch (P8) or chunk
+                for store, masks in ((heads, head_masks), (neurons, neuron_masks)):
+                    for layer, mask in masks.items():
+                        store[layer].append(mask.grad.detach().float().cpu())
+                        mask.grad = None
     fisher = FisherGradients(
         heads={layer: torch.stack(g) for layer, g in heads.items()},  # (num_batches, H)
         neurons={layer: torch.stack(g) for layer, g in neurons.items()},  # (num_batches, d_ff)
-        num_batches=len(sample.batches),
+        num_batches=sum(len(_row_chunks(batch, rows)) for batch in sample.batches),
         seconds=time.perf_counter() - start,
     )
     logger.info("kwon: Fisher information from %d batches in %.1f s", fisher.num_batches, fisher.seconds)
     return fisher
 
 
-def _check_fisher(fisher: FisherGradients, adapter: ModelAdapter, sample: Any) -> None:
-    if fisher.num_batches != len(sample.batches):
-        raise ValueError(f"the Fisher gradients are of {fisher.num_batches} batches, the sample has {len(sample.batches)}")
+def _check_fisher(fisher: FisherGradients, adapter: ModelAdapter, sample: Any, rows: int | None = None) -> None:
+    expected = sum(len(_row_chunks(batch, rows)) for batch in sample.batches)
+    if fisher.num_batches != expected:
+        raise ValueError(f"the Fisher gradients are of {fisher.num_batches} batches, the sample has {expected} "
+                         "(batches, or chunks of fisher_rows sequences)")
     for layer, shape in enumerate(adapter.layer_shapes()):
         for store, width in ((fisher.heads, shape.num_heads), (fisher.neurons, shape.intermediate_size)):
             have = store[layer].shape[1] if layer in store else 0
