@@ -178,3 +178,36 @@ def test_the_model_keeps_taking_inputs_after_pruning(make_model):
     with torch.no_grad():
         out = model(**model_inputs_for(model, sample.batches[0]))
     assert torch.isfinite(out.start_logits).all()
+
+
+# ---- causal LMs: logits a chunk of positions at a time (issue 21) ----------------------------------
+def test_a_causal_lm_plan_is_that_of_the_whole_logits_and_no_logits_tensor_is_whole(monkeypatch):
+    """Kwon et al. on a tiny Llama keeps the same units with the same scales as with the model's own
+    loss on its whole logits, and makes no tensor of (a batch's tokens x vocabulary), forward or
+    backward (Fisher pass and mask tuning)."""
+    import importlib
+
+    from builders import LargestTensor, lm_windows, tiny_causal_lm
+
+    from prunekit.methods.layerwise import model_inputs
+    from prunekit.tasks import losses
+
+    def whole_logits_loss(runner, batch, kind):  # _task_loss as it was before chunking
+        return runner.model(**model_inputs(batch), labels=batch["labels"]).loss
+
+    vocab, sample = 211, lm_windows(211)
+    config = KwonConfig(keep_params=0.6)
+    kwon_module = importlib.import_module("prunekit.methods.kwon")  # prunekit.methods.kwon is also the function
+    with monkeypatch.context() as patch:
+        patch.setattr(kwon_module, "_task_loss", whole_logits_loss)
+        with LargestTensor() as before:  # the check sees whole logits where they are made
+            whole, _ = run_method(kwon, tiny_causal_lm(vocab), sample, "lm", config)
+    monkeypatch.setattr(losses, "LM_CHUNK_ENTRIES", 5 * vocab)
+    with LargestTensor() as largest:
+        chunked, _ = run_method(kwon, tiny_causal_lm(vocab), sample, "lm", config)
+    assert [(s.heads, s.neurons) for s in chunked.layers] == [(s.heads, s.neurons) for s in whole.layers]
+    for a, b in zip(chunked.layers, whole.layers, strict=True):
+        for name in ("head_scales", "neuron_scales"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-5))
+    assert largest.numel < sample.batches[0]["input_ids"].numel() * vocab <= before.numel

@@ -66,7 +66,7 @@ from prunekit.core.memory import MemoryPolicy, memory_policy
 from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.core.view import ModelAdapter, SublayerKind
-from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
+from prunekit.methods.layerwise import LayerRunner, capture_residual
 from prunekit.methods.lut import per_unit_costs
 from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, teacher_targets
 from prunekit.tasks.task_data import TaskData
@@ -313,8 +313,8 @@ def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> 
     _build_kernels(t_runner.adapter, batches, memory)
     with torch.no_grad():
         targets = [
-            teacher_targets(kind, t_runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
-                            config.mask_padding, _p_mask(b, config), top_k=config.top_k)
+            teacher_targets(kind, t_runner.outputs_from(0, None, b, kind), config.temperature,
+                            b["attention_mask"], config.mask_padding, _p_mask(b, config), top_k=config.top_k)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
         inputs = _BatchStore(masks)
@@ -605,7 +605,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                 total=len(batches), leave=False,
             ):
                 current["mask"] = mask
-                outputs = runner.forward_from(layer, h, batch)
+                outputs = runner.outputs_from(layer, h, batch, kind)
                 loss = distill_loss(kind, outputs, target, config.temperature, batch["attention_mask"],
                                     config.mask_padding, _p_mask(batch, config))
                 loss.backward()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.core.view import ModelAdapter, SublayerKind
+from prunekit.tasks.losses import LmOutputs
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -72,6 +73,20 @@ class LayerRunner:
         with self.starting_at(layer) as inject:
             inject.value = hidden
             return self.model(**model_inputs(batch))
+
+    def outputs_from(self, layer: int, hidden: torch.Tensor | None, batch: Mapping[str, torch.Tensor],
+                     kind: str) -> Any:
+        """What the loss of task kind ``kind`` reads (``prunekit.tasks.losses``), computed from
+        ``hidden`` at the input of ``layer`` (layer 0: from the embeddings, ``hidden`` unused): the
+        model's own output, except for a causal LM ("lm"), whose logits (tokens x vocabulary) are
+        not made here: its final hidden states and output head (``LmOutputs``), from which the
+        losses make them a chunk of positions at a time."""
+        if kind != "lm":
+            return self.forward_from(layer, hidden, batch)
+        parts = self.adapter.causal_lm_parts(self.model)
+        with self.starting_at(layer) as inject:
+            inject.value = hidden
+            return LmOutputs(parts.final_hidden(**model_inputs(batch)), parts.head)
 
     def layer_input(self, layer: int, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The input of ``layer`` for ``batch``, computed from the embeddings (B, T, d)."""
