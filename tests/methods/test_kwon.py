@@ -211,3 +211,24 @@ def test_a_causal_lm_plan_is_that_of_the_whole_logits_and_no_logits_tensor_is_wh
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-5))
     assert largest.numel < sample.batches[0]["input_ids"].numel() * vocab <= before.numel
+
+
+def test_recomputed_layers_give_the_same_fisher_gradients(monkeypatch):
+    """A causal LM's Fisher pass recomputes each layer's intermediates in the backward pass
+    (LayerRunner.recomputed_layers): the per-batch mask gradients equal those of a plain backward
+    pass, and the model gets its own layers back."""
+    import contextlib
+
+    from builders import lm_windows, tiny_causal_lm
+
+    from prunekit.methods.layerwise import LayerRunner
+
+    model, sample = tiny_causal_lm(), lm_windows()
+    layers = list(get_adapter(model).layers())
+    recomputed = kwon_fisher(get_adapter(model), TaskData(kind="lm", sample=sample))
+    assert list(get_adapter(model).layers()) == layers
+    monkeypatch.setattr(LayerRunner, "recomputed_layers", lambda self: contextlib.nullcontext())
+    stored = kwon_fisher(get_adapter(model), TaskData(kind="lm", sample=sample))
+    for mine, theirs in ((recomputed.heads, stored.heads), (recomputed.neurons, stored.neurons)):
+        for layer in mine:
+            assert torch.allclose(mine[layer], theirs[layer], atol=1e-6, rtol=0)
