@@ -1,7 +1,7 @@
 """Helpers shared by the decoder-family tests (test_model_view, test_decoders_llama,
 test_decoders_opt_gpt2): spread-out random weights for a tiny model, right-padded batches and
 labelled samples, the outputs compared across masked and pruned models, a layer's input and
-output, and a hand count of multiply-adds. Each test file keeps its own model configs."""
+output, a hand count of multiply-adds, and the largest tensor a computation makes. Each test file keeps its own model configs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import PruningPlan
@@ -31,6 +33,43 @@ except ImportError:
 import torch
 import transformers
 """
+
+class LargestTensor(TorchDispatchMode):
+    """Inside ``with LargestTensor() as largest:``, ``largest.numel`` is the element count of the
+    largest tensor any operation returned (views included), backward passes included: what bounds
+    a computation's memory by design, independent of the allocator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+def tiny_causal_lm(vocab: int = 211, seed: int = 0) -> nn.Module:
+    """A tiny random Llama causal LM whose vocabulary is large next to its width (as in real LLMs),
+    so that a (tokens x vocabulary) tensor is the largest a method could make."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=0)
+    return spread_out(LlamaForCausalLM(config).eval())
+
+
+def lm_windows(vocab: int = 211, sequences: int = 8, length: int = 16, batch_size: int = 4) -> SimpleNamespace:
+    """A causal-LM calibration sample of random-token windows (labels = input_ids)."""
+    from prunekit.tasks.causal_lm.data import build_lm_calibration_sample
+
+    stream = torch.randint(1, vocab, (400,), generator=torch.Generator().manual_seed(1))
+    return build_lm_calibration_sample(None, stream, num_sequences=sequences, seq_len=length, batch_size=batch_size)
+
 
 def dead_pid() -> int:
     """The id of a process that has ended (what a killed writer leaves in its temporary names)."""

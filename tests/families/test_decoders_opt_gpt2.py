@@ -39,7 +39,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan, narrow_hidden, remove_sublayer
-from prunekit.families import BlockFacts, LayerShape, get_adapter
+from prunekit.families import BlockFacts, LayerShape, adapter_class, get_adapter
 from prunekit.families.gpt2 import FusedQKV, GPT2Adapter, to_conv_form
 from prunekit.families.opt import OPTAdapter, OPTBlock
 from prunekit.io.folders import load_pruned, save_pruned
@@ -104,6 +104,31 @@ def random_plan(seed: int) -> PruningPlan:
         scales = (torch.rand(H, generator=gen) + 0.5) if case == 1 else None
         layers.append(LayerPlan(heads=heads, neurons=neurons, head_scales=scales))
     return PruningPlan(layers=layers)
+
+
+# ---- the causal LM's body and output head ---------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_causal_lm_splits_where_its_logits_are_made(variant):
+    """causal_lm_parts: the output head applied to the body's final hidden states gives the model's
+    logits, bit for bit, for the stock model (GPT-2's Conv1D, OPT's own layers), in working form and
+    pruned (OPT's project_out included); a classification model has no such split."""
+    model = build(variant)
+    inputs = make_batch(variant)
+    forms = [copy.deepcopy(model)]  # stock: read, never converted
+    forms.append(get_adapter(model).model)
+    pruned = copy.deepcopy(model)
+    apply_plan(get_adapter(pruned), random_plan(1))
+    forms.append(pruned)
+    with torch.no_grad():
+        for form in forms:
+            parts = adapter_class(form).causal_lm_parts(form)
+            # Without a cache, as the split runs (GPT-2's eager reordered attention differs by 2e-6
+            # with one: another mask path inside transformers).
+            assert torch.equal(parts.head(parts.final_hidden(**inputs)), form(**inputs, use_cache=False).logits)
+    assert type(forms[0].base_model.h[0].attn.c_attn).__name__ == "Conv1D" if variant.startswith("gpt2") else True
+    with pytest.raises(ValueError, match="not a causal LM"):
+        classifier = build(variant, head="sequence_classification")
+        adapter_class(classifier).causal_lm_parts(classifier)
 
 
 # ---- the adapters state the family facts ---------------------------------------------------------

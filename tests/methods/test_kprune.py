@@ -373,3 +373,35 @@ def test_the_attention_residual_sums_come_as_they_are_asked_for_and_match_an_eag
         next(teacher.attention_residuals())
     unread = kp._TeacherLayer(runner, 1, hidden, sample.batches, masks).output()  # e.g. an emptied attention
     assert all(torch.equal(a, b) for a, b in zip(unread.ffn_residual, ffn, strict=True))
+
+
+# ---- causal LMs: logits a chunk of positions at a time (issue 21) ----------------------------------
+def _whole_logits(self, layer, hidden, batch, kind):
+    """LayerRunner.outputs_from as it was before chunking: the model's whole output, logits included."""
+    return self.forward_from(layer, hidden, batch)
+
+
+def test_a_causal_lm_plan_is_that_of_the_whole_logits_and_no_logits_tensor_is_whole(monkeypatch):
+    """Kprune on a tiny Llama keeps the same units as with the model's whole logits (the targets, KL
+    and gradients are equal up to rounding), and makes no tensor of (a batch's tokens x vocabulary):
+    forward and backward, the logits exist a chunk of 5 positions at a time."""
+    from builders import LargestTensor, lm_windows, tiny_causal_lm
+
+    from prunekit.tasks import losses
+
+    vocab, sample = 211, lm_windows(211)
+    config = KpruneConfig(keep_params=0.6, temperature=1.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(LayerRunner, "outputs_from", _whole_logits)
+        with LargestTensor() as before:  # the check sees whole logits where they are made
+            whole, _ = run_method(kprune, tiny_causal_lm(vocab), sample, "lm", config)
+    monkeypatch.setattr(losses, "LM_CHUNK_ENTRIES", 5 * vocab)
+    with LargestTensor() as largest:
+        chunked, _ = run_method(kprune, tiny_causal_lm(vocab), sample, "lm", config)
+    assert [(s.heads, s.neurons) for s in chunked.layers] == [(s.heads, s.neurons) for s in whole.layers]
+    for a, b in zip(chunked.layers, whole.layers, strict=True):
+        for name in ("attention_out_weight", "ffn_out_weight"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-5))
+    tokens_per_batch = sample.batches[0]["input_ids"].numel()
+    assert largest.numel < tokens_per_batch * vocab <= before.numel

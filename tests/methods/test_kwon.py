@@ -197,8 +197,8 @@ def test_fisher_rows_takes_one_gradient_per_chunk_of_sequences():
     def sample(batch_size):
         return build_lm_calibration_sample(None, tokens, num_sequences=6, seq_len=16, batch_size=batch_size)
 
-    chunked = _fisher(view(model), sample(4), rows=1)
-    single = _fisher(view(model), sample(1))
+    chunked = _fisher(view(model), sample(4), "lm", rows=1)
+    single = _fisher(view(model), sample(1), "lm")
     assert chunked.num_batches == single.num_batches == 6
     for layer in chunked.neurons:
         assert torch.allclose(chunked.neurons[layer], single.neurons[layer], atol=1e-6)
@@ -212,3 +212,57 @@ def test_fisher_rows_must_be_positive():
 
     with pytest.raises(ConfigError):
         KwonConfig(fisher_rows=0)
+
+
+# ---- causal LMs: logits a chunk of positions at a time (issue 21) ----------------------------------
+def test_a_causal_lm_plan_is_that_of_the_whole_logits_and_no_logits_tensor_is_whole(monkeypatch):
+    """Kwon et al. on a tiny Llama keeps the same units with the same scales as with the model's own
+    loss on its whole logits, and makes no tensor of (a batch's tokens x vocabulary), forward or
+    backward (Fisher pass and mask tuning)."""
+    import importlib
+
+    from builders import LargestTensor, lm_windows, tiny_causal_lm
+
+    from prunekit.methods.layerwise import model_inputs
+    from prunekit.tasks import losses
+
+    def whole_logits_loss(runner, batch, kind):  # _task_loss as it was before chunking
+        return runner.model(**model_inputs(batch), labels=batch["labels"]).loss
+
+    vocab, sample = 211, lm_windows(211)
+    config = KwonConfig(keep_params=0.6)
+    kwon_module = importlib.import_module("prunekit.methods.kwon")  # prunekit.methods.kwon is also the function
+    with monkeypatch.context() as patch:
+        patch.setattr(kwon_module, "_task_loss", whole_logits_loss)
+        with LargestTensor() as before:  # the check sees whole logits where they are made
+            whole, _ = run_method(kwon, tiny_causal_lm(vocab), sample, "lm", config)
+    monkeypatch.setattr(losses, "LM_CHUNK_ENTRIES", 5 * vocab)
+    with LargestTensor() as largest:
+        chunked, _ = run_method(kwon, tiny_causal_lm(vocab), sample, "lm", config)
+    assert [(s.heads, s.neurons) for s in chunked.layers] == [(s.heads, s.neurons) for s in whole.layers]
+    for a, b in zip(chunked.layers, whole.layers, strict=True):
+        for name in ("head_scales", "neuron_scales"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-5))
+    assert largest.numel < sample.batches[0]["input_ids"].numel() * vocab <= before.numel
+
+
+def test_recomputed_layers_give_the_same_fisher_gradients(monkeypatch):
+    """A causal LM's Fisher pass recomputes each layer's intermediates in the backward pass
+    (LayerRunner.recomputed_layers): the per-batch mask gradients equal those of a plain backward
+    pass, and the model gets its own layers back."""
+    import contextlib
+
+    from builders import lm_windows, tiny_causal_lm
+
+    from prunekit.methods.layerwise import LayerRunner
+
+    model, sample = tiny_causal_lm(), lm_windows()
+    layers = list(get_adapter(model).layers())
+    recomputed = kwon_fisher(get_adapter(model), TaskData(kind="lm", sample=sample))
+    assert list(get_adapter(model).layers()) == layers
+    monkeypatch.setattr(LayerRunner, "recomputed_layers", lambda self: contextlib.nullcontext())
+    stored = kwon_fisher(get_adapter(model), TaskData(kind="lm", sample=sample))
+    for mine, theirs in ((recomputed.heads, stored.heads), (recomputed.neurons, stored.neurons)):
+        for layer in mine:
+            assert torch.allclose(mine[layer], theirs[layer], atol=1e-6, rtol=0)

@@ -241,6 +241,23 @@ class LayerShape:
         return data
 
 
+@dataclass(frozen=True)
+class CausalLmParts:
+    """A causal LM split where its logits are made, so that callers can make them a few positions
+    at a time: ``body`` is the model without its output head, whose first output is the final
+    hidden states (B, T, d) (the final norm applied), and ``head`` maps hidden states (..., d) to
+    logits (..., V). The whole (B, T, V) tensor of logits then never has to exist: at a vocabulary
+    of 49,152 it is 0.8 GB for 4,096 tokens in float32, more than a 135 M-parameter model."""
+
+    body: nn.Module
+    head: nn.Module
+
+    def final_hidden(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, d) for the model's inputs (input_ids, attention_mask).
+        No key/value cache: nothing generates after this pass."""
+        return self.body(**inputs, use_cache=False)[0]
+
+
 class ModelAdapter(ABC):
     """Base class of the per-family adapters. Subclasses fill in the module-name methods.
 
@@ -414,6 +431,21 @@ class ModelAdapter(ABC):
         """The linears after the encoder whose input is the residual stream (pooler, task head);
         only their input columns follow a hidden narrowing, their outputs keep their width."""
         ...
+
+    @classmethod
+    def causal_lm_parts(cls, model: nn.Module) -> CausalLmParts:
+        """``model`` (a causal LM of this family, in working form or stock) split into its body and
+        its output head (:class:`CausalLmParts`). A classmethod: it reads the model, never changes
+        it, so evaluation can split a model it does not own.
+
+        The same for every decoder family prunekit has: Hugging Face's ``*ForCausalLM`` runs its
+        base model and applies the output head to the first output, nothing else (no logit scaling
+        or soft-capping; a family whose head does more overrides this). ValueError for a model
+        without a causal LM head."""
+        causal = cls.model_classes.get("causal_lm")
+        if causal is None or not isinstance(model, causal):
+            raise ValueError(f"{type(model).__name__} is not a causal LM of the {cls.family or cls.__name__} family")
+        return CausalLmParts(body=model.base_model, head=model.get_output_embeddings())
 
     def call_layer(self, block: nn.Module, hidden: torch.Tensor) -> Any:
         """Run one layer module on its input hidden states (B, T, d) alone, outside the model's

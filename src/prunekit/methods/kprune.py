@@ -66,7 +66,7 @@ from prunekit.core.memory import MemoryPolicy, memory_policy
 from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan, prune_heads, prune_neurons
 from prunekit.core.view import ModelAdapter, SublayerKind
-from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
+from prunekit.methods.layerwise import LayerRunner, capture_residual
 from prunekit.methods.lut import per_unit_costs
 from prunekit.tasks.losses import DEFAULT_LM_TOP_K, TASK_KINDS, distill_loss, sampled_nll, teacher_targets
 from prunekit.tasks.task_data import TaskData
@@ -345,8 +345,9 @@ def _calibrate(t_runner, runner, sample, kind, config, memory: MemoryPolicy) -> 
     generator = _sampling_generator(kind, config, batches)
     with torch.no_grad():
         targets = [
-            teacher_targets(kind, t_runner.model(**model_inputs(b)), config.temperature, b["attention_mask"],
-                            config.mask_padding, _p_mask(b, config), top_k=config.top_k, generator=generator)
+            teacher_targets(kind, t_runner.outputs_from(0, None, b, kind), config.temperature,
+                            b["attention_mask"], config.mask_padding, _p_mask(b, config), top_k=config.top_k,
+                            generator=generator)
             for b in tqdm(batches, desc="kprune: teacher outputs", leave=False)
         ]
         inputs = _BatchStore(masks)
@@ -673,7 +674,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                 total=len(batches), leave=False,
             ):
                 current["mask"] = mask
-                outputs = runner.forward_from(layer, h, batch)
+                outputs = runner.outputs_from(layer, h, batch, kind)
                 if config.predictive == "fisher":
                     loss = sampled_nll(outputs, target, config.temperature, batch["attention_mask"])
                 else:

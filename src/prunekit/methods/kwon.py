@@ -38,12 +38,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.core.accounting import (
@@ -62,7 +61,7 @@ from prunekit.core.view import ModelAdapter, unit_columns
 from prunekit.methods.layerwise import LayerRunner, capture_residual, model_inputs
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
 from prunekit.methods.search import SublayerId, full_widths, knapsack_search, params_costs, total_cost
-from prunekit.tasks.losses import TASK_KINDS
+from prunekit.tasks.losses import TASK_KINDS, next_token_loss
 from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def kwon(adapter: ModelAdapter, data: TaskData, config: KwonConfig) -> tuple[Pru
     model = adapter.model
     seq_len = config.seq_len or sample.mean_length
     costs, budget_of, full = _budget(adapter, seq_len, config)
-    fisher = prepared if prepared is not None else _fisher(adapter, sample, config.fisher_rows)
+    fisher = prepared if prepared is not None else _fisher(adapter, sample, kind, config.fisher_rows)
     _check_fisher(fisher, adapter, sample, config.fisher_rows)
     scores = fisher.scores()
 
@@ -197,8 +196,9 @@ def _budget(adapter: ModelAdapter, seq_len: float, config: KwonConfig):
 
 
 # ---- 1. Fisher information (§3.2) ------------------------------------------------------------------
-def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own task loss with the batch's ground-truth labels (``outputs.loss``)."""
+def _task_loss(runner: LayerRunner, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The model's own task loss with the batch's ground-truth labels (``outputs.loss``); a causal
+    LM's is computed a chunk of positions at a time (``next_token_loss``), its logits never whole."""
     labels = {key: batch[key] for key in LABEL_KEYS if key in batch}
     if not labels:
         raise ConfigError("Kwon et al.'s Fisher information needs labels, but the calibration batches have none; "
@@ -206,14 +206,16 @@ def _task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     if "labels" in labels and labels["labels"].shape == batch["input_ids"].shape and "attention_mask" in batch:
         # Token labels (causal LM): padding positions are no targets (-100 is the loss's ignore index).
         labels["labels"] = labels["labels"].masked_fill(batch["attention_mask"] == 0, -100)
-    return model(**model_inputs(batch), **labels).loss
+    if kind == "lm":
+        return next_token_loss(runner.outputs_from(0, None, batch, kind), labels["labels"])
+    return runner.model(**model_inputs(batch), **labels).loss
 
 
 def kwon_fisher(adapter: ModelAdapter, data: TaskData, config: KwonConfig | None = None
                 ) -> FisherGradients:
     """Step 1, reusable across budgets (``data.prepared``): per-batch gradients of the task loss
     with respect to an all-ones mask on every head (H,) and FFN neuron (d_ff,) of every layer."""
-    return _fisher(adapter, data.sample, config.fisher_rows if config is not None else None)
+    return _fisher(adapter, data.sample, data.kind, config.fisher_rows if config is not None else None)
 
 
 def _row_chunks(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
@@ -224,16 +226,20 @@ def _row_chunks(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[s
     return [{key: value[start : start + rows] for key, value in batch.items()} for start in range(0, size, rows)]
 
 
-def _fisher(adapter: ModelAdapter, sample: Any, rows: int | None = None) -> FisherGradients:
+def _fisher(adapter: ModelAdapter, sample: Any, kind: str, rows: int | None = None) -> FisherGradients:
     model = adapter.model
+    runner = LayerRunner(model, adapter)
     start = time.perf_counter()
     head_masks, neuron_masks = full_masks(adapter, requires_grad=True)
     heads: dict[int, list[torch.Tensor]] = {layer: [] for layer in head_masks}
     neurons: dict[int, list[torch.Tensor]] = {layer: [] for layer in neuron_masks}
-    with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks):
+    # A causal LM's backward pass through every layer would hold every layer's intermediates, 7 GB
+    # for 4,096 tokens of SmolLM2-135M: its layers recompute them instead (the mask hooks only scale).
+    recomputed = runner.recomputed_layers() if kind == "lm" else nullcontext()
+    with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks), recomputed:
         for batch in tqdm(sample.batches, desc="kwon: Fisher information", leave=False):
             for chunk in _row_chunks(batch, rows):
-                _task_loss(model, chunk).backward()  # a mean loss: one gradient per batch (P8) or chunk
+                _task_loss(runner, chunk, kind).backward()  # a mean loss: one gradient per batch (P8) or chunk
                 for store, masks in ((heads, head_masks), (neurons, neuron_masks)):
                     for layer, mask in masks.items():
                         store[layer].append(mask.grad.detach().float().cpu())

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prunekit.core.view import ModelAdapter, SublayerKind
+from prunekit.tasks.losses import LmOutputs
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -44,6 +46,27 @@ class _Inject(nn.Module):
         return self.value
 
 
+class _Recomputed(nn.Module):
+    """A layer run under ``torch.utils.checkpoint``: its intermediate tensors are made again in the
+    backward pass instead of kept from the forward pass. Other attributes are the layer's (the
+    model's forward may read some, e.g. a layer's attention type)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.layer, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.layer(*args, **kwargs)
+        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
 class LayerRunner:
     """Feeds cached hidden states into layer ``l`` of a model and runs from there."""
 
@@ -67,11 +90,43 @@ class LayerRunner:
             for i, module in enumerate(saved):
                 layers[i] = module
 
+    @contextmanager
+    def recomputed_layers(self) -> Iterator[None]:
+        """Inside the block, a backward pass keeps each layer's input and not its intermediate
+        tensors, which it makes again, one layer at a time (one more forward pass of the model):
+        memory of L layer inputs plus one layer's intermediates instead of L layers' (a causal LM's
+        FFN and attention intermediates are ~25 times its hidden size per token and layer: 7 GB for
+        4,096 tokens through SmolLM2-135M's 30 layers). The same gradients. Only for passes whose
+        hooks compute without counting: they fire again in the recomputation."""
+        layers = self.adapter.layers()
+        saved = list(layers)
+        try:
+            for i, module in enumerate(saved):
+                layers[i] = _Recomputed(module)
+            yield
+        finally:
+            for i, module in enumerate(saved):
+                layers[i] = module
+
     def forward_from(self, layer: int, hidden: torch.Tensor | None, batch: Mapping[str, torch.Tensor]) -> Any:
         """The model's full output, computed from ``hidden`` at the input of ``layer``."""
         with self.starting_at(layer) as inject:
             inject.value = hidden
             return self.model(**model_inputs(batch))
+
+    def outputs_from(self, layer: int, hidden: torch.Tensor | None, batch: Mapping[str, torch.Tensor],
+                     kind: str) -> Any:
+        """What the loss of task kind ``kind`` reads (``prunekit.tasks.losses``), computed from
+        ``hidden`` at the input of ``layer`` (layer 0: from the embeddings, ``hidden`` unused): the
+        model's own output, except for a causal LM ("lm"), whose logits (tokens x vocabulary) are
+        not made here: its final hidden states and output head (``LmOutputs``), from which the
+        losses make them a chunk of positions at a time."""
+        if kind != "lm":
+            return self.forward_from(layer, hidden, batch)
+        parts = self.adapter.causal_lm_parts(self.model)
+        with self.starting_at(layer) as inject:
+            inject.value = hidden
+            return LmOutputs(parts.final_hidden(**model_inputs(batch)), parts.head)
 
     def layer_input(self, layer: int, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The input of ``layer`` for ``batch``, computed from the embeddings (B, T, d)."""

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from prunekit.core.errors import ConfigError, DataError
+from prunekit.core.errors import ConfigError, DataError, ModelError
+from prunekit.families import adapter_class
 from prunekit.tasks.calibration import CalibrationSample
+from prunekit.tasks.losses import LmOutputs, next_token_nll
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +201,15 @@ def build_lm_calibration_sample(
     return sample
 
 
+def _causal_lm_parts(model: torch.nn.Module) -> Any:
+    """The body and output head of a causal LM prunekit has an adapter for (read, not changed);
+    None for any other model, which is then run whole (its head may do more than a linear map)."""
+    try:
+        return adapter_class(model).causal_lm_parts(model)
+    except (ModelError, ValueError):
+        return None
+
+
 def _windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, scored) per window: tokens [begin, end) go in, the last ``scored`` are scored."""
     spans = []
@@ -244,11 +255,15 @@ def perplexity(
             groups[-1].append(span)
         else:
             groups.append([span])
+    parts = _causal_lm_parts(model)
     for group in tqdm(groups, desc=desc, leave=False):
         input_ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)  # (B, T)
-        logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        if parts is not None:  # the logits made a chunk of positions at a time
+            nll = next_token_nll(LmOutputs(parts.final_hidden(input_ids=input_ids), parts.head), input_ids)
+        else:
+            logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         for row, (begin, end, scored) in enumerate(group):
             count = min(scored, end - begin - 1)  # the window's first token has no prediction
             total_nll += float(nll[row, nll.shape[1] - count :].double().sum())
