@@ -8,7 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import view
-from llm_builders import D, D_FF, D_H, H, VARIANTS, assert_reloads, build, lm_sample, logits, masked_logits, run
+from llm_builders import (
+    D_FF,
+    D_H,
+    VARIANTS,
+    D,
+    H,
+    assert_reloads,
+    build,
+    lm_sample,
+    logits,
+    masked_logits,
+    run,
+)
 
 import prunekit
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
