@@ -27,11 +27,11 @@ from prunekit.core.accounting import count_flops, count_non_embedding_params, fu
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks
 from prunekit.methods import get_method
-from prunekit.methods.activations import output_input_stats
+from prunekit.methods.activations import output_input_stats, uniform_ratio
 from prunekit.methods.layerwise import model_inputs
 from prunekit.methods.lut import LatencyTable
 from prunekit.methods.search import SublayerCost, full_widths
-from prunekit.methods.wanda_sp import WandaSpConfig, uniform_ratio, wanda_scores, wanda_sp
+from prunekit.methods.wanda_sp import WandaSpConfig, wanda_scores, wanda_sp
 
 ATOL = 1e-5
 
@@ -72,7 +72,8 @@ def test_a_latency_budget_is_met_with_the_table():
                          head_dim=D_H, num_heads=H, intermediate_size=D_FF, batch_size=1, seq_len=8, device="cpu",
                          threads=1)
     costs = table.costs(view(teacher))
-    _, counts = uniform_ratio(view(teacher), costs, 0.5 * sum(costs[k](n) for k, n in full_widths(view(teacher)).items()))
+    half = 0.5 * sum(costs[key](n) for key, n in full_widths(view(teacher)).items())
+    _, counts = uniform_ratio(view(teacher), costs, half, "wanda_sp")
     assert counts["attn"] < H and counts["ffn"] < D_FF
 
 
@@ -80,7 +81,7 @@ def test_the_ratio_is_the_smallest_that_fits():
     teacher = build("llama")
     costs = {(kind, layer): SublayerCost(slope=1.0) for layer in range(4) for kind in ("attn", "ffn")}
     # Per layer 2 heads + 19 neurons fit (p = 0.5); any smaller p keeps 3 heads and overshoots.
-    ratio, counts = uniform_ratio(view(teacher), costs, budget=4 * (2 + 19))
+    ratio, counts = uniform_ratio(view(teacher), costs, 4 * (2 + 19), "wanda_sp")
     assert counts == {"attn": 2, "ffn": 19}
     assert ratio == pytest.approx(0.5, abs=1e-9)
 

@@ -30,6 +30,7 @@ from prunekit.methods.cofi import CofiConfig, cofi, cofi_report_fields
 from prunekit.methods.flap import FlapConfig, flap
 from prunekit.methods.kprune import KpruneConfig, kprune, kprune_prepare
 from prunekit.methods.kwon import KwonConfig, kwon, kwon_fisher
+from prunekit.methods.llm_pruner import LlmPrunerConfig, llm_pruner
 from prunekit.methods.shortgpt import ShortGptConfig, shortgpt
 from prunekit.methods.wanda_sp import WandaSpConfig, wanda_sp
 
@@ -91,6 +92,10 @@ METHODS: dict[str, MethodSpec] = {
     "wanda_sp": MethodSpec(
         "wanda_sp", WandaSpConfig, wanda_sp, sample_size={"num_sequences": 128},
         description="Wanda-sp (FLAP's baseline): |W|·‖X‖ per head and neuron, one ratio in every layer",
+    ),
+    "llm_pruner": MethodSpec(
+        "llm_pruner", LlmPrunerConfig, llm_pruner, needs_labels=True, sample_size={"num_sequences": 10},
+        description="LLM-Pruner (NeurIPS 2023) without LoRA: first-order Taylor importance of coupled groups",
     ),
     "shortgpt": MethodSpec(
         "shortgpt", ShortGptConfig, shortgpt, sample_size={"num_sequences": 128},

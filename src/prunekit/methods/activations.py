@@ -12,6 +12,7 @@ exactly (Chan et al.'s parallel variance), whatever the batch sizes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from prunekit.core.accounting import (
     params_unit_budget,
     query_and_neuron_budget,
 )
+from prunekit.core.errors import ConfigError
 from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter, SublayerKind
@@ -71,6 +73,42 @@ def unit_budget(adapter: ModelAdapter, sample: Any, config: BudgetConfig
     kv = 0.0 if config.keep_latency is not None else kv_head_flops(per_unit_costs(adapter, seq_len), adapter)
     full = total_cost(costs, full_widths(adapter)) + kv
     return costs, query_and_neuron_budget(config.keep, full, kv), seq_len
+
+
+def uniform_ratio(adapter: ModelAdapter, costs: dict[SublayerId, SublayerCost], budget: float, method: str,
+                  layers: set[int] | None = None) -> tuple[float, dict[str, int]]:
+    """The smallest pruning ratio p whose widths (ceil((1 − p)·H) query heads and ceil((1 − p)·d_ff)
+    neurons in each of ``layers``, the other layers whole; None: every layer) cost at most
+    ``budget``, by bisection; returns p and the kept counts per unit type ("attn", "ffn"). A
+    ConfigError names ``method`` when even p = 1 does not fit."""
+    heads, neurons = adapter.full_num_heads, adapter.full_intermediate_size
+    pruned = set(range(adapter.num_layers)) if layers is None else layers
+
+    def counts(p: float) -> dict[str, int]:
+        # A hair below the ceiling's step, so that a whole (1 - p)·n is not rounded up by float error.
+        return {"attn": math.ceil((1.0 - p) * heads - 1e-9), "ffn": math.ceil((1.0 - p) * neurons - 1e-9)}
+
+    def cost(p: float) -> float:
+        c = counts(p)
+        full = {"attn": heads, "ffn": neurons}
+        return total_cost(costs, {key: c[key[0]] if key[1] in pruned else full[key[0]] for key in costs})
+
+    if cost(0.0) <= budget:
+        return 0.0, counts(0.0)
+    if cost(1.0) > budget:
+        kept_whole = adapter.num_layers - len(pruned)
+        raise ConfigError(f"{method} cannot meet the budget: even with no heads and neurons in the layers it prunes "
+                          f"the units cost {cost(1.0):.4g} against {budget:.4g} left for them"
+                          + (f" ({kept_whole} layers are left whole)" if kept_whole else "")
+                          + "; give a larger budget")
+    low, high = 0.0, 1.0  # cost(low) > budget >= cost(high)
+    for _ in range(60):
+        mid = (low + high) / 2
+        if cost(mid) <= budget:
+            high = mid
+        else:
+            low = mid
+    return high, counts(high)
 
 
 def plan_of(adapter: ModelAdapter, keep: Mapping[SublayerId, torch.Tensor]) -> PruningPlan:

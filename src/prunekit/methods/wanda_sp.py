@@ -31,18 +31,23 @@ Where FLAP's reference code (``prune_wanda_sp`` in CASIA-IVA-Lab/FLAP ``lib/prun
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.view import ModelAdapter
-from prunekit.methods.activations import BudgetConfig, ChannelStats, output_input_stats, plan_of, unit_budget
+from prunekit.methods.activations import (
+    BudgetConfig,
+    ChannelStats,
+    output_input_stats,
+    plan_of,
+    uniform_ratio,
+    unit_budget,
+)
 from prunekit.methods.layerwise import LayerRunner
-from prunekit.methods.search import SublayerCost, SublayerId, total_cost
+from prunekit.methods.search import SublayerId, total_cost
 from prunekit.tasks.task_data import TaskData
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,7 @@ def wanda_sp(adapter: ModelAdapter, data: TaskData, config: WandaSpConfig) -> tu
     """The Wanda-sp plan under the budget, and a log; the teacher is left unchanged (masks are
     hooks, removed after each layer's pass)."""
     costs, budget, seq_len = unit_budget(adapter, data.sample, config)
-    ratio, counts = uniform_ratio(adapter, costs, budget)
+    ratio, counts = uniform_ratio(adapter, costs, budget, "wanda_sp")
     keep: dict[SublayerId, torch.Tensor] = {}
     runner = LayerRunner(adapter.model, adapter)
     batches = data.sample.batches
@@ -83,35 +88,6 @@ def wanda_sp(adapter: ModelAdapter, data: TaskData, config: WandaSpConfig) -> tu
     return plan_of(adapter, keep), {"config": asdict(config), "seq_len": seq_len, "budget_kind": config.budget_kind,
                                     "budget": budget, "pruning_ratio": ratio, "kept_per_layer": counts,
                                     "search": {"cost": result_cost}}
-
-
-def uniform_ratio(adapter: ModelAdapter, costs: dict[SublayerId, SublayerCost], budget: float
-                  ) -> tuple[float, dict[str, int]]:
-    """Step 1: the smallest pruning ratio p whose widths (ceil((1 − p)·H) heads, ceil((1 − p)·d_ff)
-    neurons in every layer) cost at most ``budget``; returns p and the kept counts per type."""
-    heads, neurons = adapter.full_num_heads, adapter.full_intermediate_size
-
-    def counts(p: float) -> dict[str, int]:
-        # A hair below the ceiling's step, so that (1 - p) * n exactly whole is not rounded up by float error.
-        return {"attn": math.ceil((1.0 - p) * heads - 1e-9), "ffn": math.ceil((1.0 - p) * neurons - 1e-9)}
-
-    def cost(p: float) -> float:
-        c = counts(p)
-        return total_cost(costs, {key: c[key[0]] for key in costs})
-
-    if cost(0.0) <= budget:
-        return 0.0, counts(0.0)
-    if budget < 0 or cost(1.0) > budget:
-        raise ConfigError(f"wanda_sp cannot meet the budget: even with no heads and neurons the units cost "
-                          f"{cost(1.0):.4g} against {budget:.4g} left for them; give a larger budget")
-    low, high = 0.0, 1.0  # cost(low) > budget >= cost(high)
-    for _ in range(60):
-        mid = (low + high) / 2
-        if cost(mid) <= budget:
-            high = mid
-        else:
-            low = mid
-    return high, counts(high)
 
 
 def wanda_scores(adapter: ModelAdapter, layer: int, kind: str, channel: ChannelStats) -> torch.Tensor:
