@@ -22,6 +22,7 @@ from prunekit.io.folders import load_plan, save_plan
 from prunekit.methods import get_method
 from prunekit.methods.activations import ChannelStats
 from prunekit.methods.flap import FlapConfig, flap, fluctuation
+from prunekit.tasks import TaskData
 
 ATOL = 1e-5
 
@@ -87,7 +88,6 @@ def test_an_encoder_prunes_with_compensation(make_model, make_sample):
     sample = make_sample("bert")
     adapter = view(teacher)
     from prunekit.core.surgery import apply_plan
-    from prunekit.tasks import TaskData
 
     plan, _ = flap(adapter, TaskData(kind="classification", sample=sample), FlapConfig(keep_flops=0.5))
     pruned = apply_plan(adapter.of(copy.deepcopy(teacher)), plan)
@@ -118,3 +118,17 @@ def test_flap_is_registered_and_refuses_bad_options():
         FlapConfig(attention_power=0.0)
     with pytest.raises(ConfigError, match="keep_params"):
         FlapConfig(keep_params=1.5)
+
+
+def test_uniform_drops_the_biases_the_stock_config_cannot_hold(tmp_path):
+    from prunekit.core.uniform import uniform_plan
+    from prunekit.io.folders import load_pruned, save_pruned
+
+    teacher = build("llama")
+    plan, _ = flap(view(teacher), TaskData(kind="lm", sample=lm_sample()), FlapConfig(keep_params=0.7))
+    uniform, log = uniform_plan(view(teacher), plan, keep=0.7)
+    assert log["biases_dropped"] > 0
+    assert all(step.attention_out_bias is None and step.ffn_out_bias is None for step in uniform.layers)
+    pruned = prunekit.apply_plan(teacher, uniform, force=True)
+    save_pruned(pruned, tmp_path / "out", uniform=True)
+    assert type(load_pruned(tmp_path / "out")).__name__ == "LlamaForCausalLM"
