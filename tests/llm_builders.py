@@ -122,3 +122,46 @@ def assert_reloads(pruned: nn.Module, folder: Path, plan: PruningPlan, batch: di
         assert get_adapter(copy.deepcopy(model)).layer_shapes() == shapes
         torch.testing.assert_close(logits(model, batch), expected, atol=atol, rtol=0)
     return models
+
+
+def encoder_run(method, config, family: str, num_layers: int = 3):
+    """The method on a tiny labelled ``family`` classifier (BERT, RoBERTa, DistilBERT): the plan, the
+    pruned model, the teacher and its sample (padded, with 3-class labels)."""
+    from builders import labelled_sample
+    from conftest import VOCAB as ENCODER_VOCAB
+    from conftest import build_tiny_model
+
+    teacher = build_tiny_model(family, "classification", num_layers=num_layers)
+    pad = 1 if family == "roberta" else 0
+    sample = labelled_sample(ENCODER_VOCAB, low=2, pad=pad)
+    if family == "distilbert":
+        for batch in sample.batches:
+            batch.pop("token_type_ids", None)
+    adapter = view(teacher)
+    plan, _ = method(adapter, TaskData(kind="classification", sample=sample), config)
+    pruned = apply_plan(adapter.of(copy.deepcopy(teacher)), plan)
+    return plan, pruned, teacher, sample
+
+
+def encoder_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def encoder_masked(teacher: nn.Module, plan: PruningPlan, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`masked_logits` for an encoder classifier."""
+    adapter = view(teacher)
+    heads, neurons = plan.masks(adapter)
+    handles = []
+    for layer, step in enumerate(plan.layers):
+        for kind, bias in (("attn", step.attention_out_bias), ("ffn", step.ffn_out_bias)):
+            if bias is not None:
+                out = adapter.sublayer(layer, kind).output
+                delta = bias.to(out.weight) - (out.bias.detach() if out.bias is not None else 0.0)
+                handles.append(out.register_forward_hook(lambda m, a, o, delta=delta: o + delta))
+    try:
+        with apply_masks(get_adapter(teacher), heads, neurons):
+            return encoder_logits(teacher, batch)
+    finally:
+        for handle in handles:
+            handle.remove()

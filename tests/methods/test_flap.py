@@ -13,7 +13,18 @@ import sys
 import pytest
 import torch
 from builders import WITHOUT_PRUNEKIT, view
-from llm_builders import VARIANTS, assert_reloads, build, lm_sample, logits, masked_logits, run
+from llm_builders import (
+    VARIANTS,
+    assert_reloads,
+    build,
+    encoder_logits,
+    encoder_masked,
+    encoder_run,
+    lm_sample,
+    logits,
+    masked_logits,
+    run,
+)
 
 import prunekit
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
@@ -132,3 +143,13 @@ def test_uniform_drops_the_biases_the_stock_config_cannot_hold(tmp_path):
     pruned = prunekit.apply_plan(teacher, uniform, force=True)
     save_pruned(pruned, tmp_path / "out", uniform=True)
     assert type(load_pruned(tmp_path / "out")).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoders_meet_the_budget_and_equal_the_masked_teacher(family):
+    plan, pruned, teacher, sample = encoder_run(flap, FlapConfig(keep_flops=0.5), family)
+    seq = sample.mean_length
+    assert count_flops(view(pruned), seq) <= 0.5 * full_flops(view(teacher), seq) * (1 + 1e-9)
+    for batch in sample.batches:
+        torch.testing.assert_close(encoder_logits(pruned, batch), encoder_masked(teacher, plan, batch),
+                                   atol=ATOL, rtol=0)

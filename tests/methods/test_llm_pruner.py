@@ -10,7 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import view
-from llm_builders import LAYERS, VARIANTS, assert_reloads, build, lm_sample, logits, masked_logits, run
+from llm_builders import (
+    LAYERS,
+    VARIANTS,
+    assert_reloads,
+    build,
+    encoder_run,
+    lm_sample,
+    logits,
+    masked_logits,
+    run,
+)
 
 import prunekit
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
@@ -87,3 +97,12 @@ def test_refuses_what_it_cannot_serve():
     # With the ends whole the middle layers cannot shed 90% of the model.
     with pytest.raises(ConfigError, match="cannot meet the budget"):
         run(llm_pruner, LlmPrunerConfig(keep_params=0.1), build("llama"))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoders_use_the_task_loss(family):
+    plan, pruned, teacher, sample = encoder_run(llm_pruner, LlmPrunerConfig(keep_flops=0.8, protected_first=0,
+                                                                            protected_last=1), family)
+    seq = sample.mean_length
+    assert count_flops(view(pruned), seq) <= 0.8 * full_flops(view(teacher), seq) * (1 + 1e-9)
+    assert plan.layers[2].heads is None and plan.layers[0].heads is not None

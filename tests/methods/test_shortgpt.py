@@ -12,7 +12,17 @@ import json
 import pytest
 import torch
 from builders import view
-from llm_builders import LAYERS, VARIANTS, assert_reloads, build, lm_sample, logits, run
+from llm_builders import (
+    LAYERS,
+    VARIANTS,
+    assert_reloads,
+    build,
+    encoder_logits,
+    encoder_run,
+    lm_sample,
+    logits,
+    run,
+)
 
 import prunekit
 from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
@@ -102,3 +112,13 @@ def test_registered_and_takes_every_budget_kind():
     assert spec.make_config(keep_params=0.75).budget_kind == "params"
     with pytest.raises(ConfigError, match="latency table"):
         ShortGptConfig(keep_latency=0.5)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoders_lose_whole_layers(family):
+    plan, pruned, teacher, sample = encoder_run(shortgpt, ShortGptConfig(keep_flops=0.7), family)
+    removed = [i for i, step in enumerate(plan.layers) if step.layer_removed]
+    assert removed and view(pruned).num_layers == 3 - len(removed)
+    expected = identity_layers(teacher, removed)
+    for batch in sample.batches:
+        torch.testing.assert_close(encoder_logits(pruned, batch), encoder_logits(expected, batch), atol=ATOL, rtol=0)

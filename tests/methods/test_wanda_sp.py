@@ -16,6 +16,8 @@ from llm_builders import (
     H,
     assert_reloads,
     build,
+    encoder_logits,
+    encoder_run,
     lm_sample,
     logits,
     masked_logits,
@@ -116,3 +118,10 @@ def test_registered_and_refuses_what_it_cannot_serve():
         WandaSpConfig(keep_latency=0.5)
     with pytest.raises(ConfigError, match="no option"):
         get_method("wanda_sp").make_config(power=2)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoders_meet_the_budget(family):
+    plan, pruned, teacher, sample = encoder_run(wanda_sp, WandaSpConfig(keep_params=0.6), family)
+    assert count_non_embedding_params(view(pruned)) <= 0.6 * count_non_embedding_params(view(teacher))
+    assert encoder_logits(pruned, sample.batches[0]).isfinite().all()
