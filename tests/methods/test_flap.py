@@ -153,3 +153,21 @@ def test_encoders_meet_the_budget_and_equal_the_masked_teacher(family):
     for batch in sample.batches:
         torch.testing.assert_close(encoder_logits(pruned, batch), encoder_masked(teacher, plan, batch),
                                    atol=ATOL, rtol=0)
+
+
+def test_a_latency_budget_is_met_in_the_tables_measure(tmp_path):
+    from llm_builders import D_FF, D_H, D, H
+
+    from prunekit.methods.lut import LatencyTable
+    from prunekit.methods.search import current_widths, full_widths, total_cost
+
+    table = LatencyTable(attn_units=list(range(H + 1)), attn_ms=[0.0, 1.0, 1.5, 2.0, 2.5],
+                         ffn_units=[0, 10, 20, 30, D_FF], ffn_ms=[0.0, 1.2, 2.0, 2.6, 3.0], hidden_size=D,
+                         head_dim=D_H, num_heads=H, intermediate_size=D_FF, batch_size=1, seq_len=8, device="cpu",
+                         threads=1)
+    table.save(tmp_path / "lut.json")
+    teacher = build("llama")
+    plan, log, pruned = run(flap, FlapConfig(keep_latency=0.6, lut=str(tmp_path / "lut.json")), teacher)
+    costs = table.costs(view(teacher))
+    kept = total_cost(costs, current_widths(view(pruned)))
+    assert kept <= 0.6 * total_cost(costs, full_widths(view(teacher))) * (1 + 1e-9)

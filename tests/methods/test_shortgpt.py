@@ -122,3 +122,23 @@ def test_encoders_lose_whole_layers(family):
     expected = identity_layers(teacher, removed)
     for batch in sample.batches:
         torch.testing.assert_close(encoder_logits(pruned, batch), encoder_logits(expected, batch), atol=ATOL, rtol=0)
+
+
+def test_a_model_whose_layers_depend_on_their_index_is_refused():
+    teacher = build("gpt2")
+    teacher.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
+        run(shortgpt, ShortGptConfig(keep_flops=0.7), teacher)
+
+
+def test_a_latency_budget_prices_each_layer_from_the_table(tmp_path):
+    from llm_builders import D_FF, D_H, D, H
+
+    from prunekit.methods.lut import LatencyTable
+
+    table = LatencyTable(attn_units=list(range(H + 1)), attn_ms=[0.0, 1.0, 1.5, 2.0, 2.5], ffn_units=[0, D_FF],
+                         ffn_ms=[0.0, 3.0], hidden_size=D, head_dim=D_H, num_heads=H, intermediate_size=D_FF,
+                         batch_size=1, seq_len=8, device="cpu", threads=1)
+    table.save(tmp_path / "lut.json")
+    plan, log, pruned = run(shortgpt, ShortGptConfig(keep_latency=0.6, lut=str(tmp_path / "lut.json")), build("llama"))
+    assert log["removed_layers"] and log["reached"] == pytest.approx(0.5)  # 5.5 ms per layer: 2 of 4 go

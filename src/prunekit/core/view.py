@@ -567,12 +567,19 @@ class ModelAdapter(ABC):
         projection = "out" if kind == "attn" else "down"
         return not self.facts.has_bias(projection) and self.sublayer_bias(layer, kind) is not None
 
+    def layer_removal_blocker(self) -> str | None:
+        """Why whole layers cannot leave this model (a layer whose computation depends on its index),
+        or None: they can."""
+        return None
+
     def drop_layers(self, keep: list[int]) -> None:
         """Keep only the layers ``keep`` (sorted indices into the current layers), in place: the
         others leave the model (ShortGPT's block removal) and the kept ones are renumbered
         0..len(keep)-1 wherever a module records its index (``layer_idx``: the key/value cache
         slot), with the config's layer count and per-layer ``layer_types`` cut to match, so that
         the model is its stock architecture with fewer layers. At least one layer must stay."""
+        if (reason := self.layer_removal_blocker()) is not None:
+            raise ValueError(reason)
         layers = self.layers()
         count = len(layers)
         if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= count:

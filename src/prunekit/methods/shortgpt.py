@@ -61,6 +61,8 @@ class ShortGptConfig(BudgetConfig):
 def shortgpt(adapter: ModelAdapter, data: TaskData, config: ShortGptConfig) -> tuple[PruningPlan, dict]:
     """The plan removing whole layers under the budget (saved as the stock class), and a log;
     the teacher is left unchanged."""
+    if (reason := adapter.layer_removal_blocker()) is not None:
+        raise ConfigError(f"shortgpt cannot prune this model: {reason}")
     influence = block_influence(adapter, data.sample)
     costs, total, seq_len = layer_costs(adapter, data.sample, config)
     order = sorted(range(adapter.num_layers), key=lambda layer: (influence[layer], layer))  # least influence first
