@@ -22,11 +22,14 @@ The algorithm, as this file runs it:
    (Llama, Mistral, Qwen, OPT with ``enable_bias=false``) gets one, recorded in ``prunekit_layers``
    so that every load path (prunekit, the Auto classes, remote code) builds it.
 
-Figures (paper, no fine-tuning, WikiText-2 perplexity at 128 tokens): LLaMA-7B dense 12.62; 20%
-of parameters removed: FLAP 17.0, Wanda-sp 21.4, LLM-Pruner 19.1 (the decoders.md table: 16.14 for
-FLAP at 20% in its repository's README); on Llama-2-7B at 20% and a 1024 window FLAP 10.3,
-Wanda-sp 10.6, LLM-Pruner 17.5. The paper calibrates on 1024 WikiText-2 samples of 128 tokens
-(the repository's scripts: ``--nsamples 1024``); it reports 3-5 minutes for a 7B model on one GPU.
+Figures (no fine-tuning, WikiText-2 perplexity; from ../shared/specs/decoders.md, which read the
+papers and repositories): LLaMA-7B at 20% of parameters removed 12.62 → 16.14 (window 128, the
+repository's README figure); Llama-2-7B at 20% / 40%, window 1024: FLAP 10.3 / 38.9 against
+Wanda-sp 10.6 / 43.8 and LLM-Pruner 17.5 / 51.1 (average zero-shot 61.4 / 54.9, dense 64.0);
+Llama-3.1-8B at 20 / 30 / 50%, window 128: 19.32 / 24.50 / 42.86. The repository's LLaMA-7B
+recipe (``scripts/llama_7b.sh``) calibrates on 1024 WikiText-2 samples (``--nsamples 1024``) and
+runs with ``--unstr`` (weights masked in place, not cut: the same function); 3-5 minutes for a 7B
+model on one GPU.
 
 Where the reference code (CASIA-IVA-Lab/FLAP, ``lib/prune.py``, ``lib/layerwrapper.py``) and the
 paper differ, and what prunekit does:

@@ -22,11 +22,13 @@ The algorithm, as this file runs it:
    ``protected_last``; default the reference's LLaMA-7B recipe scaled to the depth: layers 4..29 of
    32 pruned, so round(L/8) first and round(L/16) last layers, at least one each, are kept whole).
 
-Figures (paper, LLaMA-7B, 20% of parameters removed, WikiText-2 perplexity at 128 tokens, dense
-12.62): element-wise 19.09 without tuning, 17.37 with LoRA (vector-wise 22.28 / 17.58); average
-zero-shot accuracy 56.7 without tuning, 59.2 with LoRA (dense 63.3). Llama-3-8B at 17.7% removed,
-window 2048: 6.14 → 12.86 (decoders.md §1). The calibration is 10 samples of 64 tokens
-(Bookcorpus); LoRA recovery trains on Alpaca for 2 epochs, which prunekit does not do.
+Figures (no fine-tuning unless said, from ../shared/specs/decoders.md): LLaMA-7B at 20% of
+parameters removed, WikiText-2 perplexity at window 128 (dense 12.62): 19.09, average zero-shot
+56.7 without tuning and 59.2 with LoRA (dense 63.3); Llama-2-7B at 20% / 40%, window 1024: 17.5 /
+51.1 (FLAP 10.3 / 38.9); Llama-3-8B at 17.7% removed, window 2048: 6.14 → 12.86. The reference
+calibrates on 10 samples of 64 tokens; its LoRA recovery trains on Alpaca, which prunekit does
+not do. The paper's vector-wise and element-wise variants are both here; which one wins is the
+paper's own table, not restated.
 
 Where the reference code (horseee/LLM-Pruner ``hf_prune.py``, ``LLMPruner/pruner/hf_llama_pruner.py``)
 and this file differ:

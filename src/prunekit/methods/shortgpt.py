@@ -19,19 +19,26 @@ the budget (it removes one more layer instead) and the log says what was asked a
 the reachable keeps on either side. A budget only reached by removing every layer is refused,
 naming the smallest keep that one layer gives.
 
-Figures (paper, no fine-tuning): Llama-2-7B with 9 of 32 layers removed (27.1% of parameters)
-keeps most of its MMLU score (45.4 → 43.3) while LLM-Pruner and SliceGPT at the same size fall
-further; perplexity rises more than for width pruning (the paper notes block removal hurts
-generation/perplexity more than multiple-choice benchmarks). The calibration set is PG19.
+Figures: decoders.md lists ShortGPT (icip-cas/ShortGPT) for Llama-2 and Baichuan2 with PG19 as its
+calibration text and no perplexity figure; the closest block-removal figure there is SLEB's
+Llama-2-7B at ~20% removed, 9.14 at window 2048 (dense 5.47). The paper reports that removing about
+a quarter of Llama-2's layers keeps most of its multiple-choice (MMLU-style) scores while
+perplexity rises more than under width pruning; its tables are not restated here.
 
-Where the reference code (the ShortGPT repository's ``short_hf.py``) and the paper differ:
+Where the reference code (icip-cas/ShortGPT, ``shortgpt/shortgpt.py`` and ``shortgpt/metrics.py``)
+and this file differ:
 
-- The code takes ``output_hidden_states`` of Hugging Face models, whose last entry has the final
-  norm applied, so the last layer's BI compares a raw input with a normalized output; prunekit
-  hooks each layer's own input and output, so every layer is measured alike.
-- The code averages over every position including padding; prunekit uses real tokens only.
-- The paper also proposes an angular-distance variant; this file uses BI, the paper's default.
-- The paper removes a given number of layers; prunekit turns the budget into that number.
+- The code takes the model's ``output_hidden_states``, whose last entry in Hugging Face decoders has
+  the final norm applied, so the last layer's BI compares a raw input with a normalized output;
+  prunekit hooks each layer's own input and output, so every layer is measured alike.
+- The code sums 1 − cos over every position of its padded batches (windows of 256 tokens), padding
+  included, and builds an N × N similarity matrix to read its diagonal (NaN read as 0.5); prunekit
+  averages over real tokens only, one cosine per token.
+- The code deletes the layers from the ModuleList and leaves each attention's ``layer_idx`` as it
+  was, so the key/value cache of a pruned model indexes the wrong slots; prunekit renumbers them
+  (and ``num_hidden_layers``, ``layer_types``), so generation with the cache is right.
+- The paper also proposes an angular-distance variant (``angular=True``); this file uses BI, the
+  default. The code removes ``n_prune_layers`` layers; prunekit turns the budget into that number.
 """
 
 from __future__ import annotations
