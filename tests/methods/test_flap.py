@@ -171,3 +171,10 @@ def test_a_latency_budget_is_met_in_the_tables_measure(tmp_path):
     costs = table.costs(view(teacher))
     kept = total_cost(costs, current_widths(view(pruned)))
     assert kept <= 0.6 * total_cost(costs, full_widths(view(teacher))) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("variant", ["opt-nobias", "qwen3", "gpt2"])
+def test_other_families_save_and_reload_with_their_biases(tmp_path, variant):
+    teacher = build(variant)
+    plan, _, pruned = run(flap, FlapConfig(keep_params=0.6), teacher)
+    assert_reloads(pruned, tmp_path / "out", plan, lm_sample(seed=8).batches[0], atol=1e-6 if variant == "gpt2" else 0.0)
