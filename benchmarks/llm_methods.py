@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "runs" / "llm_methods"), help="folder for the pruned models")
     p.add_argument("--results", default=str(RESULTS), help="path stem of the .md, .json and .png results")
     p.add_argument("--quick", action="store_true", help="llama-wiki-gqa, 4 x 128 tokens, windows 128/256, 4 windows")
+    p.add_argument("--mechanics", action="store_true",
+                   help="only the mechanics check on a random-weight OPT-125m (see mechanics()); writes "
+                        "<results>_mechanics.{md,json}")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.num_sequences, args.calibration_length = str(SHARED / "models" / "llama-wiki-gqa"), 4, 128
@@ -92,9 +95,72 @@ def perplexity(folder: str | Path, tokenizer_folder: str, args: argparse.Namespa
     return float(metrics["perplexity"])
 
 
+def mechanics(stem: Path, keep: float = 0.8, num_sequences: int = 2, length: int = 128) -> dict:
+    """The papers' one small model, OPT-125m (Kprune's authors report it; FLAP and LLM-Pruner do
+    not), is not installable here, so its row cannot be reproduced: this checks the mechanics on a
+    random-weight model of its shape instead (12 layers, hidden 768, 12 heads, FFN 3072, biases,
+    vocabulary 50,272). Per method: the budget met (non-embedding parameters), the plan replayed
+    from the teacher giving the same logits, prune time and the process's peak RSS so far.
+    Perplexity of random weights means nothing and is not reported."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from prunekit.core.accounting import count_non_embedding_params
+    from prunekit.core.runtime import peak_rss_bytes
+    from prunekit.core.surgery import apply_plan
+    from prunekit.families import get_adapter
+    from prunekit.methods import get_method
+    from prunekit.tasks import TaskData
+
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig()).eval()  # OPTConfig's defaults are OPT-125m's shape
+    view = get_adapter(teacher)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, teacher.config.vocab_size, (num_sequences, length), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    sample = SimpleNamespace(batches=[batch], num_sequences=num_sequences, num_tokens=ids.numel(), mean_length=length)
+    full = count_non_embedding_params(view)
+    rows = []
+    for name in ("flap", "wanda_sp", "llm_pruner", "shortgpt"):
+        spec = get_method(name)
+        start = time.perf_counter()
+        plan, _ = spec.run(view, TaskData(kind="lm", sample=sample), spec.make_config(keep_params=keep))
+        seconds = time.perf_counter() - start
+        pruned = apply_plan(view.of(copy.deepcopy(teacher)), plan)
+        replayed = apply_plan(view.of(copy.deepcopy(teacher)), plan)
+        with torch.no_grad():
+            same = torch.equal(pruned(input_ids=ids).logits, replayed(input_ids=ids).logits)
+        kept = count_non_embedding_params(get_adapter(pruned)) / full
+        rows.append({"method": name, "keep_params": keep, "non_embedding_params_kept": kept,
+                     "within_budget": kept <= keep * (1 + 1e-9), "replay_identical": same,
+                     "prune_seconds": seconds, "peak_rss_gb_so_far": peak_rss_bytes() / 1e9,
+                     "layers": get_adapter(pruned).num_layers})
+        logger.info("mechanics: %s", rows[-1])
+    result = {"model": "random-weight OPT-125m shape", "calibration": {"num_sequences": num_sequences,
+              "length": length}, "rows": rows}
+    stem = Path(str(stem) + "_mechanics")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# Mechanics on a random-weight OPT-125m", "",
+             f"{num_sequences} x {length} random tokens; keep_params {keep}. Random weights: no perplexity. "
+             "Peak RSS is the process's so far (methods run in turn).", "",
+             "| method | non-emb. params kept | within budget | replay identical | prune s | peak RSS GB | layers |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['non_embedding_params_kept']:.4f} | {r['within_budget']} | "
+              f"{r['replay_identical']} | {r['prune_seconds']:.1f} | {r['peak_rss_gb_so_far']:.2f} | {r['layers']} |"
+              for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.mechanics:
+        return mechanics(Path(args.results))
     windows = [int(w) for w in args.windows.split(",")]
     methods = args.methods.split(",")
     teacher = {f"ppl_{w}": perplexity(args.model, args.model, args, w) for w in windows}
