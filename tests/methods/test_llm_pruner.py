@@ -66,7 +66,7 @@ def test_the_importance_is_first_order_taylor_from_a_whole_model_gradient(aggreg
     sample = lm_sample()
     adapter = view(teacher)
     flags = [p.requires_grad for p in teacher.parameters()]
-    scores = taylor_importance(adapter, 2, TaskData(kind="lm", sample=sample), aggregation)
+    scores = taylor_importance(adapter, [2], TaskData(kind="lm", sample=sample), aggregation)
     assert [p.requires_grad for p in teacher.parameters()] == flags
     assert all(p.grad is None for p in teacher.parameters())
     # The reference's way: one backward pass with every weight requiring gradients.
@@ -84,8 +84,11 @@ def test_the_importance_is_first_order_taylor_from_a_whole_model_gradient(aggreg
 
     expected = reduce(ffn.up, 1) + reduce(ffn.gate, 1) + reduce(ffn.down, 0)
     teacher.zero_grad(set_to_none=True)
-    torch.testing.assert_close(scores["ffn"], expected.detach(), rtol=1e-6, atol=1e-12)
-    assert scores["attn"].shape == (4,)
+    torch.testing.assert_close(scores[("ffn", 2)], expected.detach(), rtol=1e-6, atol=1e-12)
+    assert scores[("attn", 2)].shape == (4,)
+    # Two layers per backward pass give the same scores.
+    both = taylor_importance(adapter, [1, 2], TaskData(kind="lm", sample=sample), aggregation)
+    torch.testing.assert_close(both[("ffn", 2)], scores[("ffn", 2)], rtol=1e-6, atol=1e-12)
 
 
 def test_refuses_what_it_cannot_serve():

@@ -7,8 +7,8 @@ The algorithm, as this file runs it:
    query head h is its d_h rows of Q (and of K and V where each head owns its key/value head) and
    its d_h columns of the output projection; a neuron is its row of the FFN input (and gate) and
    its column of the FFN output. Removing a group removes all of its weights at once.
-2. **Gradients one block at a time**: for each pruned layer only that layer's projection weights
-   require gradients, the task loss (the LM loss with labels = the input ids for a causal LM; the
+2. **Gradients one block at a time** (``layers_per_pass`` 1; more trade memory for time): for
+   each pruned layer only that layer's projection weights require gradients, the task loss (the LM loss with labels = the input ids for a causal LM; the
    task's labels otherwise) is averaged over the sample's batches and back-propagated; autograd then
    records nothing below that layer and keeps one layer's gradients, instead of the whole model's
    (the reference's ~80 GB for a 7B model, decoders.md §6).
@@ -75,6 +75,7 @@ class LlmPrunerConfig(BudgetConfig):
     aggregation: str = "element"  # "element" (Σ|w·g|, the paper's best) or "vector" (Σ over vectors |Σ w·g|)
     protected_first: int | None = None  # first layers left whole; None: round(L/8), at least 1
     protected_last: int | None = None  # last layers left whole; None: round(L/16), at least 1
+    layers_per_pass: int = 1  # layers whose gradients one backward pass takes: memory for time
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +85,8 @@ class LlmPrunerConfig(BudgetConfig):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {value}")
+        if self.layers_per_pass < 1:
+            raise ConfigError(f"layers_per_pass must be 1 or more, got {self.layers_per_pass}")
 
 
 def llm_pruner(adapter: ModelAdapter, data: TaskData, config: LlmPrunerConfig) -> tuple:
@@ -93,8 +96,10 @@ def llm_pruner(adapter: ModelAdapter, data: TaskData, config: LlmPrunerConfig) -
     costs, budget, seq_len = unit_budget(adapter, data.sample, config)
     ratio, counts = uniform_ratio(adapter, costs, budget, "llm_pruner", layers)
     keep: dict[SublayerId, torch.Tensor] = {}
-    for layer in sorted(layers):
-        for kind, scores in taylor_importance(adapter, layer, data, config.aggregation).items():
+    order = sorted(layers)
+    for start in range(0, len(order), config.layers_per_pass):
+        chunk = order[start:start + config.layers_per_pass]
+        for (kind, layer), scores in taylor_importance(adapter, chunk, data, config.aggregation).items():
             ranked = torch.sort(-scores, stable=True).indices  # ties: the lower index first
             keep[(kind, layer)] = torch.sort(ranked[: counts[kind]]).values
     cost = total_cost(costs, {key: int(units.numel()) for key, units in keep.items()}
@@ -117,17 +122,28 @@ def pruned_layers(num_layers: int, config: LlmPrunerConfig) -> set[int]:
     return layers
 
 
-def taylor_importance(adapter: ModelAdapter, layer: int, data: TaskData, aggregation: str
-                      ) -> dict[str, torch.Tensor]:
-    """Steps 2-3 for one layer: per query head (H,) and per neuron (d_ff,), the group's first-order
-    Taylor importance from the gradient of the mean task loss over the sample's batches."""
-    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-    linears = _linears(attn, ffn)
+def taylor_importance(adapter: ModelAdapter, layers: list[int], data: TaskData, aggregation: str
+                      ) -> dict[SublayerId, torch.Tensor]:
+    """Steps 2-3 for ``layers`` (one backward pass per batch for all of them): per query head (H,)
+    and per neuron (d_ff,), the group's first-order Taylor importance from the gradient of the mean
+    task loss over the sample's batches."""
+    parts = {layer: (adapter.attention(layer), adapter.ffn(layer)) for layer in layers}
+    linears = [lin for attn, ffn in parts.values() for lin in _linears(attn, ffn)]
     batches = data.sample.batches
     with _gradients_only_for(adapter.model, linears):
         for batch in batches:
             (_task_loss(adapter.model, batch, data.kind) / len(batches)).backward()
         salience = {id(lin): (lin.weight.detach() * lin.weight.grad).double().cpu() for lin in linears}
+    scores: dict[SublayerId, torch.Tensor] = {}
+    for layer, (attn, ffn) in parts.items():
+        scores |= {(kind, layer): value for kind, value in _group_scores(adapter, attn, ffn, salience,
+                                                                         aggregation).items()}
+    return scores
+
+
+def _group_scores(adapter: ModelAdapter, attn: AttentionParts | None, ffn: FfnParts | None,
+                  salience: dict[int, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """Step 3 for one layer from its weights' w·g: per query head and per neuron."""
     scores: dict[str, torch.Tensor] = {}
     if attn is not None:
         rows = [attn.query] + ([] if adapter.grouped_kv else [attn.key, attn.value])  # a head's own rows
