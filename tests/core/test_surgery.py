@@ -311,7 +311,8 @@ def test_output_biases_and_removed_layers_round_trip_and_apply(tmp_path):
     from prunekit.io.folders import load_plan, save_plan
 
     bias = torch.arange(D, dtype=torch.float32)
-    plan = PruningPlan(layers=[LayerPlan(ffn_out_bias=bias), LayerPlan(layer_removed=True), LayerPlan(),
+    plan = PruningPlan(layers=[LayerPlan(ffn_out_bias=bias), LayerPlan(layer_removed=True),
+                               LayerPlan(neurons=[], ffn_out_bias=2 * bias),
                                LayerPlan(attention_out_bias=-bias, heads=[0, 1])])
     save_plan(plan, tmp_path)
     assert load_plan(tmp_path) == plan
@@ -323,6 +324,8 @@ def test_output_biases_and_removed_layers_round_trip_and_apply(tmp_path):
     assert [block.self_attn.layer_idx for block in adapter.layers()] == [0, 1, 2]
     assert torch.equal(adapter.ffn(0).down.bias, bias) and adapter.added_out_bias(0, "ffn")
     assert torch.equal(adapter.attention(2).out.bias, -bias)
+    assert adapter.ffn(1) is None and torch.equal(adapter.sublayer_bias(1, "ffn"), 2 * bias)  # emptied, biased
+    assert adapter.layer_shapes()[1].ffn_out_bias
     with pytest.raises(ValueError, match="output bias must have shape"):
         apply_plan(view(build("llama")), PruningPlan(layers=[LayerPlan(ffn_out_bias=bias[:3])]))
     with pytest.raises(ValueError, match="at least one"):

@@ -86,15 +86,26 @@ def _columns_scaled(linear: nn.Linear, scale: torch.Tensor) -> nn.Linear:
     return scaled
 
 
-def _with_bias(linear: nn.Linear, bias: torch.Tensor | None, what: str) -> nn.Linear:
-    """``linear`` with output bias ``bias`` (d,) (FLAP's compensated bias); a Linear without one
-    is copied into a new Linear that has one. None leaves ``linear`` as it is."""
-    if bias is None:
-        return linear
-    if tuple(bias.shape) != (linear.out_features,):
-        raise ValueError(f"{what}: output bias must have shape ({linear.out_features},), got {tuple(bias.shape)}")
+def _checked_bias(bias: torch.Tensor, like: nn.Linear, what: str) -> torch.Tensor:
+    """A copy of output bias ``bias`` (d,) on ``like``'s device and dtype, its shape and values checked."""
+    if tuple(bias.shape) != (like.out_features,):
+        raise ValueError(f"{what}: output bias must have shape ({like.out_features},), got {tuple(bias.shape)}")
     if not torch.isfinite(bias).all():
         raise ValueError(f"{what}: output bias has NaN or inf entries")
+    return bias.detach().to(dtype=like.weight.dtype, device=like.weight.device).clone()
+
+
+def _empty_bias(out: nn.Linear, bias: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    """What an emptied sublayer adds: the plan's output bias where it gives one, else the projection's."""
+    return _checked_bias(bias, out, what) if bias is not None else _bias_copy(out)
+
+
+def _with_bias(linear: nn.Linear, bias: torch.Tensor | None, what: str) -> nn.Linear:
+    """``linear`` (a new Linear surgery just made) with output bias ``bias`` (d,) (FLAP's
+    compensated bias); one without a bias is copied into a Linear that has one. None leaves it."""
+    if bias is None:
+        return linear
+    bias = _checked_bias(bias, linear, what)
     if linear.bias is None:
         new = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
                         dtype=linear.weight.dtype)
@@ -103,7 +114,7 @@ def _with_bias(linear: nn.Linear, bias: torch.Tensor | None, what: str) -> nn.Li
         new.weight.requires_grad_(linear.weight.requires_grad)
         linear = new
     with torch.no_grad():
-        linear.bias.copy_(bias.to(dtype=linear.bias.dtype, device=linear.bias.device))
+        linear.bias.copy_(bias)
     return linear
 
 
@@ -147,8 +158,7 @@ def prune_heads(
     if scales is not None:
         out = _columns_scaled(out, expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim))
     if heads.numel() == 0:
-        adapter.set_empty_attention(layer, _with_bias(out, out_bias, what).bias.detach().clone()
-                                    if out_bias is not None else _bias_copy(out))
+        adapter.set_empty_attention(layer, _empty_bias(out, out_bias, what))
         return
     columns = unit_columns(heads, parts.head_dim)  # (h_kept * d_h,)
     kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
@@ -210,8 +220,7 @@ def prune_neurons(
             raise ValueError(f"{what}: scales must have shape ({parts.width},), got {tuple(scales.shape)}")
         down = _columns_scaled(down, scales.detach())
     if neurons.numel() == 0:
-        adapter.set_empty_ffn(layer, _with_bias(down, out_bias, what).bias.detach().clone()
-                              if out_bias is not None else _bias_copy(down))
+        adapter.set_empty_ffn(layer, _empty_bias(down, out_bias, what))
         return
     new = FfnParts(
         up=slice_linear(parts.up, neurons, dim=0),
