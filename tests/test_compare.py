@@ -163,3 +163,23 @@ def test_kprune_reuses_its_calibration_across_budgets(make_model, head):
         assert plan_fresh == plan_reused  # kept units and re-fitted weights
     with pytest.raises(ValueError, match="temperature"):
         run_method(kprune, teacher, sample, kind, KpruneConfig(temperature=4.0), prepared=prepared)
+
+
+def test_cli_compare_takes_the_llm_methods(teacher_dir, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "compare"
+    code = main(["compare", "--model", str(teacher_dir), "--task", "sst2", "--data", str(sst2_dir),
+                 "--methods", "flap,wanda_sp,llm_pruner,shortgpt", "--keep-params", "0.7", "--num-sequences", "8",
+                 "--no-bench", "--max-eval-examples", "8", "--set", "llm_pruner.aggregation=vector",
+                 "--set", "llm_pruner.protected_first=0", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["flap", "wanda_sp", "llm_pruner", "shortgpt"]
+    for row in saved["rows"]:
+        assert row["non_embedding_params_kept"] <= 0.7 * (1 + 1e-9)
+    capsys.readouterr()
+    # A budget whole layers cannot meet: one line, exit status 2.
+    code = main(["prune", "--model", str(teacher_dir), "--task", "sst2", "--data", str(sst2_dir), "--method",
+                 "shortgpt", "--keep-flops", "0.01", "--num-sequences", "8", "--no-eval", "--no-bench",
+                 "--out", str(tmp_path / "short"), "--device", "cpu"])
+    assert code == 2
+    assert "nearest it can reach" in capsys.readouterr().err

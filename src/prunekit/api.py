@@ -449,7 +449,9 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
                 if log["uniform"].get("within_budget") is False:
                     raise ConfigError(f"--uniform cannot meet keep_{budget[0]} {budget[1]:g}: its smallest "
                                       "shape costs more; give a larger budget or prune without --uniform")
-            plan.teacher, plan.uniform = dict(fingerprint), options.uniform
+            # A method whose plans keep every width (ShortGPT drops whole layers) marks them uniform
+            # itself: the pruned model is then saved as the family's stock class.
+            plan.teacher, plan.uniform = dict(fingerprint), options.uniform or plan.uniform
             run_seconds = time.perf_counter() - start
             gc.collect()  # the method's working copies go before the student is built
             start = time.perf_counter()
@@ -463,7 +465,7 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
             results.append(PruneResult(model=student.model, tokenizer=tokenizer, plan=plan, report=report,
-                                       uniform=options.uniform, view=student))
+                                       uniform=plan.uniform, view=student))
         return results
     finally:
         teacher.model.train(was_training)

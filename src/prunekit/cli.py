@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="GLUE TSV folder, CSV/JSONL file or folder, SQuAD JSON file or "
                    "folder (train-v1.1.json, dev-v1.1.json), or hub name")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model folder's)")
-    p.add_argument("--method", default="kprune", help="kprune, kwon, cofi, magnitude or random (default: kprune)")
+    p.add_argument("--method", default="kprune", help="kprune, kwon, cofi, flap, wanda_sp, llm_pruner, shortgpt, magnitude or random (default: kprune)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep-flops", type=_fractions,
                         help="fraction of encoder FLOPs kept, in (0, 1); a comma list (0.7,0.5) prunes once "

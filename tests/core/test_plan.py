@@ -40,6 +40,10 @@ OPTIONS = {
     "kwon": dict(keep_flops=0.4, num_sequences=16),
     "magnitude": dict(keep_flops=0.4, num_sequences=16),
     "random": dict(keep_flops=0.4, num_sequences=16),
+    "flap": dict(keep_flops=0.4, num_sequences=16),
+    "wanda_sp": dict(keep_flops=0.4, num_sequences=16),
+    "llm_pruner": dict(keep_flops=0.6, num_sequences=16, protected_first=0, protected_last=0),
+    "shortgpt": dict(keep_flops=0.6, num_sequences=16),  # 2 layers: one goes
     "cofi": dict(keep_params=0.4, epochs=3, warmup_epochs=1, finetune_epochs=1, batch_size=8, reg_lr=0.1, lr=1e-3,
                  eval_steps=0, max_train_samples=32, max_eval_samples=8),
 }
@@ -82,7 +86,8 @@ def _labelled_sample(family: str):
     return sample
 
 
-@pytest.mark.parametrize("method", ["kprune", "kwon", "magnitude", "random"])
+@pytest.mark.parametrize("method", ["kprune", "kwon", "magnitude", "random", "flap", "wanda_sp", "llm_pruner",
+                                    "shortgpt"])
 def test_calibration_methods_leave_the_teacher_unchanged(method, make_model):
     """The contract: method(view, data, config) -> (plan, log), the teacher untouched (weights,
     requires_grad flags, train/eval mode), the plan alone carrying the result."""
@@ -93,7 +98,7 @@ def test_calibration_methods_leave_the_teacher_unchanged(method, make_model):
     flags = [p.requires_grad for p in teacher.parameters()]
     spec = METHODS[method]
     plan, log = spec.run(get_adapter(teacher), TaskData(kind="classification", sample=_labelled_sample("bert")),
-                         spec.make_config(keep_flops=0.4))
+                         spec.make_config(**{k: v for k, v in OPTIONS[method].items() if k != "num_sequences"}))
     assert isinstance(plan, PruningPlan) and isinstance(log, dict)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert [p.requires_grad for p in teacher.parameters()] == flags and not teacher.training

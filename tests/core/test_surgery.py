@@ -300,3 +300,33 @@ def test_plan_masks(make_model):
     assert list(head_masks) == [0] and list(neuron_masks) == [1]
     assert head_masks[0].tolist() == [0.0, 0.5, -2.0, 0.0]
     assert neuron_masks[1].tolist() == [1.0] + [0.0] * (D_FF - 1)
+
+
+def test_output_biases_and_removed_layers_round_trip_and_apply(tmp_path):
+    """A plan's output biases (FLAP) and removed layers (ShortGPT) survive plan.json +
+    plan.safetensors, a bias of the wrong shape is refused, and at least one layer must stay."""
+    from llm_builders import D, build
+
+    from prunekit.core.surgery import LayerPlan, PruningPlan, apply_plan
+    from prunekit.io.folders import load_plan, save_plan
+
+    bias = torch.arange(D, dtype=torch.float32)
+    plan = PruningPlan(layers=[LayerPlan(ffn_out_bias=bias), LayerPlan(layer_removed=True),
+                               LayerPlan(neurons=[], ffn_out_bias=2 * bias),
+                               LayerPlan(attention_out_bias=-bias, heads=[0, 1])])
+    save_plan(plan, tmp_path)
+    assert load_plan(tmp_path) == plan
+    assert json.loads((tmp_path / "plan.json").read_text())["layers"][1]["layer_removed"] is True
+    model = build("llama")
+    adapter = view(model)
+    apply_plan(adapter, plan)
+    assert adapter.num_layers == 3 and model.config.num_hidden_layers == 3
+    assert [block.self_attn.layer_idx for block in adapter.layers()] == [0, 1, 2]
+    assert torch.equal(adapter.ffn(0).down.bias, bias) and adapter.added_out_bias(0, "ffn")
+    assert torch.equal(adapter.attention(2).out.bias, -bias)
+    assert adapter.ffn(1) is None and torch.equal(adapter.sublayer_bias(1, "ffn"), 2 * bias)  # emptied, biased
+    assert adapter.layer_shapes()[1].ffn_out_bias
+    with pytest.raises(ValueError, match="output bias must have shape"):
+        apply_plan(view(build("llama")), PruningPlan(layers=[LayerPlan(ffn_out_bias=bias[:3])]))
+    with pytest.raises(ValueError, match="at least one"):
+        apply_plan(view(build("llama")), PruningPlan(layers=[LayerPlan(layer_removed=True)] * 4))

@@ -261,3 +261,23 @@ def test_cli_prunes_a_causal_lm(lm_folder, tmp_path, capsys):
     assert code == 0
     row = json.loads(bench.read_text())["results"][0]
     assert row["prompt_len"] == 8 and row["new_tokens"] == 3 and row["decode_speedup"] > 0
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "llm_pruner", "shortgpt"])
+@pytest.mark.parametrize("budget", ["keep_flops", "keep_params"])
+def test_the_llm_methods_meet_their_budget_through_the_pipeline(method, budget):
+    """The pipeline's own check passes (the pruned model itself meets the budget, FLAP's added
+    biases and ShortGPT's removed layers included) and the teacher is left unchanged."""
+    model = tiny_lm(seed=4)
+    teacher = copy.deepcopy(model)
+    extra = {"protected_first": 0, "protected_last": 0} if method == "llm_pruner" else {}
+    result = prune(model, None, lm_sample(), PruneOptions(task="causal_lm", method=method, method_options=extra,
+                                                          **{budget: 0.6}))
+    pruned, seq_len = result.model, result.report["flops_seq_len"]
+    if budget == "keep_params":
+        assert count_non_embedding_params(view(pruned)) <= 0.6 * count_non_embedding_params(view(teacher))
+    else:
+        assert count_flops(view(pruned), seq_len) <= 0.6 * full_flops(view(teacher), seq_len) * (1 + 1e-9)
+    assert result.uniform == (method == "shortgpt")  # ShortGPT's folders are the stock class
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values(),
+                                                 strict=True))

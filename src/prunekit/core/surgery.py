@@ -86,6 +86,38 @@ def _columns_scaled(linear: nn.Linear, scale: torch.Tensor) -> nn.Linear:
     return scaled
 
 
+def _checked_bias(bias: torch.Tensor, like: nn.Linear, what: str) -> torch.Tensor:
+    """A copy of output bias ``bias`` (d,) on ``like``'s device and dtype, its shape and values checked."""
+    if tuple(bias.shape) != (like.out_features,):
+        raise ValueError(f"{what}: output bias must have shape ({like.out_features},), got {tuple(bias.shape)}")
+    if not torch.isfinite(bias).all():
+        raise ValueError(f"{what}: output bias has NaN or inf entries")
+    return bias.detach().to(dtype=like.weight.dtype, device=like.weight.device).clone()
+
+
+def _empty_bias(out: nn.Linear, bias: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    """What an emptied sublayer adds: the plan's output bias where it gives one, else the projection's."""
+    return _checked_bias(bias, out, what) if bias is not None else _bias_copy(out)
+
+
+def _with_bias(linear: nn.Linear, bias: torch.Tensor | None, what: str) -> nn.Linear:
+    """``linear`` (a new Linear surgery just made) with output bias ``bias`` (d,) (FLAP's
+    compensated bias); one without a bias is copied into a Linear that has one. None leaves it."""
+    if bias is None:
+        return linear
+    bias = _checked_bias(bias, linear, what)
+    if linear.bias is None:
+        new = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
+                        dtype=linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight.detach())
+        new.weight.requires_grad_(linear.weight.requires_grad)
+        linear = new
+    with torch.no_grad():
+        linear.bias.copy_(bias)
+    return linear
+
+
 def _replacement(weight: torch.Tensor | None, like: nn.Linear, shape: tuple[int, int], what: str) -> None:
     if weight is None:
         return
@@ -103,6 +135,7 @@ def prune_heads(
     keep: Sequence[int] | torch.Tensor,
     scales: torch.Tensor | None = None,
     out_weight: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> None:
     """Keep only heads ``keep`` of ``layer``'s attention.
 
@@ -113,6 +146,8 @@ def prune_heads(
             layer's current heads; folded into the output projection before slicing.
         out_weight: optional new output-projection weight (d, len(keep) * d_h) for the kept heads,
             e.g. re-fitted by least squares; replaces the sliced (and scaled) weight.
+        out_bias: optional output-projection bias (d,) after pruning (FLAP's bias compensation);
+            given to a family whose output projection has none, it becomes one.
     """
     parts = adapter.attention(layer)
     if _nothing_left(parts, keep, layer, "attention heads"):
@@ -123,7 +158,7 @@ def prune_heads(
     if scales is not None:
         out = _columns_scaled(out, expand_head_mask(scales.detach(), parts.num_heads, parts.head_dim))
     if heads.numel() == 0:
-        adapter.set_empty_attention(layer, _bias_copy(out))
+        adapter.set_empty_attention(layer, _empty_bias(out, out_bias, what))
         return
     columns = unit_columns(heads, parts.head_dim)  # (h_kept * d_h,)
     kept_kv = sorted({parts.kv_map[h] for h in heads.tolist()})
@@ -131,7 +166,7 @@ def prune_heads(
         query=slice_linear(parts.query, columns, dim=0),
         key=slice_linear(parts.key, unit_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
         value=slice_linear(parts.value, unit_columns(torch.tensor(kept_kv), parts.head_dim), dim=0),
-        out=slice_linear(out, columns, dim=1),
+        out=_with_bias(slice_linear(out, columns, dim=1), out_bias, what),
         num_heads=heads.numel(),
         head_dim=parts.head_dim,
         num_kv_heads=len(kept_kv),
@@ -170,9 +205,10 @@ def prune_neurons(
     keep: Sequence[int] | torch.Tensor,
     scales: torch.Tensor | None = None,
     out_weight: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> None:
-    """Keep only FFN neurons ``keep`` of ``layer``; ``scales`` (d_ff,) and ``out_weight``
-    (d, len(keep)) as in :func:`prune_heads`."""
+    """Keep only FFN neurons ``keep`` of ``layer``; ``scales`` (d_ff,), ``out_weight``
+    (d, len(keep)) and ``out_bias`` (d,) as in :func:`prune_heads`."""
     parts = adapter.ffn(layer)
     if _nothing_left(parts, keep, layer, "FFN neurons"):
         return
@@ -184,11 +220,11 @@ def prune_neurons(
             raise ValueError(f"{what}: scales must have shape ({parts.width},), got {tuple(scales.shape)}")
         down = _columns_scaled(down, scales.detach())
     if neurons.numel() == 0:
-        adapter.set_empty_ffn(layer, _bias_copy(down))
+        adapter.set_empty_ffn(layer, _empty_bias(down, out_bias, what))
         return
     new = FfnParts(
         up=slice_linear(parts.up, neurons, dim=0),
-        down=slice_linear(down, neurons, dim=1),
+        down=_with_bias(slice_linear(down, neurons, dim=1), out_bias, what),
         gate=slice_linear(parts.gate, neurons, dim=0) if parts.gate is not None else None,
     )
     _replacement(out_weight, new.down, (new.down.out_features, neurons.numel()), what)
@@ -232,6 +268,13 @@ class LayerPlan:
       output-projection weight of the kept units, replacing the sliced one (Kprune's
       least-squares re-fit, spec §1.7). Each sublayer is re-fitted once, at its own step, from
       the teacher's weights of that sublayer, so the final weight is all a replay needs.
+    - ``attention_out_bias``, ``ffn_out_bias`` (d,): the output projection's bias after pruning
+      (FLAP's bias compensation: the original bias plus the mean contribution of the removed
+      units). A family without that bias gets one (``LayerShape.attention_out_bias``), which the
+      saved config records so every load path allocates it. The masked form (:meth:`PruningPlan.masks`)
+      has no bias: a masked model adds the difference to the output projection's output.
+    - ``layer_removed``: the whole layer leaves the model (ShortGPT); the layers after it are
+      renumbered, so the pruned model has fewer layers and is its family's stock architecture.
     - ``attention_gate``, ``ffn_gate`` (scalars): CoFi's sublayer gates z_MHA / z_FFN, which
       scale the output projection's weight and bias before the unit scales are folded.
     - ``kv_groups``: kept key/value groups, for families whose query heads share key/value heads
@@ -251,6 +294,9 @@ class LayerPlan:
     ffn_gate: torch.Tensor | None = None
     attention_removed: bool = False
     ffn_removed: bool = False
+    attention_out_bias: torch.Tensor | None = None
+    ffn_out_bias: torch.Tensor | None = None
+    layer_removed: bool = False
 
     def __post_init__(self) -> None:
         for name in TENSOR_FIELDS:
@@ -268,7 +314,7 @@ class LayerPlan:
         if self.kv_groups is not None:
             data["kv_groups"] = list(self.kv_groups)
         # Written only when set, so plans without removals serialise as before.
-        for flag in ("attention_removed", "ffn_removed"):
+        for flag in REMOVAL_FLAGS:
             if getattr(self, flag):
                 data[flag] = True
         return data
@@ -294,7 +340,8 @@ def _tensor(value: Any) -> torch.Tensor | None:
 
 
 TENSOR_FIELDS = ("head_scales", "neuron_scales", "attention_out_weight", "ffn_out_weight", "attention_gate",
-                 "ffn_gate")
+                 "ffn_gate", "attention_out_bias", "ffn_out_bias")
+REMOVAL_FLAGS = ("attention_removed", "ffn_removed", "layer_removed")
 
 
 @dataclass(eq=False)
@@ -366,7 +413,7 @@ class PruningPlan:
             fields_ = {k: v for k, v in layer.items() if k != "tensors"}
             for name in ("heads", "neurons", "kv_groups"):
                 _check_indices(fields_.get(name), f"layer {i} {name}")
-            for flag in ("attention_removed", "ffn_removed"):
+            for flag in REMOVAL_FLAGS:
                 if not isinstance(fields_.get(flag, False), bool):
                     raise ValueError(f"layer {i} {flag} must be true or false, got {fields_[flag]!r}")
             fields_ |= {name: tensors[f"layers.{i}.{name}"] for name in TENSOR_FIELDS if f"layers.{i}.{name}" in tensors}
@@ -451,9 +498,10 @@ def _kept_heads(adapter: ModelAdapter, layer: int, step: LayerPlan) -> list[int]
 def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> nn.Module:
     """Physically prune the adapter's model in place as ``plan`` says; returns the model. The one surgery path: every method's result is applied here.
 
-    Order: per layer, sublayer gates, then heads and neurons with their scales and replacement
-    weights (indices into the current units); then removals; then the hidden narrowing (indices
-    into the current hidden dims, which unit pruning leaves alone); then trained weights.
+    Order: per layer, sublayer gates, then heads and neurons with their scales, replacement
+    weights and output biases (indices into the current units); then removals; then the hidden
+    narrowing (indices into the current hidden dims, which unit pruning leaves alone); then whole
+    layers leave (``layer_removed``; the rest are renumbered); then trained weights.
     """
     if len(plan.layers) > adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {adapter.num_layers}")
@@ -467,14 +515,19 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> nn.Module:
         if step.attention_gate is not None and adapter.attention(layer) is not None:
             _apply_gate(adapter.attention(layer).out, step.attention_gate)
         heads = _kept_heads(adapter, layer, step)
+        if heads is None and step.attention_out_bias is not None and adapter.attention(layer) is not None:
+            heads = list(range(adapter.attention(layer).num_heads))  # a new bias alone
         if heads is not None:
             prune_heads(adapter, layer, heads, scales=_tensor(step.head_scales),
-                        out_weight=_tensor(step.attention_out_weight))
+                        out_weight=_tensor(step.attention_out_weight), out_bias=_tensor(step.attention_out_bias))
         if step.ffn_gate is not None and adapter.ffn(layer) is not None:
             _apply_gate(adapter.ffn(layer).down, step.ffn_gate)
-        if step.neurons is not None:
-            prune_neurons(adapter, layer, step.neurons, scales=_tensor(step.neuron_scales),
-                          out_weight=_tensor(step.ffn_out_weight))
+        neurons = step.neurons
+        if neurons is None and step.ffn_out_bias is not None and adapter.ffn(layer) is not None:
+            neurons = list(range(adapter.ffn(layer).width))
+        if neurons is not None:
+            prune_neurons(adapter, layer, neurons, scales=_tensor(step.neuron_scales),
+                          out_weight=_tensor(step.ffn_out_weight), out_bias=_tensor(step.ffn_out_bias))
     for layer, step in enumerate(plan.layers):
         if step.attention_removed:
             remove_sublayer(adapter, layer, "attn")
@@ -482,6 +535,9 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> nn.Module:
             remove_sublayer(adapter, layer, "ffn")
     if plan.hidden is not None:
         narrow_hidden(adapter, plan.hidden)
+    if any(step.layer_removed for step in plan.layers):
+        adapter.drop_layers([layer for layer in range(adapter.num_layers)
+                             if layer >= len(plan.layers) or not plan.layers[layer].layer_removed])
     if plan.weights is not None:
         _load_weights(adapter.model, plan.weights)
     return adapter.model

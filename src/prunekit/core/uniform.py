@@ -19,7 +19,9 @@ What it does (a post-step on the method's plan, the same for every method):
 The plan's unit scales and sublayer gates carry over. A re-fitted output projection (Kprune's
 least-squares fit of the kept units) belongs to the set it was fitted for: it is kept where a
 layer's kept set is unchanged and dropped where it changed (the sliced teacher weight is used,
-as magnitude pruning does); ``refits_dropped`` in the log counts them.
+as magnitude pruning does); ``refits_dropped`` in the log counts them. A compensated output bias
+(FLAP) is kept where the kept set is unchanged and the family has that bias, else dropped
+(``biases_dropped``): the stock config has no place for a bias the family lacks.
 """
 
 from __future__ import annotations
@@ -75,21 +77,29 @@ def uniform_plan(adapter: ModelAdapter, plan: PruningPlan, seq_len: float | None
         neurons = min(neurons, max(1, fit))
         uniform_cost = layers * (groups * per_group * cost.head + groups * cost.kv_head + neurons * cost.neuron)
 
-    new_layers, dropped = [], 0
+    new_layers, dropped, biases_dropped = [], 0, 0
     for layer, step in enumerate(steps):
         heads = _choose_heads(adapter, layer, step, set(kept_heads[layer]), groups, per_group)
         chosen_neurons = _choose_neurons(adapter, layer, set(kept_neurons[layer]), neurons)
         same_heads, same_neurons = heads == sorted(kept_heads[layer]), chosen_neurons == sorted(kept_neurons[layer])
         dropped += (step.attention_out_weight is not None and not same_heads) + (
             step.ffn_out_weight is not None and not same_neurons)
+        # A compensated output bias (FLAP) belongs to its kept set too, and one the family lacks has
+        # no place in the stock config: kept only where both hold.
+        keep_attn_bias = same_heads and adapter.facts.has_bias("out")
+        keep_ffn_bias = same_neurons and adapter.facts.has_bias("down")
+        biases_dropped += (step.attention_out_bias is not None and not keep_attn_bias) + (
+            step.ffn_out_bias is not None and not keep_ffn_bias)
         new_layers.append(dataclasses.replace(
             step, heads=heads, neurons=chosen_neurons, kv_groups=None, attention_removed=False, ffn_removed=False,
             attention_out_weight=step.attention_out_weight if same_heads else None,
-            ffn_out_weight=step.ffn_out_weight if same_neurons else None))
+            ffn_out_weight=step.ffn_out_weight if same_neurons else None,
+            attention_out_bias=step.attention_out_bias if keep_attn_bias else None,
+            ffn_out_bias=step.ffn_out_bias if keep_ffn_bias else None))
     log = {"kv_groups": groups, "query_heads_per_group": per_group, "query_heads": groups * per_group,
            "neurons": neurons, "measure": "params" if seq_len is None else f"flops at {seq_len:g}",
            "plan_cost": total, "uniform_cost": uniform_cost, "over_budget": uniform_cost > total * (1 + 1e-9),
-           "refits_dropped": dropped}
+           "refits_dropped": dropped, "biases_dropped": biases_dropped}
     if limit is not None:  # the budget itself, in the same measure: what the run must meet
         log |= {"budget_cost": limit, "within_budget": uniform_cost <= limit * (1 + 1e-9)}
     return PruningPlan(layers=new_layers), log

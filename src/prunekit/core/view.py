@@ -25,6 +25,9 @@ computes norm(X + f(X)), with "pre" X + f(norm(X)):
 - *removed* (CoFi, cofi.md §8 pitfall 1): the sublayer and its norm are gone, out = X in both
   placements.
 
+A present or emptied sublayer may carry an output bias its family does not have (a method's bias
+compensation, FLAP): ``LayerShape.attention_out_bias`` / ``ffn_out_bias`` record it.
+
 Independently of the sublayers, the residual stream (the hidden size d) may be *narrowed* to a
 subset of its dimensions (CoFi's hidden pruning); the head size d_h never changes.
 
@@ -215,6 +218,10 @@ class LayerShape:
     ffn_removed: bool = False
     num_kv_heads: int | None = None
     kv_map: tuple[int, ...] | None = None
+    # An output bias the family's projections do not have (FLAP's bias compensation gives a Llama
+    # o_proj / down_proj one): the saved config says so, so every load path allocates it.
+    attention_out_bias: bool = False
+    ffn_out_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_removed and self.num_heads:
@@ -238,6 +245,9 @@ class LayerShape:
             data["num_kv_heads"] = self.num_kv_heads
         if self.kv_map is not None:
             data["kv_map"] = list(self.kv_map)
+        for flag in ("attention_out_bias", "ffn_out_bias"):
+            if getattr(self, flag):
+                data[flag] = True
         return data
 
 
@@ -577,9 +587,47 @@ class ModelAdapter(ABC):
                     attention_removed=self.is_removed(layer, "attn"),
                     ffn_removed=self.is_removed(layer, "ffn"),
                     **kv,
+                    attention_out_bias=self.added_out_bias(layer, "attn"),
+                    ffn_out_bias=self.added_out_bias(layer, "ffn"),
                 )
             )
         return shapes
+
+    def added_out_bias(self, layer: int, kind: SublayerKind) -> bool:
+        """Whether sublayer ``kind`` of ``layer`` carries an output bias its family's projection
+        has not (added by a method's bias compensation); False for a removed sublayer."""
+        projection = "out" if kind == "attn" else "down"
+        return not self.facts.has_bias(projection) and self.sublayer_bias(layer, kind) is not None
+
+    def layer_removal_blocker(self) -> str | None:
+        """Why whole layers cannot leave this model (a layer whose computation depends on its index),
+        or None: they can."""
+        return None
+
+    def drop_layers(self, keep: list[int]) -> None:
+        """Keep only the layers ``keep`` (sorted indices into the current layers), in place: the
+        others leave the model (ShortGPT's block removal) and the kept ones are renumbered
+        0..len(keep)-1 wherever a module records its index (``layer_idx``: the key/value cache
+        slot), with the config's layer count and per-layer ``layer_types`` cut to match, so that
+        the model is its stock architecture with fewer layers. At least one layer must stay."""
+        if (reason := self.layer_removal_blocker()) is not None:
+            raise ValueError(reason)
+        layers = self.layers()
+        count = len(layers)
+        if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= count:
+            raise ValueError(f"layers to keep must be sorted distinct indices in [0, {count}), at least one; "
+                             f"got {keep}")
+        for index in reversed(range(count)):
+            if index not in keep:
+                del layers[index]
+        for index, block in enumerate(layers):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = index
+        layer_types = getattr(self.config, "layer_types", None)
+        if isinstance(layer_types, list | tuple) and len(layer_types) == count:
+            self.config.layer_types = [layer_types[i] for i in keep]
+        self.config.num_hidden_layers = len(keep)
 
     def full_layer_shape(self) -> LayerShape:
         """The shape of every layer of the unpruned architecture."""
@@ -630,9 +678,10 @@ class ModelAdapter(ABC):
                                      "it cannot be rebuilt at a width")
             attn = self.attention(layer)
             kv_changed = attn is not None and shape.kv_map is not None and shape.kv_map != attn.kv_map
-            if attn is not None and (shape.num_heads != attn.num_heads or kv_changed):
+            bias_added = shape.attention_out_bias and attn is not None and attn.out.bias is None
+            if attn is not None and (shape.num_heads != attn.num_heads or kv_changed or bias_added):
                 if shape.num_heads == 0:
-                    self.set_empty_attention(layer, _bias_copy(attn.out))
+                    self.set_empty_attention(layer, _bias_copy(attn.out, shape.attention_out_bias))
                 else:
                     width = shape.num_heads * attn.head_dim
                     # Without recorded key/value heads (non-grouped families), one per query head.
@@ -644,7 +693,7 @@ class ModelAdapter(ABC):
                             query=_like(attn.query, attn.query.in_features, width),
                             key=_like(attn.key, attn.key.in_features, kv_width),
                             value=_like(attn.value, attn.value.in_features, kv_width),
-                            out=_like(attn.out, width, attn.out.out_features),
+                            out=_like(attn.out, width, attn.out.out_features, shape.attention_out_bias),
                             num_heads=shape.num_heads,
                             head_dim=attn.head_dim,
                             num_kv_heads=num_kv,
@@ -652,16 +701,17 @@ class ModelAdapter(ABC):
                         ),
                     )
             ffn = self.ffn(layer)
-            if ffn is not None and shape.intermediate_size != ffn.width:
+            bias_added = shape.ffn_out_bias and ffn is not None and ffn.down.bias is None
+            if ffn is not None and (shape.intermediate_size != ffn.width or bias_added):
                 if shape.intermediate_size == 0:
-                    self.set_empty_ffn(layer, _bias_copy(ffn.down))
+                    self.set_empty_ffn(layer, _bias_copy(ffn.down, shape.ffn_out_bias))
                 else:
                     n = shape.intermediate_size
                     self.set_ffn(
                         layer,
                         FfnParts(
                             up=_like(ffn.up, ffn.up.in_features, n),
-                            down=_like(ffn.down, n, ffn.down.out_features),
+                            down=_like(ffn.down, n, ffn.down.out_features, shape.ffn_out_bias),
                             gate=_like(ffn.gate, ffn.gate.in_features, n) if ffn.gate is not None else None,
                         ),
                     )
@@ -689,17 +739,21 @@ def require_own_kv_heads(layer: int, parts: AttentionParts) -> None:
                          f"(kv_map {parts.kv_map})")
 
 
-def _bias_copy(linear: nn.Linear) -> torch.Tensor | None:
-    """A detached copy of ``linear``'s bias (what an emptied sublayer keeps), None without one."""
-    return linear.bias.detach().clone() if linear.bias is not None else None
+def _bias_copy(linear: nn.Linear, added: bool = False) -> torch.Tensor | None:
+    """A detached copy of ``linear``'s bias (what an emptied sublayer keeps), None without one;
+    with ``added`` a zero placeholder where the family has none (a bias a method added)."""
+    if linear.bias is None:
+        return linear.weight.new_zeros(linear.out_features) if added else None
+    return linear.bias.detach().clone()
 
 
-def _like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    """A new Linear of the given size on the same device and dtype as ``linear``."""
+def _like(linear: nn.Linear, in_features: int, out_features: int, added_bias: bool = False) -> nn.Linear:
+    """A new Linear of the given size on the same device and dtype as ``linear``, with a bias
+    where it has one or ``added_bias`` asks for one."""
     return nn.Linear(
         in_features,
         out_features,
-        bias=linear.bias is not None,
+        bias=linear.bias is not None or added_bias,
         device=linear.weight.device,
         dtype=linear.weight.dtype,
     )

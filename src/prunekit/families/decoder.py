@@ -196,6 +196,8 @@ class LlamaLayoutAdapter(ModelAdapter):
         first = shapes[0]
         if self.hidden_size != self.full_hidden_size or first.num_heads == 0 or first.intermediate_size == 0:
             return None
+        if first.attention_out_bias or first.ffn_out_bias:
+            return None  # an output bias the stock config cannot express (attention_bias adds q/k/v ones too)
         if any(shape != first for shape in shapes) or not runtime.contiguous_groups(
                 first.num_heads, first.num_kv_heads, first.kv_map):
             return None

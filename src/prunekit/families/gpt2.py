@@ -303,6 +303,14 @@ class GPT2Adapter(ModelAdapter):
         block = self.layers()[layer]
         block.attn, block.ln_1 = RemovedGPT2Attention(layer), SkippedNorm()
 
+    def layer_removal_blocker(self) -> str | None:
+        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
+            # Attention scores are divided by layer_idx + 1: a renumbered layer would compute another function.
+            return ("this GPT-2 scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx), so a "
+                    "layer computes something else once the layers below it are removed; whole layers cannot be "
+                    "removed from it")
+        return None
+
     def remove_ffn(self, layer: int) -> None:
         block = self.layers()[layer]
         block.mlp, block.ln_2 = RemovedGPT2MLP(), SkippedNorm()

@@ -119,11 +119,16 @@ def as_pruned_model(model: PreTrainedModel, view: ModelAdapter | None = None) ->
 
 def as_stock_model(model: PreTrainedModel, view: ModelAdapter | None = None) -> PreTrainedModel:
     """Give a physically pruned model whose every layer has the same query heads, key/value heads
-    (equal groups), FFN width and the full residual width the family's own stock config and class,
+    (equal groups), FFN width and the full residual width (or that only lost whole layers, in any
+    family) the family's own stock config and class,
     in place, so that ``save_pretrained`` writes a folder any transformers (and vLLM, llama.cpp's
     converter) loads as it is. A ConfigError names what is not uniform. Returns the model."""
     adapter = view if view is not None else get_adapter(model)
     updates_of = getattr(adapter, "uniform_config_updates", None)
+    if not adapter.is_pruned():
+        # Every layer at the config's widths (a model that only lost whole layers, ShortGPT): its
+        # own config, whose layer count surgery cut, is the stock config, in every family.
+        updates_of = dict
     if updates_of is None:
         raise ConfigError(f"--uniform is not available for {type(model).__name__}: its family has no stock "
                           "form of pruned widths; save without --uniform")

@@ -27,8 +27,12 @@ from typing import Any
 from prunekit.core.errors import ConfigError
 from prunekit.methods.baselines import MagnitudeConfig, RandomConfig, magnitude, random_prune
 from prunekit.methods.cofi import CofiConfig, cofi, cofi_report_fields
+from prunekit.methods.flap import FlapConfig, flap
 from prunekit.methods.kprune import KpruneConfig, kprune, kprune_prepare
 from prunekit.methods.kwon import KwonConfig, kwon, kwon_fisher
+from prunekit.methods.llm_pruner import LlmPrunerConfig, llm_pruner
+from prunekit.methods.shortgpt import ShortGptConfig, shortgpt
+from prunekit.methods.wanda_sp import WandaSpConfig, wanda_sp
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,23 @@ METHODS: dict[str, MethodSpec] = {
     "random": MethodSpec(
         "random", RandomConfig, random_prune, sample_size={"num_sequences": 2048}, any_dtype=True,
         description="baseline: units kept in a seeded random order",
+    ),
+    # The LLM field's retraining-free methods (decoders.md §1); 128 calibration sequences, as their papers.
+    "flap": MethodSpec(
+        "flap", FlapConfig, flap, sample_size={"num_sequences": 128},
+        description="FLAP (AAAI 2024): fluctuation scores, adaptive widths, bias compensation",
+    ),
+    "wanda_sp": MethodSpec(
+        "wanda_sp", WandaSpConfig, wanda_sp, sample_size={"num_sequences": 128},
+        description="Wanda-sp (FLAP's baseline): |W|·‖X‖ per head and neuron, one ratio in every layer",
+    ),
+    "llm_pruner": MethodSpec(
+        "llm_pruner", LlmPrunerConfig, llm_pruner, needs_labels=True, sample_size={"num_sequences": 10},
+        description="LLM-Pruner (NeurIPS 2023) without LoRA: first-order Taylor importance of coupled groups",
+    ),
+    "shortgpt": MethodSpec(
+        "shortgpt", ShortGptConfig, shortgpt, sample_size={"num_sequences": 128},
+        description="ShortGPT (2024): whole layers of lowest Block Influence removed",
     ),
 }
 

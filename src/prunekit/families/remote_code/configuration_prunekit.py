@@ -98,6 +98,12 @@ def __getattr__(name: str) -> type:
 
 
 # ---- shared by the families' builders and placeholders -------------------------------------------
+def added_bias(shape: dict | None, kind: str) -> bool:
+    """Whether a layer's ``prunekit_layers`` entry gives sublayer ``kind`` ("attention" or "ffn")
+    an output bias its family lacks."""
+    return bool(shape and shape.get(f"{kind}_out_bias"))
+
+
 def layer_shapes(config, num_layers: int) -> list[dict | None]:
     """The config's ``prunekit_layers``, one entry per layer (None: the layer at full width)."""
     layers = getattr(config, "prunekit_layers", None) or []
@@ -115,9 +121,11 @@ def new_param(module: nn.Module, name: str, shape: tuple[int, ...]) -> None:
         setattr(module, name, nn.Parameter(torch.empty(shape, device=old.device, dtype=old.dtype)))
 
 
-def linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    """A new (placeholder) linear of these widths, with ``old``'s bias, device and dtype."""
-    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
+def linear_like(old: nn.Linear, in_features: int, out_features: int, added_bias: bool = False) -> nn.Linear:
+    """A new (placeholder) linear of these widths, with ``old``'s device and dtype and a bias where
+    ``old`` has one or ``added_bias`` says the pruned model has one its family lacks (an output
+    bias a method added: ``attention_out_bias`` / ``ffn_out_bias`` in ``prunekit_layers``)."""
+    return nn.Linear(in_features, out_features, bias=old.bias is not None or added_bias, device=old.weight.device,
                      dtype=old.weight.dtype)
 
 
@@ -139,11 +147,14 @@ def narrow_embedding(table: nn.Embedding, width: int) -> None:
     table.embedding_dim = width
 
 
-def zero_bias(linear: nn.Module, width: int) -> torch.Tensor | None:
-    """A placeholder output bias of ``width`` for an emptied sublayer whose output linear has one."""
-    if getattr(linear, "bias", None) is None:
+def zero_bias(linear: nn.Module, width: int, added: bool = False) -> torch.Tensor | None:
+    """A placeholder output bias of ``width`` for an emptied sublayer whose output linear has one,
+    or that was given one its family lacks (``added``, as in :func:`linear_like`)."""
+    like = getattr(linear, "bias", None)
+    if like is None and not added:
         return None
-    return torch.zeros(width, device=linear.bias.device, dtype=linear.bias.dtype)
+    like = like if like is not None else linear.weight
+    return torch.zeros(width, device=like.device, dtype=like.dtype)
 
 
 def record_length(cache, hidden_states: torch.Tensor, layer_idx: int) -> None:

@@ -24,7 +24,8 @@ per-layer widths, and so for every family in ``BUILDERS`` (the Llama layout)::
     model.layers[l].post_attention_layernorm   RMSNorm(Y), the FFN's input
     model.layers[l].mlp.{gate,up,down}_proj
 
-A sublayer emptied (zero heads or neurons) computes X + b_out (X without an output bias) and a
+An ``attention_out_bias`` / ``ffn_out_bias`` entry gives o_proj / down_proj (or the emptied
+sublayer) an output bias the family lacks (FLAP's bias compensation). A sublayer emptied (zero heads or neurons) computes X + b_out (X without an output bias) and a
 removed one X; either way its norm is skipped. An emptied or removed attention still records a
 one-number placeholder per token in the key/value cache, because transformers reads the number of
 cached tokens from the cache (layer 0's, for positions and masks): without it, generation with the
@@ -40,6 +41,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 from .configuration_prunekit import (
     SkippedNorm,
+    added_bias,
     layer_shapes,
     linear_like,
     model_class_named,
@@ -236,21 +238,21 @@ def _build_base(base: nn.Module, config) -> None:
         if shape.get("attention_removed"):
             remove_attention(block)
         elif shape["num_heads"] == 0:
-            empty_attention(block, zero_bias(sa.o_proj, d))
+            empty_attention(block, zero_bias(sa.o_proj, d, added_bias(shape, "attention")))
         else:
             heads, kv_heads = shape["num_heads"], shape.get("num_kv_heads", shape["num_heads"])
             kv_map = tuple(shape.get("kv_map") or range(heads))
             install_attention(block, linear_like(sa.q_proj, d, heads * d_h), linear_like(sa.k_proj, d, kv_heads * d_h),
-                              linear_like(sa.v_proj, d, kv_heads * d_h), linear_like(sa.o_proj, heads * d_h, d),
+                              linear_like(sa.v_proj, d, kv_heads * d_h), linear_like(sa.o_proj, heads * d_h, d, added_bias(shape, "attention")),
                               kv_map)
         n = shape["intermediate_size"]
         if shape.get("ffn_removed"):
             remove_mlp(block)
         elif n == 0:
-            empty_mlp(block, zero_bias(mlp.down_proj, d))
+            empty_mlp(block, zero_bias(mlp.down_proj, d, added_bias(shape, "ffn")))
         else:
             install_mlp(block, linear_like(mlp.gate_proj, d, n), linear_like(mlp.up_proj, d, n),
-                        linear_like(mlp.down_proj, n, d))
+                        linear_like(mlp.down_proj, n, d, added_bias(shape, "ffn")))
     base._prunekit_built = True
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .configuration_prunekit import (
     SkippedNorm,
+    added_bias,
     layer_shapes,
     linear_like,
     model_class_named,
@@ -124,26 +125,26 @@ def build_opt(model: nn.Module, config) -> None:
         if shape and shape.get("attention_removed"):
             block.self_attn, block.self_attn_layer_norm = RemovedOPTAttention(index), SkippedNorm()
         elif heads == 0:
-            block.self_attn = EmptyOPTAttention(zero_bias(sa.out_proj, h), index)
+            block.self_attn = EmptyOPTAttention(zero_bias(sa.out_proj, h, added_bias(shape, "attention")), index)
             if pre:
                 block.self_attn_layer_norm = SkippedNorm()
             else:
                 narrow_norm(block.self_attn_layer_norm, h)
         else:
             sa.q_proj, sa.k_proj, sa.v_proj = (linear_like(sa.q_proj, h, heads * d_h) for _ in range(3))
-            sa.out_proj = linear_like(sa.out_proj, heads * d_h, h)
+            sa.out_proj = linear_like(sa.out_proj, heads * d_h, h, added_bias(shape, "attention"))
             sa.num_heads = heads
             narrow_norm(block.self_attn_layer_norm, h)
         if shape and shape.get("ffn_removed"):
             block.fc1, block.fc2, block.final_layer_norm = EmptyFc1(), RemovedFc2(), SkippedNorm()
         elif width == 0:
-            block.fc1, block.fc2 = EmptyFc1(), EmptyFc2(zero_bias(block.fc2, h))
+            block.fc1, block.fc2 = EmptyFc1(), EmptyFc2(zero_bias(block.fc2, h, added_bias(shape, "ffn")))
             if pre:
                 block.final_layer_norm = SkippedNorm()
             else:
                 narrow_norm(block.final_layer_norm, h)
         else:
-            block.fc1, block.fc2 = linear_like(block.fc1, h, width), linear_like(block.fc2, width, h)
+            block.fc1, block.fc2 = linear_like(block.fc1, h, width), linear_like(block.fc2, width, h, added_bias(shape, "ffn"))
             narrow_norm(block.final_layer_norm, h)
 
 
