@@ -110,7 +110,9 @@ class LayerRunner:
 
 @contextmanager
 def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> Iterator[dict[str, torch.Tensor]]:
-    """Record a sublayer's input X (B, T, d) and its output projection's output O = Z Wᵀ + b.
+    """Record a sublayer's input X (B, T, d) and what it adds to X: its output projection's
+    output O = Z Wᵀ + b, or norm_out(O) where the family normalises sublayer outputs
+    (``ModelAdapter.sublayer_output_norm``, Gemma).
 
     The residual sum before the LayerNorm is then ``X + O`` (spec §1.3).
     """
@@ -128,7 +130,7 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
 
     handles = [
         adapter.sublayer_module(layer, kind).register_forward_pre_hook(take_input),
-        out_linear.register_forward_hook(take_output),
+        (adapter.sublayer_output_norm(layer, kind) or out_linear).register_forward_hook(take_output),
     ]
     try:
         yield record
