@@ -135,7 +135,13 @@ class FusedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(hidden_states) for part in self.parts], dim=-1)  # (..., sum w_i)
+        # One matmul with the parts' rows stacked, as the fused linear computes it: the same values
+        # to the bit as the family's own module (and a folder loaded without prunekit), where one
+        # matmul per part would differ in the last bits. Costs a copy of the weight per call.
+        weight = torch.cat([part.weight for part in self.parts], 0)  # (sum w_i, d)
+        biases = [part.bias for part in self.parts]
+        bias = torch.cat(biases, 0) if all(b is not None for b in biases) else None
+        return nn.functional.linear(hidden_states, weight, bias)  # (..., sum w_i)
 
 
 def _fused_state_dict(module: FusedLinear, state_dict, prefix: str, local_metadata) -> None:
