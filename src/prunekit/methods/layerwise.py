@@ -120,7 +120,8 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
     parts = adapter.sublayer(layer, kind)
     if parts is None:
         raise ValueError(f"layer {layer} {kind} sublayer is empty; nothing to capture")
-    out_linear = parts.output
+    added = adapter.sublayer_output_norm(layer, kind)  # what the block adds to X: O, or norm_out(O)
+    added = parts.output if added is None else added
 
     def take_input(module, args):
         record["input"] = args[0].detach()
@@ -130,7 +131,7 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
 
     handles = [
         adapter.sublayer_module(layer, kind).register_forward_pre_hook(take_input),
-        (adapter.sublayer_output_norm(layer, kind) or out_linear).register_forward_hook(take_output),
+        added.register_forward_hook(take_output),
     ]
     try:
         yield record
