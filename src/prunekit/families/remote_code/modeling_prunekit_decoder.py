@@ -1,6 +1,5 @@
 """Decoders of the Llama layout pruned by prunekit (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
-Phi-3), rebuilt by
-plain transformers without prunekit (remote code), and the modules prunekit itself puts in place
+Phi-3), rebuilt by plain transformers without prunekit (remote code), and the modules prunekit itself puts in place
 of pruned attention and FFN sublayers (``prunekit.families.decoder`` imports them from here, and
 ``import prunekit`` registers these same classes, so a folder's weights land in the same modules on
 every path).
@@ -18,7 +17,7 @@ key/value head each query head reads, FFN width per layer, removed sublayers) an
 The classes are made on first use from the family's own transformers classes by the factory
 in ``configuration_prunekit`` (module-level ``__getattr__``): ``PrunedLlamaForCausalLM`` is
 ``LlamaForCausalLM`` at the pruned widths and ``PrunekitLlamaConfig`` is ``LlamaConfig`` plus the
-per-layer widths, and so for every family in ``BUILDERS`` (the Llama layout)::
+per-layer widths, and so for every family in ``LAYOUTS`` (the Llama layout)::
 
     model.layers[l].input_layernorm            RMSNorm(X), the attention's input
     model.layers[l].self_attn.{q,k,v,o}_proj   (Qwen3: also q_norm, k_norm over d_h, per head)
@@ -35,8 +34,8 @@ factor is partial; Gemma 2's eager kernel soft-caps the attention logits) and wh
 attention passes ``attn_logit_softcapping`` to the kernel (Gemma 2 does, Gemma 3 does not).
 
 A sublayer emptied (zero heads or neurons) computes X + b_out (X without an output bias; with an
-output norm, X + norm(b_out)) and a removed one X; either way its input norm is skipped. An emptied or removed attention still records a
-one-number placeholder per token in the key/value cache, because transformers reads the number of
+output norm, X + norm(b_out)) and a removed one X; either way its input norm is skipped. An
+emptied or removed attention still records a one-number placeholder per token in the key/value cache, because transformers reads the number of
 cached tokens from the cache (layer 0's, for positions and masks): without it, generation with the
 cache would restart positions when layer 0's attention is gone.
 """
