@@ -197,3 +197,15 @@ def test_methods_prune_save_reload_and_score(family, method, tmp_path):
     folder = result.save(tmp_path / "pruned")
     assert perplexity(load_pruned(folder), tokens, window=16) == score
     assert json.loads((folder / "prune_report.json").read_text())["non_embedding_params_kept"] <= 0.8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_layer_runs_alone_as_latency_tables_time_it(family):
+    """call_layer gives each layer its own rotary (Gemma 3: the sliding or the global base)."""
+    adapter = get_adapter(build(family))
+    hidden = torch.randn(1, 7, D)
+    with torch.no_grad():
+        for block in adapter.layers():
+            out = adapter.call_layer(block, hidden)
+            out = out[0] if isinstance(out, tuple) else out
+            assert out.shape == (1, 7, D) and torch.isfinite(out).all()
