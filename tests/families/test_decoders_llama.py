@@ -1,5 +1,5 @@
-"""Issue 10 for the Llama-layout families (Llama, Mistral, Qwen2, Qwen3), causal-LM and
-sequence-classification heads, tiny random float32 models built here: masked == physically pruned
+"""Issue 10 for the Llama-layout families (Llama, Mistral, Qwen2, Qwen3, and issue 22's Gemma 2,
+Gemma 3 and Phi-3), causal-LM and sequence-classification heads, tiny random float32 models built here: masked == physically pruned
 within 1e-5 for random plans with uneven and whole key/value groups, emptied and removed
 sublayers (layer 0's attention included); greedy generation with and without the cache equal to
 the masked model's; save/reload identical through prunekit.load_pruned, the Auto classes after
@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from builders import WITHOUT_PRUNEKIT, masked, outputs, padded_pair, spread_out, view
+from builders import NORM_WEIGHTS, WITHOUT_PRUNEKIT, masked, outputs, padded_pair, spread_out, view
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -38,10 +41,34 @@ from prunekit.io.folders import load_pruned, save_pruned
 
 D, H, H_KV, D_H, D_FF, VOCAB, LAYERS = 36, 6, 2, 12, 37, 97, 3  # groups of 3; d_h != d / H
 ATOL = 1e-5
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
-CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}
+PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
+          "gemma3": "Gemma3", "phi3": "Phi3"}
 HEADS = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # Gemma 3's language model alone; "gemma3" is the multimodal one
+WINDOW = 4  # the sliding window of the families that have one: shorter than every test prompt
+
+
+def class_name(family: str, head: str) -> str:
+    """The transformers class: Gemma 3's classifier is Gemma3TextForSequenceClassification."""
+    if family == "gemma3" and head == "sequence_classification":
+        return "Gemma3TextForSequenceClassification"
+    return PREFIX[family] + HEADS[head]
+
+
+def model_type(family: str) -> str:
+    return MODEL_TYPES.get(family, family)
+
+
+def config_name(family: str) -> str:
+    return CONFIGS[family].__name__
+
+
+def alternating(layers: int) -> list[str]:
+    """Sliding-window and global layers in turn, layer 0 sliding (as Gemma 2 and 3 start)."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
 
 
 def build(family: str, head: str = "causal_lm", seed: int = 0, layers: int = LAYERS):
@@ -53,6 +80,15 @@ def build(family: str, head: str = "causal_lm", seed: int = 0, layers: int = LAY
         "mistral": {"sliding_window": 6},  # shorter than the test sequences: the window matters
         "qwen2": {},  # q/k/v biases by construction
         "qwen3": {"attention_bias": False},
+        # Soft-capped attention and final logits, query scaling by a scalar of its own, sliding
+        # windows shorter than the prompts on every other layer.
+        "gemma2": {"sliding_window": WINDOW, "layer_types": alternating(layers), "attn_logit_softcapping": 4.0,
+                   "final_logit_softcapping": 6.0, "query_pre_attn_scalar": 10},
+        # Two rotary bases (sliding and global layers), per-head q/k norms, a window on every other layer.
+        "gemma3": {"sliding_window": WINDOW, "layer_types": alternating(layers), "query_pre_attn_scalar": 10},
+        # Partial rotary (half of each head, as Phi-4-mini's 0.75) and a sliding window on every layer.
+        "phi3": {"sliding_window": WINDOW, "bos_token_id": 1, "eos_token_id": 2,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
     }[family]
     config = CONFIGS[family](
         vocab_size=VOCAB, hidden_size=D, intermediate_size=D_FF, num_hidden_layers=layers,
@@ -60,7 +96,10 @@ def build(family: str, head: str = "causal_lm", seed: int = 0, layers: int = LAY
         tie_word_embeddings=head == "causal_lm", pad_token_id=0, num_labels=3, **extra,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return spread_out(getattr(transformers, PREFIX[family] + HEADS[head])(config))
+    # Gemma's norms scale by (1 + w): its weights are stored centred on 0, so they are drawn as
+    # other vectors are (N(0, 0.2)), not near 1.
+    norm_weights = () if family.startswith("gemma") else NORM_WEIGHTS
+    return spread_out(getattr(transformers, class_name(family, head))(config), norm_weights)
 
 
 def batch_of(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -126,10 +165,14 @@ def test_layer_idx_and_rotary_stay_each_layers_own(family):
     assert any(isinstance(b.self_attn, MappedKvAttention) for b in pruned.model.layers)
     assert any(isinstance(b.self_attn, EmptyAttention) for b in pruned.model.layers)
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # still tied
-    if family == "qwen3":  # the per-head q/k norms stay with every kept head, unchanged
+    if family in ("qwen3", "gemma3"):  # the per-head q/k norms stay with every kept head, unchanged
         for block in pruned.model.layers:
             if not isinstance(block.self_attn, EmptyAttention):
                 assert block.self_attn.q_norm.weight.shape == (D_H,)
+    if family in ("gemma2", "gemma3"):  # each attention keeps its layer's window
+        for layer, block in enumerate(pruned.model.layers):
+            if not isinstance(block.self_attn, EmptyAttention):
+                assert block.self_attn.sliding_window == (WINDOW if layer % 2 == 0 else None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -229,13 +272,13 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
         want = outputs(pruned, batch)
         folder = save_pruned(pruned, tmp_path / name)
         config = json.loads((folder / "config.json").read_text())
-        assert config["model_type"] == f"prunekit_{family}"
+        assert config["model_type"] == f"prunekit_{model_type(family)}"
         auto = "AutoModelForCausalLM" if head == "causal_lm" else "AutoModelForSequenceClassification"
-        assert config["auto_map"][auto] == f"modeling_prunekit_decoder.Pruned{PREFIX[family]}{HEADS[head]}"
+        assert config["auto_map"][auto] == f"modeling_prunekit_decoder.Pruned{class_name(family, head)}"
         assert (folder / "modeling_prunekit_decoder.py").is_file()
         assert "trust_remote_code=True" in (folder / "README.md").read_text()
         shapes = get_adapter(pruned).layer_shapes()
-        assert config["auto_map"]["AutoConfig"] == f"configuration_prunekit.Prunekit{PREFIX[family]}Config"
+        assert config["auto_map"]["AutoConfig"] == f"configuration_prunekit.Prunekit{config_name(family)}"
         assert (folder / "configuration_prunekit.py").is_file()
         for reloaded in (load_pruned(folder), getattr(transformers, auto).from_pretrained(folder).eval()):
             # With prunekit imported no remote code runs: the classes are prunekit's own import of the
@@ -257,7 +300,7 @@ def test_save_and_reload_through_all_three_paths(tmp_path):
         assert loaded[name]["class"].startswith("Pruned") and loaded[name]["module"].split(".")[0] != "prunekit"
         # The config class has one name on every path: the remote code's, which prunekit registers.
         family = name.split("-")[0]
-        assert loaded[name]["config"] == f"Prunekit{PREFIX[family]}Config", name
+        assert loaded[name]["config"] == f"Prunekit{config_name(family)}", name
         assert type(transformers.AutoConfig.from_pretrained(tmp_path / name)).__name__ == loaded[name]["config"]
         torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
         if generated is not None:
@@ -344,7 +387,7 @@ def test_uniform_folders_are_stock_classes(tmp_path):
         torch.testing.assert_close(outputs(pruned, batch), masked(model, uniform, batch), atol=ATOL, rtol=0)
         folder = save_pruned(pruned, tmp_path / name, uniform=True)
         config = json.loads((folder / "config.json").read_text())
-        assert config["model_type"] == family and config["architectures"] == [PREFIX[family] + HEADS[head]]
+        assert config["model_type"] == model_type(family) and config["architectures"] == [class_name(family, head)]
         assert not [key for key in config if key.startswith("prunekit") or key == "auto_map"], name
         assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (
             shapes[0].num_heads, shapes[0].num_kv_heads, shapes[0].intermediate_size)
@@ -362,7 +405,7 @@ def test_uniform_folders_are_stock_classes(tmp_path):
     loaded = torch.load(tmp_path / "o.pt")
     for name, want in expected.items():
         family, head = name.split("-")
-        assert loaded[name]["class"] == PREFIX[family] + HEADS[head] and loaded[name]["module"].startswith("transformers")
+        assert loaded[name]["class"] == class_name(family, head) and loaded[name]["module"].startswith("transformers")
         torch.testing.assert_close(loaded[name]["out"], want, atol=1e-6, rtol=0, msg=name)
 
 
@@ -452,7 +495,7 @@ def _tiny(config_class, model_class, **kw):
                                     intermediate_size=37, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)).eval()
 
 
-@pytest.mark.parametrize("name", ["GPTNeoXForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM"])
+@pytest.mark.parametrize("name", ["GPTNeoXForCausalLM", "PhiForCausalLM"])
 def test_an_unsupported_decoder_family_gets_the_clear_error(name):
     config_class = getattr(transformers, name.replace("ForCausalLM", "Config"))
     model = _tiny(config_class, getattr(transformers, name))

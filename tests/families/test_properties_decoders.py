@@ -1,5 +1,5 @@
-"""Property tests (hypothesis) for the decoder families: Llama, Mistral, Qwen2, Qwen3 (grouped key/value
-heads), OPT (pre- and post-norm) and GPT-2, both heads. For random plans (any subset of query heads,
+"""Property tests (hypothesis) for the decoder families: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3 (grouped key/value heads), OPT (pre- and post-norm) and GPT-2, both heads. For random plans (any subset of query heads,
 kept key/value groups, emptied sublayers, real head scales, any subset of neurons):
 
 - the physically pruned model computes what the masked model computes (1e-5, float32);
@@ -33,8 +33,8 @@ from prunekit.io.folders import save_plan
 from prunekit.methods import get_method
 from prunekit.tasks import TaskData
 
-VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "opt", "opt-post", "gpt2")
-GROUPED = {"llama", "mistral", "qwen2", "qwen3"}
+VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "opt", "opt-post", "gpt2")
+GROUPED = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
 
 
 def build(variant: str, head: str, seed: int):

@@ -31,6 +31,9 @@ ARCHITECTURE_FIELDS = (
     "hidden_dim", "activation", "sinusoidal_pos_embds", "n_embd", "n_layer", "n_head", "n_inner",
     "n_positions", "activation_function", "layer_norm_epsilon", "ffn_dim", "word_embed_proj_dim",
     "do_layer_norm_before", "enable_bias", "use_qk_norm", "sliding_window", "layer_types",
+    # Gemma 2/3: what the stock modules compute with besides the widths
+    "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "use_bidirectional_attention",
 )
 
 

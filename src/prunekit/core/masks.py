@@ -138,9 +138,10 @@ class GateHolder:
 
 
 def masked_layer_norm(x: torch.Tensor, layer_norm: nn.Module, hidden: torch.Tensor, kind: str = "layernorm",
-                      eps: float | None = None) -> torch.Tensor:
+                      eps: float | None = None, offset: float = 0.0) -> torch.Tensor:
     """A LayerNorm (``kind`` "layernorm") or RMSNorm ("rmsnorm") over the dimensions whose gate is
-    non-zero only, output scaled by the gates; ``eps`` defaults to the module's ``eps``.
+    non-zero only, output scaled by the gates; ``eps`` defaults to the module's ``eps``; the norm
+    scales by (``offset`` + weight) (``BlockFacts.norm_offset``).
 
     The statistics are a mean over the kept dimensions (a weighted mean with a static shape, so
     no data-dependent indexing), which makes the gated model equal to the narrowed one whose
@@ -159,7 +160,7 @@ def masked_layer_norm(x: torch.Tensor, layer_norm: nn.Module, hidden: torch.Tens
         var = centred.pow(2).sum(-1, keepdim=True) / count
         y = centred * torch.rsqrt(var + eps)
     if getattr(layer_norm, "weight", None) is not None:
-        y = y * layer_norm.weight.float()
+        y = y * (offset + layer_norm.weight.float())
     if getattr(layer_norm, "bias", None) is not None:
         y = y + layer_norm.bias.float()
     return (y * hidden.float()).to(x.dtype)
@@ -230,7 +231,8 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
                 return None
             if kind is None:  # embeddings: nothing upstream has applied the hidden gates yet
                 x = x * values.hidden.to(x.dtype)
-            return masked_layer_norm(x, module, values.hidden, facts.norm_kind, adapter.norm_eps(module))
+            return masked_layer_norm(x, module, values.hidden, facts.norm_kind, adapter.norm_eps(module),
+                                     facts.norm_offset)
 
         return hook
 
@@ -244,7 +246,8 @@ def apply_gates(adapter: ModelAdapter, holder: GateHolder) -> Iterator[GateHolde
         values = holder.values
         if values is None or values.hidden is None:
             return None
-        return masked_layer_norm(args[0], module, values.hidden, facts.norm_kind, adapter.norm_eps(module))
+        return masked_layer_norm(args[0], module, values.hidden, facts.norm_kind, adapter.norm_eps(module),
+                                     facts.norm_offset)
 
     try:
         embedding_norm, final_norm = adapter.embedding_layer_norm(), adapter.final_norm()

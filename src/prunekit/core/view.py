@@ -69,12 +69,21 @@ class BlockFacts:
       weight only). Only a LayerNorm after the residual sum removes a constant added to it.
     - ``biases``: the projections (names from ``PROJECTIONS``) that carry a bias.
     - ``gated_ffn``: the FFN computes down(act(gate(x)) * up(x)) rather than down(act(up(x))).
+    - ``output_norm``: pre-norm blocks that also normalise each sublayer's output before the
+      residual add, X <- X + norm_out(f(norm(X))) (Gemma 2/3's "sandwich" norms;
+      ``ModelAdapter.sublayer_output_norm``). The residual sum is then not linear in the output
+      projection's weights, so least-squares re-fits of that projection (Kprune's KPWT, Kwon's mask
+      tuning) do not apply there; an emptied sublayer computes X + norm_out(b_out), X without a bias.
+    - ``norm_offset``: an RMSNorm scales by (norm_offset + w) rather than w (Gemma: 1, its stored
+      weights are centred on 0).
     """
 
     norm_placement: NormPlacement
     norm_kind: NormKind
     biases: frozenset[str]
     gated_ffn: bool = False
+    output_norm: bool = False
+    norm_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.norm_placement not in ("pre", "post"):
@@ -85,6 +94,8 @@ class BlockFacts:
         if unknown or (not self.gated_ffn and "gate" in self.biases):
             raise ValueError(f"biases must name projections among {PROJECTIONS} (gate only for a gated FFN), "
                              f"got {sorted(self.biases)}")
+        if self.output_norm and self.norm_placement != "pre":
+            raise ValueError("output_norm (a norm on each sublayer's output) is stated for pre-norm blocks only")
 
     def has_bias(self, projection: str) -> bool:
         return projection in self.biases
@@ -281,6 +292,9 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     # Hugging Face classes this adapter accepts, by task head ("sequence_classification", ...).
     model_classes: ClassVar[dict[str, type[nn.Module]]] = {}
+    # Variants of the family prunekit refuses, by model_type, each with the feature it lacks (one
+    # line; e.g. Phi-3.5-MoE's mixture-of-experts FFNs): named in the error instead of a generic one.
+    refused_model_types: ClassVar[dict[str, str]] = {}
     # Whether several query heads may share one key/value head (grouped-query attention). False:
     # every query head has its own key and value head, removed with it (BERT); a pruning unit
     # "head" then costs its q, k and v rows. True: key/value heads are units of their own.
@@ -409,6 +423,13 @@ class ModelAdapter(ABC):
         after it, also for an empty sublayer; pre-norm, the one applied to X before it (an empty
         pre-norm sublayer has none: ValueError). ValueError for a removed sublayer."""
         ...
+
+    def sublayer_output_norm(self, layer: int, kind: SublayerKind) -> nn.Module | None:
+        """The norm applied to sublayer ``kind``'s output before the residual add (``BlockFacts.
+        output_norm``), or None: families without one, removed sublayers, and emptied ones without
+        an output bias (norm(0) = 0, so theirs is skipped). The residual sum is X + this norm's
+        output where there is one, else X + the output projection's output."""
+        return None
 
     def layer_output(self, layer: int, ffn_residual: torch.Tensor) -> torch.Tensor:
         """``layer``'s output from the residual sum X + f(X) of its FFN (present, neither emptied
@@ -563,6 +584,9 @@ class ModelAdapter(ABC):
                     _narrow_linear_output(parts.down, keep)
                 if parts is not None or self.facts.norm_placement == "post":
                     _narrow_norm(self.sublayer_layer_norm(layer, kind), keep)
+                output_norm = self.sublayer_output_norm(layer, kind)
+                if output_norm is not None:
+                    _narrow_norm(output_norm, keep)
         for linear in heads:
             if any(linear is tied_linear for tied_linear, _ in tied):
                 continue

@@ -25,9 +25,11 @@ from prunekit.core.view import (
 )
 from prunekit.families.bert import BertAdapter
 from prunekit.families.distilbert import DistilBertAdapter
+from prunekit.families.gemma import Gemma2Adapter, Gemma3Adapter
 from prunekit.families.gpt2 import GPT2Adapter
 from prunekit.families.llama import LlamaAdapter, MistralAdapter
 from prunekit.families.opt import OPTAdapter
+from prunekit.families.phi3 import Phi3Adapter
 from prunekit.families.qwen2 import Qwen2Adapter
 from prunekit.families.qwen3 import Qwen3Adapter
 from prunekit.families.roberta import RobertaAdapter
@@ -42,10 +44,19 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         MistralAdapter,
         Qwen2Adapter,
         Qwen3Adapter,
+        Gemma2Adapter,
+        Gemma3Adapter,
+        Phi3Adapter,
         OPTAdapter,
         GPT2Adapter,
     )
     for model_type in adapter.model_types
+}
+# Variants of supported families that prunekit refuses, by model_type: (family, the feature it lacks).
+REFUSED: dict[str, tuple[str, str]] = {
+    model_type: (adapter.family, feature)
+    for adapter in set(ADAPTERS.values())
+    for model_type, feature in adapter.refused_model_types.items()
 }
 
 
@@ -64,6 +75,10 @@ def adapter_class(model: nn.Module) -> type[ModelAdapter]:
     Looks only: the model is not changed."""
     config = getattr(model, "config", None)
     model_type = base_model_type(config) if config is not None else ""
+    if model_type in REFUSED:
+        family, feature = REFUSED[model_type]
+        raise ModelError(f"prunekit does not support {type(model).__name__}: {feature} "
+                         f"(model_type {model_type!r}, a variant of the {family} family)")
     adapter_cls = ADAPTERS.get(model_type)
     accepted = tuple(adapter_cls.model_classes.values()) if adapter_cls else ()
     if adapter_cls is None or not isinstance(model, accepted):
@@ -105,6 +120,7 @@ def _view(adapter_cls: type[ModelAdapter], model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "REFUSED",
     "PROJECTIONS",
     "AttentionParts",
     "BlockFacts",

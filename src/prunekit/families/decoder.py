@@ -1,5 +1,8 @@
-"""The model view of decoders with the Llama layout (Llama, Mistral, Qwen2, Qwen3): one base class;
-each family is a subclass in its own file stating its classes and its biases.
+"""The model view of decoders with the Llama layout (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3): one base class; each family is a subclass in its own file stating its classes, its biases
+and whatever else of its block differs (``BlockFacts``), and its module names are its ``Layout``
+in ``remote_code/modeling_prunekit_decoder.py`` (norm names, fused projections), which the pruned
+classes read too.
 
 Blocks are pre-norm (X + f(RMSNorm(X))), RMSNorm everywhere, a gated FFN (down(act(gate(x)) * up(x))),
 grouped key/value heads (``num_key_value_heads``), a head size of its own (``head_dim``), no
@@ -24,6 +27,11 @@ set; any other grouping gets ``MappedKvAttention``, which gathers each query hea
 by index. The MLP takes its width from the weights. ``layer_idx`` (the cache slot) stays each
 layer's own, also for emptied and removed attention, which keep a placeholder in the cache.
 
+Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are presented as separate q, k, v and
+gate, up linears: :meth:`LlamaLayoutAdapter.to_working_form` splits each into a ``FusedLinear`` of
+parts (exact row copies), whose state dict is the fused one, so a saved folder has the family's
+own names and shapes; a folder loads into plain fused linears, split again when prunekit views it.
+
 The modules put in place of pruned sublayers live in ``remote_code/modeling_prunekit_decoder.py``,
 which saved folders carry so that they load without prunekit.
 """
@@ -37,6 +45,7 @@ from torch import nn
 
 from prunekit.core.view import AttentionParts, BlockFacts, FfnParts, ModelAdapter, SublayerKind, removed_error
 from prunekit.families.remote_code import modeling_prunekit_decoder as runtime
+from prunekit.families.remote_code.configuration_prunekit import SkippedNorm
 
 REMOTE_CODE_FILE = "modeling_prunekit_decoder.py"
 
@@ -57,7 +66,33 @@ class LlamaLayoutAdapter(ModelAdapter):
             biases |= {"query", "key", "value", "out"}
         if getattr(self.config, "mlp_bias", False):
             biases |= {"up", "gate", "down"}
-        return BlockFacts("pre", "rmsnorm", frozenset(biases), gated_ffn=True)
+        return BlockFacts("pre", "rmsnorm", frozenset(biases), gated_ffn=True,
+                          output_norm=self.layout.attn_output_norm is not None)
+
+    @property
+    def layout(self) -> runtime.Layout:
+        """The family's module names (norms, fused projections), shared with its pruned classes."""
+        return runtime.layout_of(self.config)
+
+    @classmethod
+    def to_working_form(cls, model: nn.Module) -> None:
+        """Fused q/k/v and gate/up linears (Phi-3) as ``FusedLinear`` parts; others unchanged."""
+        layout = runtime.layout_of(model.config)
+        if not (layout.fused_qkv or layout.fused_gate_up):
+            return
+        config = model.config
+        for block in model.base_model.layers:
+            sa, mlp = block.self_attn, block.mlp
+            fused = getattr(sa, layout.fused_qkv, None) if layout.fused_qkv else None
+            if isinstance(fused, nn.Linear):
+                # Query heads: the module's own map once pruned, else the config's count.
+                num_heads = len(sa.kv_map) if isinstance(sa, runtime.MappedKvAttention) else config.num_attention_heads
+                width = num_heads * sa.head_dim
+                kv_width = (fused.out_features - width) // 2
+                setattr(sa, layout.fused_qkv, runtime.split_linear(fused, [width, kv_width, kv_width]))
+            fused = getattr(mlp, layout.fused_gate_up, None) if layout.fused_gate_up else None
+            if isinstance(fused, nn.Linear):  # rows gate;up, as the family's MLP chunks them
+                setattr(mlp, layout.fused_gate_up, runtime.split_linear(fused, [fused.out_features // 2] * 2))
 
     @property
     def head_dim(self) -> int:
@@ -77,7 +112,7 @@ class LlamaLayoutAdapter(ModelAdapter):
         return head is not None and head.weight is self._embedding_tables()[0].weight
 
     def norm_eps(self, norm: nn.Module) -> float:
-        return norm.variance_epsilon
+        return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps  # Gemma: eps
 
     def layers(self) -> nn.ModuleList:
         return self.model.base_model.layers
@@ -86,17 +121,20 @@ class LlamaLayoutAdapter(ModelAdapter):
         sa = self.layers()[layer].self_attn
         if isinstance(sa, runtime.EmptySublayer):
             return None
-        d_h = sa.head_dim
-        num_heads, num_kv = sa.q_proj.out_features // d_h, sa.k_proj.out_features // d_h
+        d_h, fused = sa.head_dim, self.layout.fused_qkv
+        q, k, v = getattr(sa, fused).parts if fused else (sa.q_proj, sa.k_proj, sa.v_proj)
+        num_heads, num_kv = q.out_features // d_h, k.out_features // d_h
         kv_map = sa.kv_map if isinstance(sa, runtime.MappedKvAttention) else None
-        return AttentionParts(query=sa.q_proj, key=sa.k_proj, value=sa.v_proj, out=sa.o_proj,
+        return AttentionParts(query=q, key=k, value=v, out=sa.o_proj,
                               num_heads=num_heads, head_dim=d_h, num_kv_heads=num_kv, kv_map=kv_map)
 
     def ffn(self, layer: int) -> FfnParts | None:
         mlp = self.layers()[layer].mlp
         if isinstance(mlp, runtime.EmptySublayer):
             return None
-        return FfnParts(up=mlp.up_proj, down=mlp.down_proj, gate=mlp.gate_proj)
+        fused = self.layout.fused_gate_up
+        gate, up = getattr(mlp, fused).parts if fused else (mlp.gate_proj, mlp.up_proj)
+        return FfnParts(up=up, down=mlp.down_proj, gate=gate)
 
     def is_removed(self, layer: int, kind: SublayerKind) -> bool:
         block = self.layers()[layer]
@@ -115,8 +153,14 @@ class LlamaLayoutAdapter(ModelAdapter):
             raise removed_error(layer, kind, "norm")
         if self.sublayer(layer, kind) is None:
             raise ValueError(f"layer {layer}: an emptied pre-norm sublayer has no norm")
-        block = self.layers()[layer]
-        return block.input_layernorm if kind == "attn" else block.post_attention_layernorm
+        return self.sublayer_module(layer, kind)
+
+    def sublayer_output_norm(self, layer: int, kind: SublayerKind) -> nn.Module | None:
+        name = self.layout.attn_output_norm if kind == "attn" else self.layout.ffn_output_norm
+        if name is None or self.is_removed(layer, kind):
+            return None
+        norm = getattr(self.layers()[layer], name)
+        return None if isinstance(norm, SkippedNorm) else norm
 
     def _embedding_tables(self) -> list[nn.Embedding]:
         return [self.model.base_model.embed_tokens]
@@ -133,43 +177,47 @@ class LlamaLayoutAdapter(ModelAdapter):
         return block(hidden, position_embeddings=cos_sin, position_ids=positions)  # causal, unpadded
 
     def sublayer_module(self, layer: int, kind: SublayerKind) -> nn.Module:
-        # The layer calls input_layernorm(X) and post_attention_layernorm(Y) positionally: their
-        # inputs are the sublayers' residual inputs.
-        block = self.layers()[layer]
-        return block.input_layernorm if kind == "attn" else block.post_attention_layernorm
+        # The layer calls its input norms (input_layernorm(X), and post_attention_layernorm(Y) or
+        # Gemma's pre_feedforward_layernorm(Y)) positionally: their inputs are the residual inputs.
+        return getattr(self.layers()[layer], self.layout.attn_norm if kind == "attn" else self.layout.ffn_norm)
 
     def _empty_module(self, layer: int, kind: SublayerKind) -> nn.Module:
         block = self.layers()[layer]
         return block.self_attn if kind == "attn" else block.mlp
 
     def set_attention(self, layer: int, parts: AttentionParts) -> None:
+        fused = self.layout.fused_qkv
+        projections = ({fused: runtime.FusedLinear([parts.query, parts.key, parts.value])} if fused else
+                       {"q_proj": parts.query, "k_proj": parts.key, "v_proj": parts.value})
         try:
-            runtime.install_attention(self.layers()[layer], parts.query, parts.key, parts.value, parts.out,
-                                      parts.kv_map)
+            runtime.install_attention(self.layers()[layer], projections, parts.out, parts.kv_map, self.layout)
         except ValueError as err:
             raise ValueError(f"layer {layer}: {err}") from err
 
     def set_empty_attention(self, layer: int, bias: torch.Tensor | None) -> None:
         if self.is_removed(layer, "attn"):
             raise removed_error(layer, "attn", "heads to empty")
-        runtime.empty_attention(self.layers()[layer], bias)
+        runtime.empty_attention(self.layers()[layer], bias, self.layout)
 
     def set_ffn(self, layer: int, parts: FfnParts) -> None:
+        fused = self.layout.fused_gate_up
+        projections = ({fused: runtime.FusedLinear([parts.gate, parts.up])} if fused else
+                       {"gate_proj": parts.gate, "up_proj": parts.up})
         try:
-            runtime.install_mlp(self.layers()[layer], parts.gate, parts.up, parts.down)
+            runtime.install_mlp(self.layers()[layer], projections, parts.down)
         except ValueError as err:
             raise ValueError(f"layer {layer}: {err}") from err
 
     def set_empty_ffn(self, layer: int, bias: torch.Tensor | None) -> None:
         if self.is_removed(layer, "ffn"):
             raise removed_error(layer, "ffn", "neurons to empty")
-        runtime.empty_mlp(self.layers()[layer], bias)
+        runtime.empty_mlp(self.layers()[layer], bias, self.layout)
 
     def remove_attention(self, layer: int) -> None:
-        runtime.remove_attention(self.layers()[layer])
+        runtime.remove_attention(self.layers()[layer], self.layout)
 
     def remove_ffn(self, layer: int) -> None:
-        runtime.remove_mlp(self.layers()[layer])
+        runtime.remove_mlp(self.layers()[layer], self.layout)
 
     # ---- uniform shapes: a stock config ----------------------------------------------------------
     def stock_config_class(self) -> type:

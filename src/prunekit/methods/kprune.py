@@ -597,7 +597,11 @@ def _prune_sublayer(
     unit_cost = costs[layer].head if sub == "attn" else costs[layer].neuron  # in the budget's unit
     total = parts.num_units
     out_weight, tuning = None, None
-    if config.sublayer_tuning and keep.numel():
+    if config.sublayer_tuning and keep.numel() and adapter.facts.output_norm:
+        # A norm after the output projection (Gemma) makes the residual sum non-linear in its
+        # weights: the least-squares re-fit has no target there (BlockFacts.output_norm).
+        tuning = "skipped: output norm after the projection"
+    elif config.sublayer_tuning and keep.numel():
         tune = _tune_holdout if config.refit_check == "holdout" else _tune
         with phases.timed("least_squares"):
             out_weight, tuning = tune(adapter, layer, sub, keep, stats, config.ridge)

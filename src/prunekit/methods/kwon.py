@@ -398,6 +398,8 @@ def _tune_sublayer(runner, adapter, layer, sub, hidden, batches, rows, residuals
         return step | {"status": "skipped: no units kept"}
     if sub == "attn" and layer == 0 and not config.tune_first_attention:
         return step | {"status": "skipped: first attention (as the reference)"}
+    if adapter.facts.output_norm:  # norm(X·W) is not linear in the unit scales (BlockFacts.output_norm)
+        return step | {"status": "skipped: output norm after the projection"}
     out, unit_size = parts.output, parts.unit_size
     stats = _normal_equations(runner, adapter, layer, sub, out, hidden, batches, rows, residuals[sub], masks)
     offset = sub == "attn" and adapter.facts.offset_absorbed

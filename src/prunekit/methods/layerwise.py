@@ -165,7 +165,9 @@ class LayerRunner:
 
 @contextmanager
 def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> Iterator[dict[str, torch.Tensor]]:
-    """Record a sublayer's input X (B, T, d) and its output projection's output O = Z Wᵀ + b.
+    """Record a sublayer's input X (B, T, d) and what it adds to X: its output projection's
+    output O = Z Wᵀ + b, or norm_out(O) where the family normalises sublayer outputs
+    (``ModelAdapter.sublayer_output_norm``, Gemma).
 
     The residual sum before the LayerNorm is then ``X + O`` (spec §1.3).
     """
@@ -173,7 +175,8 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
     parts = adapter.sublayer(layer, kind)
     if parts is None:
         raise ValueError(f"layer {layer} {kind} sublayer is empty; nothing to capture")
-    out_linear = parts.output
+    added = adapter.sublayer_output_norm(layer, kind)  # what the block adds to X: O, or norm_out(O)
+    added = parts.output if added is None else added
 
     def take_input(module, args):
         record["input"] = args[0].detach()
@@ -183,7 +186,7 @@ def capture_residual(adapter: ModelAdapter, layer: int, kind: SublayerKind) -> I
 
     handles = [
         adapter.sublayer_module(layer, kind).register_forward_pre_hook(take_input),
-        out_linear.register_forward_hook(take_output),
+        added.register_forward_hook(take_output),
     ]
     try:
         yield record
