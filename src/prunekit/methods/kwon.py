@@ -55,6 +55,7 @@ from prunekit.core.accounting import (
 )
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import apply_masks, frozen_for_masks, full_masks
+from prunekit.core.memory import memory_policy
 from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter, unit_columns
@@ -235,8 +236,12 @@ def _fisher(adapter: ModelAdapter, sample: Any, kind: str, rows: int | None = No
     neurons: dict[int, list[torch.Tensor]] = {layer: [] for layer in neuron_masks}
     # A causal LM's backward pass through every layer would hold every layer's intermediates, 7 GB
     # for 4,096 tokens of SmolLM2-135M: its layers recompute them instead (the mask hooks only scale).
+    # Its temporaries (a layer's intermediates, a chunk's logits: 4-70 MB each) then get mappings of
+    # their own, given back on free: left on glibc's heap, the freed ones kept the Fisher pass at
+    # 3.5 GB of RSS instead of 1.3 (benchmarks/results/llm_memory.md).
     recomputed = runner.recomputed_layers() if kind == "lm" else nullcontext()
-    with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks), recomputed:
+    allocator = memory_policy(low_memory=True) if kind == "lm" else nullcontext()
+    with frozen_for_masks(model), apply_masks(adapter, head_masks, neuron_masks), recomputed, allocator:
         for batch in tqdm(sample.batches, desc="kwon: Fisher information", leave=False):
             for chunk in _row_chunks(batch, rows):
                 _task_loss(runner, chunk, kind).backward()  # a mean loss: one gradient per batch (P8) or chunk
