@@ -102,3 +102,26 @@ def test_fisher_needs_a_language_models_targets(make_model, make_sample):
     with pytest.raises(ConfigError, match="causal LM"):
         run_method(kprune, make_model("bert", "classification"), make_sample("bert"), "classification",
                    KpruneConfig(keep_flops=0.5, predictive="fisher"))
+
+
+def test_recomputed_layers_give_the_same_knowledge_and_plan(monkeypatch):
+    """A causal LM's knowledge pass remakes each layer's intermediates in the backward pass; its
+    hooks count each batch once, so the statistics and the plan equal those of a pass that keeps them."""
+    from contextlib import nullcontext
+
+    from prunekit.methods.layerwise import LayerRunner
+
+    teacher, sample = tiny_lm(), lm_sample()
+    config = KpruneConfig(keep_params=0.6, **LLM)
+    recomputed = kprune_prepare(view(teacher), TaskData("lm", sample), config).first_stats
+    plan, _ = kprune(view(teacher), TaskData("lm", sample), config)
+    monkeypatch.setattr(LayerRunner, "recomputed_layers", lambda self: nullcontext())
+    kept = kprune_prepare(view(teacher), TaskData("lm", sample), config).first_stats
+    plan_kept, _ = kprune(view(teacher), TaskData("lm", sample), config)
+    for key in ("grad_sq", "z_sq"):
+        for unit in kept[key]:
+            assert torch.allclose(recomputed[key][unit], kept[key][unit], rtol=1e-5, atol=1e-12), (key, unit)
+    for name in ("gram", "cross", "y_sq"):
+        assert torch.allclose(recomputed[name], kept[name], rtol=1e-6, atol=1e-9)
+    for a, b in zip(plan.layers, plan_kept.layers, strict=True):
+        assert a.heads == b.heads and a.neurons == b.neurons
