@@ -121,7 +121,10 @@ def child(args: argparse.Namespace) -> None:
     elif args.case == "kprune_prepare":
         from prunekit.methods.kprune import KpruneConfig, kprune_prepare
 
-        prepared = kprune_prepare(adapter, data, KpruneConfig(keep_params=0.8, temperature=1.0))
+        # The causal-LM defaults of the pipeline; KPRUNE_LOW_MEMORY=1: the low-memory allocator policy.
+        config = KpruneConfig(keep_params=0.8, temperature=1.0, predictive="fisher", refit_check="holdout",
+                              low_memory=os.environ.get("KPRUNE_LOW_MEMORY") == "1")
+        prepared = kprune_prepare(adapter, data, config)
         stats = prepared.first_stats
         grad = [stats["grad_sq"][key] for key in sorted(stats["grad_sq"])]
         summary |= {
