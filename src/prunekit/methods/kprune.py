@@ -572,16 +572,18 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
     cross = torch.zeros(width, d, dtype=torch.float64, device=device)  # FᵀY
     y_sq = torch.zeros((), dtype=torch.float64, device=device)  # ‖Y‖²
     # Each batch's ZᵀZ and ZᵀY in the model's precision, written into the same two buffers: two
-    # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN).
-    gram_b = torch.empty(width, width, dtype=target_out.weight.dtype, device=device)
-    cross_b = torch.empty(width, d, dtype=target_out.weight.dtype, device=device)
+    # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN). A
+    # half-precision model (on a GPU) sums them in float32: bfloat16 keeps 8 bits of a sum of N_b terms.
+    work = torch.promote_types(target_out.weight.dtype, torch.float32)
+    gram_b = torch.empty(width, width, dtype=work, device=device)
+    cross_b = torch.empty(width, d, dtype=work, device=device)
     bias = target_out.bias.detach() if target_out.bias is not None else torch.zeros(d, device=device)
     current: dict[str, Any] = {}
 
     def observe(key):
         def hook(module, args):
-            z = args[0].detach()[current["mask"]]  # (N_b, width), padding rows dropped
-            # Per-batch sums in the model's precision, accumulated across batches in float64.
+            z = args[0].detach()[current["mask"]].to(work)  # (N_b, width), padding rows dropped
+            # Per-batch sums in float32 (the model's precision, or more), accumulated in float64.
             z_sq[key] += (z * z).sum(0).double()
             if key == (sub, layer):
                 current["z"] = z
@@ -616,7 +618,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                     grad_sq[("ffn", m)] += 0.5 * v.grad.double() ** 2
                     v.grad = None
                 z = current.pop("z")
-                y = r_t - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
+                y = (r_t - current.pop("x") - bias).to(work)  # (N_b, d): what W_j must rebuild (spec §1.7)
                 gram += torch.mm(z.T, z, out=gram_b)  # float64 += float32: the same sum as .double()
                 cross += torch.mm(z.T, y, out=cross_b)
                 y_sq += (y * y).sum().double()
