@@ -35,6 +35,7 @@ from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.fingerprint import teacher_differences, teacher_fingerprint
 from prunekit.core.memory import host_state_kept
 from prunekit.core.runtime import (
+    cast_model,
     compute_dtype,
     dtype_name,
     library_versions,
@@ -301,7 +302,7 @@ def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task:
         teacher = teacher.of(shallow)
     tokenizer = preflight.settle_pad_token(teacher.model, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
-    teacher.model.to(device=device, dtype=compute_dtype(device, held, training))  # widening half to float32 is exact
+    cast_model(teacher.model, compute_dtype(device, held, training), device)  # widening half to float32 is exact
     return teacher, tokenizer, held
 
 
@@ -481,7 +482,7 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
             as_pruned_model(_surgery(student, plan), student)
             # Cast once, after surgery: scales and re-fitted weights are applied in the compute dtype
             # and rounded to the saved dtype a single time.
-            student.model.to(out_dtype)
+            cast_model(student.model, out_dtype)
             surgery_seconds = time.perf_counter() - start
             seconds = {"prepare": prepare_seconds, "run": run_seconds, "surgery": surgery_seconds}
             report = _report(spec, task, budget, config, options, task_data, seq_len, before, student, log, seconds,
@@ -666,9 +667,12 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     check_work_dir(method_options.get("checkpoint_dir"), "--checkpoint-dir", out_dirs, inputs)
     # The folder's own dtype, unless another is asked for: the teacher is loaded in the dtype the
     # method computes in, which on the CPU is float32 whatever the folder holds.
-    options = replace(options, dtype=resolve_dtype(options.dtype) or resolve_dtype(folder_dtype(model_dir)))
+    stored = resolve_dtype(folder_dtype(model_dir)) or torch.float32
+    options = replace(options, dtype=resolve_dtype(options.dtype) or stored)
     teacher, tokenizer, task = load_teacher(model_dir, tokenizer, data, options)
     results = _pipeline(teacher, tokenizer, data, options)
+    for result in results:
+        result.report["dtype"]["teacher"] = dtype_name(stored)  # the folder's, not the compute copy's
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
         return [result.report for result in results]
@@ -676,7 +680,7 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     reports = []
     # The teacher is scored and timed in the pruned models' dtype, like for like (the teacher is
     # this run's own copy, and the method is done with it).
-    teacher.model.to(model_dtype(results[0].model))
+    cast_model(teacher.model, model_dtype(results[0].model))
     for result, out in zip(results, out_dirs, strict=True):
         teacher_eval = evaluate_and_time(result, teacher.model, tokenizer, data, options, teacher_eval)
         result.report.setdefault("teacher", str(model_dir))

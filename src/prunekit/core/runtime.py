@@ -93,3 +93,16 @@ def compute_dtype(device: torch.device, dtype: torch.dtype, training: bool = Fal
     if training or device.type == "cpu":
         return torch.float32
     return dtype
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.nn.Module:
+    """``model.to(device, dtype)`` in place, except that buffers that are not saved (non-persistent:
+    values derived at construction, such as rotary inverse frequencies) keep their own dtype, as
+    ``from_pretrained(..., dtype=...)`` builds them: a model cast here computes what the folder it is
+    saved to computes when loaded. Returns the model."""
+    derived = {(module, name): buffer for module in model.modules() for name, buffer in module._buffers.items()
+               if buffer is not None and name in module._non_persistent_buffers_set}
+    model.to(device=device, dtype=dtype)
+    for (module, name), buffer in derived.items():
+        module._buffers[name] = buffer.to(device=module._buffers[name].device)
+    return model
