@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import prunekit.api
 from prunekit import ConfigError, load_pruned
-from prunekit.api import PruneOptions, prune
+from prunekit.api import PruneOptions, apply_plan, prune
 from prunekit.tasks.causal_lm.data import build_lm_calibration_sample
 
 HALF = [torch.bfloat16, torch.float16]
@@ -140,6 +140,8 @@ torch.save(results, sys.argv[2])
 
 
 def test_every_load_path_gives_the_saved_dtype_and_the_in_memory_outputs(tmp_path):
+    """prunekit.load_pruned, the Auto class after ``import prunekit``, trust_remote_code without prunekit, and
+    apply-plan from the teacher (a model or its folder)."""
     jobs, expected = {}, {}
     torch.save(IDS, tmp_path / "ids.pt")
     tiny_lm().save_pretrained(tmp_path / "teacher")
@@ -153,6 +155,11 @@ def test_every_load_path_gives_the_saved_dtype_and_the_in_memory_outputs(tmp_pat
         for loaded in (load_pruned(folder), AutoModelForCausalLM.from_pretrained(folder)):
             assert loaded.dtype == dtype
             assert torch.equal(logits(loaded, IDS), want)
+        # apply-plan rebuilds it from the teacher, in the teacher's dtype, bit for bit.
+        teacher.save_pretrained(tmp_path / f"teacher-{name(dtype)}")
+        for source in (teacher, tmp_path / f"teacher-{name(dtype)}"):
+            rebuilt = apply_plan(source, folder)
+            assert rebuilt.dtype == dtype and torch.equal(logits(rebuilt, IDS), want)
         jobs[name(dtype)] = (str(folder), str(tmp_path / "ids.pt"))
         expected[name(dtype)] = want
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -598,7 +598,14 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path, 
     from prunekit.io.folders import load_pruned
 
     plan = load_plan(plan)
-    model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
+    # Surgery in float32, the result cast to the teacher's dtype once, as the pipeline does: a half
+    # teacher's rebuilt model is then the pruned model prunekit saved, bit for bit.
+    if isinstance(teacher, str | Path):
+        held = resolve_dtype(folder_dtype(teacher)) or torch.float32
+        model = load_pruned(teacher, dtype=torch.float32)
+    else:
+        held = model_dtype(teacher)
+        model = cast_model(copy.deepcopy(teacher), torch.float32)
     view = get_adapter(model)  # the copy's, or the loaded model's: the caller's model is never changed
     _check_plan_teacher(plan, view, force)
     if not view.grouped_kv and any(step.kv_groups is not None for step in plan.layers):
@@ -608,7 +615,7 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path, 
         raise ModelError(f"the plan does not fit this teacher: it lists {len(plan.layers)} layers, the teacher has "
                          f"{view.num_layers}; pass the model the plan was made from (a plan names every layer)")
     try:
-        model = _surgery(view, plan)
+        model = cast_model(_surgery(view, plan), held)
         return as_stock_model(model, view) if plan.uniform else as_pruned_model(model, view)
     except (ValueError, IndexError, RuntimeError) as err:
         raise ModelError(f"the plan does not fit this teacher: {err}; pass the model the plan was made from") from err
