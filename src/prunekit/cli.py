@@ -346,7 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = _onnx_model(args)
         check_onnx_fits_task(model.record, task, args.max_length, args.onnx)
     else:
-        model = load_model(args.model, head=task.head, device=_device(args))
+        # In the dtype the folder was saved in, as prune scored it (a bfloat16 model in bfloat16).
+        model = load_model(args.model, head=task.head, device=_device(args), dtype="auto")
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         check_vocabulary(model, tokenizer)
         tokenizer = settle_pad_token(model, tokenizer, task)
