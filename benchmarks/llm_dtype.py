@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="llm_dtype")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    p.add_argument("--speed-only", action="store_true",
+                   help="measure the matmul speeds again (on a quieter machine) into the existing results")
     args = p.parse_args(argv)
     if args.quick:
         args.num_sequences, args.seq_len, args.eval_tokens, args.name = 2, 64, 1024, args.name + "_quick"
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     from prunekit.io.folders import load_pruned, load_tokenizer
     from prunekit.tasks.causal_lm.data import perplexity, read_text, tokenize_text
 
+    out = Path(args.results_dir)
+    if args.speed_only:
+        result = json.loads((out / f"{args.name}.json").read_text())
+        result["matmul_gflops"] = matmul_speed()
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{args.name}.md").write_text(markdown(result))
+        return result
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     speeds = matmul_speed()
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     plans = {name: json.loads((folder / "plan.json").read_text()) for name, folder in pruned.items()}
     ppl = {row["model"]: row["perplexity"] for row in rows}
     result = {
-        "settings": {k: v for k, v in vars(args).items() if k != "quick"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("quick", "speed_only")},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
         "matmul_gflops": speeds,
@@ -178,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
         "pruned_bf16_vs_f32": ppl["kwon from bfloat16 (as saved)"] / ppl["kwon from float32"] - 1,
         "teacher_bf16_vs_f32": ppl["teacher bfloat16"] / ppl["teacher float32"] - 1,
     }
-    out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{args.name}.md").write_text(markdown(result))

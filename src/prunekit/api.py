@@ -711,9 +711,10 @@ def load_teacher(model_dir: str | Path, tokenizer: str | Path | None, data: Any,
     run_dtype = compute_dtype(device, held, get_method(options.method).training)
     preflight.check_dtype_runs(run_dtype, device, _COMPUTE_FIX)
     if options.run_eval or options.run_bench:  # the pruned model is scored and timed here, in its dtype
-        preflight.check_dtype_runs(wanted, device, f"pass --dtype float32 or bfloat16 (PruneOptions.dtype), or "
-                                                   f"--no-eval --no-bench to save the {dtype_name(wanted)} model "
-                                                   "without running it here")
+        others = " or ".join(name for name in ("float32", "bfloat16") if name != dtype_name(wanted))
+        preflight.check_dtype_runs(wanted, device, f"pass --dtype {others} (PruneOptions.dtype), or --no-eval "
+                                                   f"--no-bench to save the {dtype_name(wanted)} model without "
+                                                   "running it here")
     model = load_model(model_dir, head=task.head, dtype=run_dtype)
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_vocabulary(model, tokenizer)
