@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--reuse", action="store_true",
-                   help="keep pruned folders of an earlier run of the same settings (their reports say how they were made)")
+                   help="keep the pruned folders and perplexity rows of an earlier run of the same settings")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="with --reuse: score what is there and prune nothing (a prune still running elsewhere)")
+    p.add_argument("--note", default="", help="a sentence for the results (e.g. why a setting was reduced)")
     p.add_argument("--speed-only", action="store_true",
                    help="measure the matmul speeds again (on a quieter machine) into the existing results")
     args = p.parse_args(argv)
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.reuse and (target / "prune_report.json").is_file():
             reports[name] = json.loads((target / "prune_report.json").read_text())
             reports[name]["wall_seconds"] = None  # not measured by this run
+        elif args.skip_missing:
+            continue
         else:
             logger.info("pruning %s", folder)
             reports[name] = prune_folder(folder, target, args)
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = load_tokenizer(args.model)
     tokens = tokenize_text(tokenizer, read_text(args.data, "test"))[: args.eval_tokens]
-    rows: list[dict] = []
+    earlier = out / f"{args.name}.json"
+    rows: list[dict] = json.loads(earlier.read_text())["rows"] if args.reuse and earlier.is_file() else []
     saved = {name: json.loads((folder / "config.json").read_text()).get("dtype") for name, folder in pruned.items()}
     plans = {name: json.loads((folder / "plan.json").read_text()) for name, folder in pruned.items()}
     result = {
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "peak_rss_bytes": report["peak_rss_bytes"],
                          "non_embedding_params_kept": report["non_embedding_params_kept"]}
                   for name, report in reports.items()},
-        "plans_overlap": kept_overlap(plans["float32"], plans["bfloat16"]),
+        "plans_overlap": kept_overlap(plans["float32"], plans["bfloat16"]) if len(plans) == 2 else None,
         "rows": rows,
     }
 
@@ -193,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{args.name}.md").write_text(markdown(result))
 
-    def score(label: str, folder: Path, dtype: torch.dtype | str = "auto") -> None:
+    def score(label: str, folder: Path | None, dtype: torch.dtype | str = "auto") -> None:
+        if folder is None or any(row["model"] == label for row in rows):
+            return
         model = load_pruned(folder, dtype=dtype)
         start = time.perf_counter()
         scored = perplexity(model, tokens, window=args.window, batch_size=1, desc=label)
@@ -204,11 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
         write()
 
     # The comparison the issue asks for first, then the teachers, then the arithmetic split.
-    score("kwon from float32", pruned["float32"])
-    score("kwon from bfloat16 (as saved)", pruned["bfloat16"])
+    score("kwon from float32", pruned.get("float32"))
+    score("kwon from bfloat16 (as saved)", pruned.get("bfloat16"))
     score("teacher float32", teachers["float32"])
     score("teacher bfloat16", teachers["bfloat16"])
-    score("kwon from bfloat16, run in float32", pruned["bfloat16"], torch.float32)
+    score("kwon from bfloat16, run in float32", pruned.get("bfloat16"), torch.float32)
     logger.info("wrote %s", out / f"{args.name}.md")
     return result
 
@@ -224,6 +232,7 @@ def markdown(r: dict) -> str:
         f"perplexity of the first {s['eval_tokens']} tokens of wiki.test.raw in windows of {s['window']}. "
         f"Machine: {r['machine']['cpu']} ({r['machine']['cpu_capability']}), {r['machine']['threads']} threads, "
         f"torch {r['machine']['torch']}. Produced by `benchmarks/llm_dtype.py`.",
+        *(["", f"Note: {s['note']}"] if s.get("note") else []),
         "",
         "| model | weights | perplexity | vs teacher float32 | tokens scored |",
         "|---|---|---:|---:|---:|",
@@ -243,6 +252,7 @@ def markdown(r: dict) -> str:
         f"**{change(r.get('pruned_bf16_vs_f32'))}** (target: within 1%); the teachers differ by "
         f"{change(r.get('teacher_bf16_vs_f32'))}.",
         f"- Saved config.json `dtype`: {r['saved_config_dtype']}; the reports say {r['report_dtype']}.",
+        "- The two plans: not both made yet." if r["plans_overlap"] is None else
         f"- The two plans share {r['plans_overlap']['heads_shared']} of {r['plans_overlap']['heads_kept']} kept "
         f"heads and {r['plans_overlap']['neurons_shared']} of {r['plans_overlap']['neurons_kept']} kept neurons "
         "(the bfloat16 teacher's weights are the float32 ones rounded, so the scores differ slightly).",
