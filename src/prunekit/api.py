@@ -34,7 +34,16 @@ from prunekit.core import accounting, preflight
 from prunekit.core.errors import ConfigError, ModelError
 from prunekit.core.fingerprint import teacher_differences, teacher_fingerprint
 from prunekit.core.memory import host_state_kept
-from prunekit.core.runtime import library_versions, peak_rss_bytes, resolve_device
+from prunekit.core.runtime import (
+    cast_model,
+    compute_dtype,
+    dtype_name,
+    library_versions,
+    model_dtype,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from prunekit.core.surgery import PruningPlan
 from prunekit.core.surgery import apply_plan as _surgery
 from prunekit.core.view import ModelAdapter
@@ -126,6 +135,10 @@ class PruneOptions:
         uniform: every layer keeps the same query heads, key/value heads and FFN width (the
             method's plan is equalised by ``prunekit.core.uniform.uniform_plan`` within its cost) and
             the folder is the family's stock class, loading without prunekit (decoders).
+        dtype: the dtype of the pruned model (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch
+            dtype); None keeps the teacher's own (a folder's: the dtype its config.json records).
+            Whatever the dtype, the method computes as :func:`prunekit.core.runtime.compute_dtype`
+            says: in float32 on the CPU, in the model's dtype on a GPU.
     """
 
     task: str | TaskSpec = "sst2"
@@ -157,6 +170,7 @@ class PruneOptions:
     # benchmark's rounds (latency) or repeats (decode).
     max_eval_examples: int | None = None
     bench_rounds: int = 5
+    dtype: str | torch.dtype | None = None
 
     @classmethod
     def of(cls, options: PruneOptions | str | TaskSpec | None = None, **kwargs: Any) -> PruneOptions:
@@ -249,24 +263,34 @@ def _configs(spec: MethodSpec, budgets: list[Budget], options: PruneOptions, tas
     return configs
 
 
-def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task: TaskSpec, device: torch.device
-             ) -> tuple[ModelAdapter, Any]:
-    """The teacher's view, built here once for the whole run. A folder is loaded, and a view (of a
-    model the pipeline loaded itself) taken as it is. A caller's model is used as it is (methods and
-    surgery never change it), or copied when it lives on another device than the run's or its
-    family reads its modules in another form (GPT-2, OPT: ``pruning_view``)."""
+# On the CPU every method computes in float32; only a GPU computes in the model's own dtype.
+_COMPUTE_FIX = "prune on the CPU (--device cpu computes in float32) or on a GPU that has these kernels"
+
+
+def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task: TaskSpec, device: torch.device,
+             training: bool = False) -> tuple[ModelAdapter, Any, torch.dtype]:
+    """The teacher's view, built here once for the whole run, in the dtype the method computes in
+    (:func:`compute_dtype`), and the dtype the teacher was held in. A folder is loaded, and a view
+    (of a model the pipeline loaded itself) taken as it is. A caller's model is used as it is
+    (methods and surgery never change it), or copied when it lives on another device than the
+    run's, is held in another dtype than the run computes in, or its family reads its modules in
+    another form (GPT-2, OPT: ``pruning_view``)."""
     if isinstance(model, str | Path):
-        teacher = get_adapter(load_model(model, head=task.head))
+        held = resolve_dtype(folder_dtype(model)) or torch.float32
+        teacher = get_adapter(load_model(model, head=task.head, dtype=compute_dtype(device, held, training)))
         tokenizer = tokenizer or load_tokenizer(model)
     elif isinstance(model, ModelAdapter):
-        teacher = model
+        held = model_dtype(model.model)
+        teacher = model if held == compute_dtype(device, held, training) else model.of(copy.deepcopy(model.model))
     else:
         preflight.check_not_meta(model)
+        held = model_dtype(model)
         first = next(model.parameters(), None)
         on_device = first is None or first.device == torch.device(device) or (
             first.device.type == torch.device(device).type and torch.device(device).index is None)
-        # Unsupported architectures fail here, before any work; one on another device is copied there.
-        teacher = pruning_view(model, copied=not on_device)
+        # Unsupported architectures fail here, before any work; one on another device, or in another
+        # dtype than the run computes in, is copied (and moved, cast) below.
+        teacher = pruning_view(model, copied=not on_device or held != compute_dtype(device, held, training))
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)  # given explicitly (--tokenizer)
     if tokenizer is not None:
@@ -278,8 +302,8 @@ def _teacher(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, task:
         teacher = teacher.of(shallow)
     tokenizer = preflight.settle_pad_token(teacher.model, tokenizer, task)
     preflight.check_head_fits_task(teacher.config, task)
-    teacher.model.to(device)
-    return teacher, tokenizer
+    cast_model(teacher.model, compute_dtype(device, held, training), device)  # widening half to float32 is exact
+    return teacher, tokenizer, held
 
 
 def _size(view: ModelAdapter, seq_len: float, full: bool = False) -> dict[str, float]:
@@ -408,9 +432,10 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
     preflight.check_lut_used(budgets[0][0], options.method_options)
     configs = _configs(spec, budgets, options, task)
     device = resolve_device(options.device)
-    teacher, tokenizer = _teacher(model, tokenizer, task, device)
-    if not spec.any_dtype:
-        preflight.check_float32(teacher.model, spec.name)
+    wanted = resolve_dtype(options.dtype)
+    teacher, tokenizer, held = _teacher(model, tokenizer, task, device, spec.training)
+    out_dtype, run_dtype = wanted or held, model_dtype(teacher.model)
+    preflight.check_dtype_runs(run_dtype, device, _COMPUTE_FIX)
     for name in ("seq_len", "max_length"):
         preflight.check_seq_len(teacher.config, options.method_options.get(name), name)
     was_training = teacher.model.training
@@ -457,10 +482,15 @@ def _pipeline(model: nn.Module | ModelAdapter | str | Path, tokenizer: Any, data
             start = time.perf_counter()
             student = teacher.of(copy.deepcopy(teacher.model))
             as_pruned_model(_surgery(student, plan), student)
+            # Cast once, after surgery: scales and re-fitted weights are applied in the compute dtype
+            # and rounded to the saved dtype a single time.
+            cast_model(student.model, out_dtype)
             surgery_seconds = time.perf_counter() - start
             seconds = {"prepare": prepare_seconds, "run": run_seconds, "surgery": surgery_seconds}
             report = _report(spec, task, budget, config, options, task_data, seq_len, before, student, log, seconds,
                              device)
+            report["dtype"] = {"teacher": dtype_name(held), "compute": dtype_name(run_dtype),
+                               "pruned": dtype_name(out_dtype)}
             _check_params_budget(spec, budget, report)
             logger.info("pruned in %.1f s: FLOPs kept %.4f, params kept %.4f", report["prune_seconds"],
                         report["flops_kept"], report["params_kept"])
@@ -570,7 +600,14 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path, 
     from prunekit.io.folders import load_pruned
 
     plan = load_plan(plan)
-    model = load_pruned(teacher) if isinstance(teacher, str | Path) else copy.deepcopy(teacher)
+    # Surgery in float32, the result cast to the teacher's dtype once, as the pipeline does: a half
+    # teacher's rebuilt model is then the pruned model prunekit saved, bit for bit.
+    if isinstance(teacher, str | Path):
+        held = resolve_dtype(folder_dtype(teacher)) or torch.float32
+        model = load_pruned(teacher, dtype=torch.float32)
+    else:
+        held = model_dtype(teacher)
+        model = cast_model(copy.deepcopy(teacher), torch.float32)
     view = get_adapter(model)  # the copy's, or the loaded model's: the caller's model is never changed
     _check_plan_teacher(plan, view, force)
     if not view.grouped_kv and any(step.kv_groups is not None for step in plan.layers):
@@ -580,7 +617,7 @@ def apply_plan(teacher: nn.Module | str | Path, plan: PruningPlan | str | Path, 
         raise ModelError(f"the plan does not fit this teacher: it lists {len(plan.layers)} layers, the teacher has "
                          f"{view.num_layers}; pass the model the plan was made from (a plan names every layer)")
     try:
-        model = _surgery(view, plan)
+        model = cast_model(_surgery(view, plan), held)
         return as_stock_model(model, view) if plan.uniform else as_pruned_model(model, view)
     except (ValueError, IndexError, RuntimeError) as err:
         raise ModelError(f"the plan does not fit this teacher: {err}; pass the model the plan was made from") from err
@@ -637,20 +674,25 @@ def _prune_and_save(model_dir: str | Path, out_dirs: list[str | Path], data: str
     for out in out_dirs:
         check_output_dir(out, options.overwrite, inputs)
     check_work_dir(method_options.get("checkpoint_dir"), "--checkpoint-dir", out_dirs, inputs)
+    # The folder's own dtype, unless another is asked for: the teacher is loaded in the dtype the
+    # method computes in, which on the CPU is float32 whatever the folder holds.
+    stored = resolve_dtype(folder_dtype(model_dir)) or torch.float32
+    options = replace(options, dtype=resolve_dtype(options.dtype) or stored)
     teacher, tokenizer, task = load_teacher(model_dir, tokenizer, data, options)
     results = _pipeline(teacher, tokenizer, data, options)
+    for result in results:
+        result.report["dtype"]["teacher"] = dtype_name(stored)  # the folder's, not the compute copy's
     if int(os.environ.get("RANK", "0")) != 0:
         # Under `accelerate launch` every process trains; only the first evaluates and writes.
         return [result.report for result in results]
     teacher_eval = None
     reports = []
-    stored_dtype = folder_dtype(model_dir)
+    # The teacher is scored and timed in the pruned models' dtype, like for like (the teacher is
+    # this run's own copy, and the method is done with it).
+    cast_model(teacher.model, model_dtype(results[0].model))
     for result, out in zip(results, out_dirs, strict=True):
         teacher_eval = evaluate_and_time(result, teacher.model, tokenizer, data, options, teacher_eval)
         result.report.setdefault("teacher", str(model_dir))
-        if stored_dtype is not None:
-            result.report["dtype"] = {"teacher_folder": stored_dtype, "pruned": "float32",
-                                      "note": "loaded, pruned and saved in float32"}
         result.save(out, overwrite=options.overwrite, inputs=inputs)
         reports.append(result.report)
         result.model = result.view = None  # free the pruned model before the next budget's evaluation
@@ -665,12 +707,17 @@ def load_teacher(model_dir: str | Path, tokenizer: str | Path | None, data: Any,
     (``prune``, ``compare``)."""
     task = get_task(options.task)
     preflight.check_device(options.device)
-    model = load_model(model_dir, head=task.head)
-    stored_dtype = folder_dtype(model_dir)
-    if stored_dtype is not None:
-        logger.warning("%s holds %s weights: prunekit loads, prunes and saves them in float32 (the pruned folder "
-                       "is float32, recorded in prune_report.json); cast it back with .to(torch.%s) if needed",
-                       model_dir, stored_dtype, stored_dtype)
+    device = resolve_device(options.device)
+    held = resolve_dtype(folder_dtype(model_dir)) or torch.float32
+    wanted = resolve_dtype(options.dtype) or held
+    run_dtype = compute_dtype(device, held, get_method(options.method).training)
+    preflight.check_dtype_runs(run_dtype, device, _COMPUTE_FIX)
+    if options.run_eval or options.run_bench:  # the pruned model is scored and timed here, in its dtype
+        others = " or ".join(name for name in ("float32", "bfloat16") if name != dtype_name(wanted))
+        preflight.check_dtype_runs(wanted, device, f"pass --dtype {others} (PruneOptions.dtype), or --no-eval "
+                                                   f"--no-bench to save the {dtype_name(wanted)} model without "
+                                                   "running it here")
+    model = load_model(model_dir, head=task.head, dtype=run_dtype)
     tokenizer = load_tokenizer(tokenizer or model_dir)
     preflight.check_vocabulary(model, tokenizer)
     tokenizer = preflight.settle_pad_token(model, tokenizer, task)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", action="store_true",
                    help="every layer keeps the same query heads, key/value heads and FFN width; the folder is "
                         "the family's stock class, loading without prunekit (decoders)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the pruned model (default: the teacher folder's own); the CPU computes in "
+                        "float32 whatever the dtype")
     p.add_argument("--num-tokens", type=int, default=None,
                    help="calibration sample size in tokens (default: the method's, Kprune 100000)")
     p.add_argument("--num-sequences", type=int, default=None,
@@ -296,14 +299,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         budget = {"keep_flops": args.keep_flops} if args.keep_flops else {"keep_latency": args.keep_latency}
     for key, _ in args.set:
         if key in ("task", "method", "seed", "device", "uniform", "overwrite", "num_tokens", "num_sequences",
-                   "run_eval", "run_bench", "sort_by_length", "keep_flops", "keep_params", "keep_latency"):
+                   "run_eval", "run_bench", "sort_by_length", "keep_flops", "keep_params", "keep_latency", "dtype"):
             flag = {"run_eval": "no-eval", "run_bench": "no-bench", "sort_by_length": "batch-order"}.get(
                 key, key.replace("_", "-"))
             raise PrunekitError(f"--set {key}=...: {key} is not a method option but a flag of prune; use --{flag}")
     common = dict(task=args.task, method=args.method, num_tokens=args.num_tokens, num_sequences=args.num_sequences,
                   seed=args.seed, device=_device(args), overwrite=args.overwrite, run_eval=not args.no_eval,
                   run_bench=not args.no_bench, uniform=args.uniform, sort_by_length=args.batch_order == "length",
-                  **options)
+                  dtype=args.dtype, **options)
     if len(budgets) == 1:
         reports = [prune_and_save(args.model, args.out, args.data, **{k: v[0] for k, v in budget.items()}, **common)]
         folders = [args.out]
@@ -343,7 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = _onnx_model(args)
         check_onnx_fits_task(model.record, task, args.max_length, args.onnx)
     else:
-        model = load_model(args.model, head=task.head, device=_device(args))
+        # In the dtype the folder was saved in, as prune scored it (a bfloat16 model in bfloat16).
+        model = load_model(args.model, head=task.head, device=_device(args), dtype="auto")
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         check_vocabulary(model, tokenizer)
         tokenizer = settle_pad_token(model, tokenizer, task)

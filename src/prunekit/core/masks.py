@@ -49,6 +49,10 @@ def expand_group_mask(mask: torch.Tensor, parts: AttentionParts) -> torch.Tensor
 def _scale_input(column_mask: torch.Tensor):
     def hook(module, args):
         z = args[0]  # (B, T, width)
+        if z.dtype in (torch.bfloat16, torch.float16):
+            # A half model (on a GPU) forms the product in float32 and rounds it once: the mask's
+            # gradient, a sum over every token, is then summed in float32, not in 8 or 11 bits.
+            return ((z.float() * column_mask.float()).to(z.dtype),) + tuple(args[1:])
         return (z * column_mask.to(dtype=z.dtype),) + tuple(args[1:])
 
     return hook

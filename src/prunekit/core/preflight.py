@@ -227,15 +227,19 @@ def check_head_fits_task(config: Any, task: Any) -> None:
                          f"fine-tuned on {task.name} (prunekit finetune)")
 
 
-def check_float32(model: torch.nn.Module, method: str) -> None:
-    """Kprune, Kwon et al. and CoFi compute in float32 from the model's activations: a bfloat16 or
-    float16 model would fail inside torch (mixed dtypes) or lose the re-fit's precision."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if dtype != torch.float32:
+def check_dtype_runs(dtype: torch.dtype, device: torch.device, fix: str) -> None:
+    """A dtype whose kernels this device lacks (float16 on a CPU build without half matmuls,
+    bfloat16 on an old GPU) is refused before any model is loaded, with ``fix`` (what to pass
+    instead): a tiny linear layer, softmax and RMS norm, which every model runs, are tried on the
+    device."""
+    try:
+        x = torch.ones(2, 4, dtype=dtype, device=device)
+        y = torch.nn.functional.linear(x, torch.ones(3, 4, dtype=dtype, device=device))  # (2, 3)
+        torch.softmax(y, dim=-1) * torch.rsqrt(y.pow(2).mean(-1, keepdim=True))
+    except (RuntimeError, TypeError) as err:
         name = str(dtype).removeprefix("torch.")
-        raise ModelError(f"the model is in {name}; {method} computes in float32 and does not prune {name} weights: "
-                         f"prune a float32 copy (model.float(), or from_pretrained(..., dtype=torch.float32)), "
-                         f"then cast the pruned model back with .to(torch.{name}) if you need {name}")
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{name} cannot run on {device} here ({detail}); {fix}") from None
 
 
 def check_onnx_fits_task(record: Mapping[str, Any], task: Any, max_length: int | None, folder: Any) -> None:

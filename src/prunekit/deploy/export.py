@@ -429,7 +429,7 @@ def _load(model: nn.Module | str | Path, tokenizer: Any) -> tuple[nn.Module, Any
         if not source.is_dir():  # no hub ids: the export reads the folder's files and checks it offline
             raise ModelError(f"model folder {source} does not exist or is not a folder; export takes a local model "
                              "folder (a pruned model from `prunekit prune`, or a fine-tuned one)")
-        loaded = load_pruned(source)
+        loaded = load_pruned(source, dtype=torch.float32)  # ONNX Runtime's CPU kernels are float32's
         return loaded, tokenizer if tokenizer is not None else load_tokenizer(source), source
     if tokenizer is None:
         raise ConfigError("export_onnx(model, ...) with a model object needs its tokenizer= (for the check "

@@ -299,7 +299,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def folder_dtype(path: str | Path) -> str | None:
     """The dtype a local model folder's config.json records when it is not float32 (``bfloat16``,
-    ``float16``), else None; prunekit loads every model in float32."""
+    ``float16``), else None (float32, or a hub id)."""
     config_file = Path(path).expanduser() / "config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -313,14 +313,16 @@ def load_model(
     path: str | Path,
     head: str = "sequence_classification",
     device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a model (pruned by prunekit or stock) with the given task head, in float32, eval mode."""
+    """Load a model (pruned by prunekit or stock) with the given task head, in eval mode, in
+    ``dtype`` (float32 by default; ``"auto"``: the dtype its config.json records)."""
     if head not in AUTO_CLASSES:
         raise ConfigError(f"unknown model head {head!r}; choose one of {sorted(AUTO_CLASSES)}")
     folder = check_model_dir(path)
     _check_architecture(folder, head)
-    kwargs.setdefault("dtype", torch.float32)
+    kwargs["dtype"] = dtype
     try:
         model = AUTO_CLASSES[head].from_pretrained(str(folder), **kwargs)
     except (ValueError, RuntimeError, TypeError, SafetensorError) as err:
@@ -401,13 +403,15 @@ def _no_such_model(path: str | Path, err: BaseException) -> str:
     return _first_line(err)
 
 
-def load_pruned(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
-    """Load a folder written by prunekit (or any supported model), choosing the head it was saved with."""
+def load_pruned(path: str | Path, device: str | torch.device | None = None,
+                dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """Load a folder written by prunekit (or any supported model), choosing the head it was saved
+    with, in the dtype it was saved in (``dtype="auto"``, as the Auto classes do) or in ``dtype``."""
     folder = check_model_dir(path)
     config = json.loads((folder / "config.json").read_text())
     architectures = config.get("architectures") or []
     head = head_of_architectures(architectures)
-    return load_model(folder, head=head, device=device)
+    return load_model(folder, head=head, device=device, dtype=dtype)
 
 
 def read_report(path: str | Path) -> dict:

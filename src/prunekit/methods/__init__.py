@@ -50,9 +50,6 @@ class MethodSpec:
     training: bool = False
     # Extra report fields from (config, log), e.g. CoFi's achieved sparsity.
     report_fields: Callable[[Any, dict], dict] | None = None
-    # Runs on weights of any floating dtype (scores from the weights alone); the others compute
-    # statistics and re-fits from float32 activations and need a float32 model.
-    any_dtype: bool = False
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; unknown names get a clear error."""
@@ -73,7 +70,7 @@ METHODS: dict[str, MethodSpec] = {
         description="Kwon et al. (NeurIPS 2022): Fisher mask search, rearrangement, mask tuning",
     ),
     "magnitude": MethodSpec(
-        "magnitude", MagnitudeConfig, magnitude, sample_size={"num_sequences": 2048}, any_dtype=True,
+        "magnitude", MagnitudeConfig, magnitude, sample_size={"num_sequences": 2048},
         description="baseline: weight-norm importance, global knapsack search, no tuning",
     ),
     "cofi": MethodSpec(
@@ -81,7 +78,7 @@ METHODS: dict[str, MethodSpec] = {
         description="CoFi (ACL 2022): L0 gates on heads, sublayers, neurons and hidden dims, trained with distillation",
     ),
     "random": MethodSpec(
-        "random", RandomConfig, random_prune, sample_size={"num_sequences": 2048}, any_dtype=True,
+        "random", RandomConfig, random_prune, sample_size={"num_sequences": 2048},
         description="baseline: units kept in a seeded random order",
     ),
     # The LLM field's retraining-free methods (decoders.md §1); 128 calibration sequences, as their papers.

@@ -645,9 +645,11 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
             if config.refit_check == "holdout" else None)
     first_sequence = 0
     # Each batch's ZᵀZ and ZᵀY in the model's precision, written into the same two buffers: two
-    # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN).
-    gram_b = torch.empty(width, width, dtype=target_out.weight.dtype, device=device)
-    cross_b = torch.empty(width, d, dtype=target_out.weight.dtype, device=device)
+    # fewer large temporaries per batch (ZᵀZ is 9 MB, 19 MB in float64, for a 1536-wide FFN). A
+    # half-precision model (on a GPU) sums them in float32: bfloat16 keeps 8 bits of a sum of N_b terms.
+    work = torch.promote_types(target_out.weight.dtype, torch.float32)
+    gram_b = torch.empty(width, width, dtype=work, device=device)
+    cross_b = torch.empty(width, d, dtype=work, device=device)
     bias = target_out.bias.detach() if target_out.bias is not None else torch.zeros(d, device=device)
     current: dict[str, Any] = {}
 
@@ -655,8 +657,8 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
         def hook(module, args):
             if not current["recording"]:  # a layer made again in the backward pass: counted already
                 return
-            z = args[0].detach()[current["mask"]]  # (N_b, width), padding rows dropped
-            # Per-batch sums in the model's precision, accumulated across batches in float64.
+            z = args[0].detach()[current["mask"]].to(work)  # (N_b, width), padding rows dropped
+            # Per-batch sums in float32 (the model's precision, or more), accumulated in float64.
             z_sq[key] += (z * z).sum(0).double()
             if key == (sub, layer):
                 current["z"] = z
@@ -700,7 +702,7 @@ def _measure_knowledge(adapter, runner, layer, sub, hidden, batches, masks, targ
                     grad_sq[("ffn", m)] += 0.5 * v.grad.double() ** 2
                     v.grad = None
                 z = current.pop("z")
-                y = r_t - current.pop("x") - bias  # (N_b, d): what W_j must rebuild (spec §1.7)
+                y = (r_t - current.pop("x") - bias).to(work)  # (N_b, d): what W_j must rebuild (spec §1.7)
                 weight = _token_weights(r_t, config)  # (N_b,) or None
                 zw = z if weight is None else z * weight[:, None]
                 gram += torch.mm(zw.T, z, out=gram_b)  # float64 += float32: the same sum as .double()

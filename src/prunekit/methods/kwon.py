@@ -445,8 +445,9 @@ def _normal_equations(runner, adapter, layer, sub, out, hidden, batches, rows, r
         try:
             for h, batch, r, target in zip(hidden, batches, rows, residuals, strict=True):
                 runner.run_layer(layer, h, batch)
-                z = record["z"][r]  # (N, width)
-                y = target - record["x"][r] - bias  # (N, d)
+                # Products in float32 at least: a half model's (GPU) ZᵀZ would keep 8 bits of each sum.
+                z = record["z"][r].float()  # (N, width)
+                y = (target - record["x"][r] - bias).float()  # (N, d)
                 zz += (z.T @ z).double()
                 zy += (z.T @ y).double()
                 z_sum += z.sum(0).double()
