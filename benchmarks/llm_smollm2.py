@@ -68,9 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--resume", action="store_true", help="keep the rows already in the results JSON")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    p.add_argument("--replay", action="append", default=[], metavar="METHOD:REMOVED=PLAN[:SECONDS]",
-                   help="score a plan saved by an earlier run (torch.save(result.plan)) instead of pruning: the "
-                        "row is marked replayed, with that run's prune seconds if given and no peak RSS of its own")
     p.add_argument("--child", help=argparse.SUPPRESS)  # "method:removed" or "teacher": one row, JSON on stdout
     args = p.parse_args(argv)
     if args.quick:
@@ -119,9 +116,6 @@ def run_child(args: argparse.Namespace) -> dict:
         return {"method": "teacher", **scores(teacher), "eval_tokens": int(tokens.numel())}
     method, removed = args.child.split(":")
     keep = round(1.0 - float(removed), 6)
-    replay = replays(args).get((method, float(removed)))
-    if replay is not None:
-        return replayed_row(args, teacher, tokens, scores, method, float(removed), keep, *replay)
     sample = build_calibration_sample("causal_lm", tokenizer, args.data, num_sequences=args.num_sequences,
                                       max_length=args.seq_len, seed=args.seed, batch_size=args.batch_size)
     start = time.perf_counter()
@@ -148,49 +142,6 @@ def run_child(args: argparse.Namespace) -> dict:
     }
 
 
-def replays(args: argparse.Namespace) -> dict:
-    """(method, removed) -> (plan path, prune seconds or None), from --replay."""
-    out = {}
-    for item in args.replay:
-        key, _, value = item.partition("=")
-        method, removed = key.split(":")
-        path, _, seconds = value.partition(":")
-        out[(method, float(removed))] = (path, float(seconds) if seconds else None)
-    return out
-
-
-def replayed_row(args, teacher, tokens, scores, method, removed, keep, path, seconds) -> dict:
-    """A row from a saved plan, replayed on the teacher (prunekit.apply_plan, exact by the plan's
-    invariant): quality and speed of the same model, without the pruning run's cost."""
-    import torch
-
-    import prunekit
-    from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
-    from prunekit.deploy.bench import measure_generation
-    from prunekit.families import pruning_view
-
-    plan = torch.load(path, weights_only=False)
-    before = count_non_embedding_params(pruning_view(teacher))
-    flops_before = full_flops(pruning_view(teacher), args.seq_len)
-    model = prunekit.apply_plan(teacher, plan, force=True)
-    view = pruning_view(model)
-    with torch.no_grad():
-        row = scores(model)
-    speed = measure_generation(model, baseline=teacher, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                               repeats=args.repeats, device="cpu")["results"][0]
-    return {
-        "method": method, "removed": removed, "keep_params": keep, **row, "replayed_plan": str(path),
-        "non_embedding_params_kept": count_non_embedding_params(view) / before,
-        "flops_kept": count_flops(view, args.seq_len) / flops_before,
-        "prune_seconds": seconds, "tuning": {},
-        "prefill_ms": speed["prefill_ms"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
-        "prefill_speedup": speed["prefill_speedup"], "decode_speedup": speed["decode_speedup"],
-        "teacher_prefill_ms": speed["baseline_prefill_ms"],
-        "teacher_decode_tokens_per_s": speed["baseline_decode_tokens_per_s"],
-        "structure": structure([s.to_dict() for s in view.layer_shapes()]),
-    }
-
-
 def _tuning_counts(steps: list[dict]) -> dict:
     counts: dict[str, int] = {}
     for step in steps:
@@ -214,8 +165,6 @@ def spawn(args: argparse.Namespace, child: str) -> dict:
                "--repeats", str(args.repeats), "--seed", str(args.seed)]
     for item in args.set:
         command += ["--set", item]
-    for item in args.replay:
-        command += ["--replay", item]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
     out = process.stdout.read()
@@ -223,8 +172,7 @@ def spawn(args: argparse.Namespace, child: str) -> dict:
     if status != 0:
         raise SystemExit(f"row {child} failed (status {status})")
     row = json.loads(out.strip().splitlines()[-1])
-    # A replayed row's process never pruned: its peak is not the method's.
-    row["peak_rss_gb"] = None if row.get("replayed_plan") else usage.ru_maxrss * 1024 / 2**30
+    row["peak_rss_gb"] = usage.ru_maxrss * 1024 / 2**30
     return row
 
 

@@ -15,6 +15,7 @@ from builders import spread_out, view
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from prunekit.core.accounting import count_flops, count_non_embedding_params, full_flops
 from prunekit.core.masks import apply_masks
 from prunekit.core.surgery import PruningPlan, apply_plan
 from prunekit.families import get_adapter
@@ -165,3 +166,14 @@ def encoder_masked(teacher: nn.Module, plan: PruningPlan, batch: dict[str, torch
     finally:
         for handle in handles:
             handle.remove()
+
+
+def assert_budget_met(pruned: nn.Module, teacher: nn.Module, sample, budget: dict) -> None:
+    """The pruned model keeps at most ``keep_params`` of the teacher's non-embedding parameters, or
+    ``keep_flops`` of its FLOPs at the sample's mean length (the budget dict has one of them)."""
+    if "keep_params" in budget:
+        assert count_non_embedding_params(view(pruned)) <= budget["keep_params"] * count_non_embedding_params(
+            view(teacher))
+    else:
+        seq = sample.mean_length
+        assert count_flops(view(pruned), seq) <= budget["keep_flops"] * full_flops(view(teacher), seq) * (1 + 1e-9)

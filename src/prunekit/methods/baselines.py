@@ -25,16 +25,14 @@ from typing import Any
 import torch
 
 from prunekit.core.accounting import (
-    budget_kind_of,
-    check_budget,
     kv_head_flops,
     params_unit_budget,
     query_and_neuron_budget,
 )
 from prunekit.core.errors import ConfigError
-from prunekit.core.preflight import check_config_values
 from prunekit.core.surgery import LayerPlan, PruningPlan
 from prunekit.core.view import ModelAdapter
+from prunekit.methods.activations import BudgetConfig
 from prunekit.methods.lut import per_unit_costs, sublayer_costs
 from prunekit.methods.search import (
     SearchResult,
@@ -51,30 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _BudgetConfig:
-    keep_flops: float = 0.5  # fraction of the encoder FLOPs kept, in (0, 1]; unused with keep_latency
-    keep_latency: float | None = None  # fraction of the latency kept (needs ``lut``); replaces keep_flops
-    lut: str | None = None  # latency table JSON from `prunekit lut`, for keep_latency
-    seq_len: float | None = None  # FLOPs sequence length; None: the sample's mean length
-    keep_params: float | None = None  # fraction of the non-embedding parameters kept; replaces keep_flops
-
-    def __post_init__(self) -> None:
-        check_config_values(self)  # types, and finite numbers
-        check_budget(self.keep_flops, self.keep_latency, self.lut, self.seq_len, self.keep_params)
-
-    @property
-    def keep(self) -> float:
-        if self.keep_params is not None:
-            return self.keep_params
-        return self.keep_latency if self.keep_latency is not None else self.keep_flops
-
-    @property
-    def budget_kind(self) -> str:
-        return budget_kind_of(self)
-
-
-@dataclass(frozen=True)
-class MagnitudeConfig(_BudgetConfig):
+class MagnitudeConfig(BudgetConfig):
     """Magnitude pruning: weight-norm importance, Kwon et al.'s global search, no tuning."""
 
     power: float = 2.0  # importance = ‖unit weights‖₂ ** power
@@ -86,7 +61,7 @@ class MagnitudeConfig(_BudgetConfig):
 
 
 @dataclass(frozen=True)
-class RandomConfig(_BudgetConfig):
+class RandomConfig(BudgetConfig):
     """Random pruning: units kept in a seeded random order while the budget allows."""
 
     seed: int = 0  # seed of the torch.Generator that draws the order
@@ -138,7 +113,7 @@ def random_prune(adapter: ModelAdapter, data: TaskData, config: RandomConfig) ->
     return _plan(adapter, result, config, seq_len, "random")
 
 
-def _budget(adapter: ModelAdapter, sample: Any, config: _BudgetConfig):
+def _budget(adapter: ModelAdapter, sample: Any, config: BudgetConfig):
     seq_len = config.seq_len or sample.mean_length
     if config.keep_params is not None:
         return params_costs(adapter), params_unit_budget(adapter, config.keep_params)[1], seq_len
